@@ -1,0 +1,150 @@
+"""The adapter file: LoRA factors and the task head in safetensors, described by its metadata."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_cli import __version__
+from lora_cli.checkpoint import BaseCheckpoint
+from lora_cli.classifier import LoraSpec, adapter_tensors, build_classifier
+from lora_cli.config import ModelConfig
+from lora_cli.data import LabelSet
+from lora_cli.errors import LoraCliError
+from lora_cli.fileio import atomic_path
+from lora_cli.model import GPTModel
+
+ADAPTER_FORMAT = "lora-cli-adapter"
+ADAPTER_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Adapter:
+    tensors: dict[str, torch.Tensor]
+    spec: LoraSpec
+    labels: LabelSet
+    model_config: ModelConfig
+    base_fingerprint: str
+    training_config: dict[str, Any]
+    tool_version: str
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": ADAPTER_FORMAT,
+            "format_version": str(ADAPTER_VERSION),
+            "lora": json.dumps(self.spec.to_dict()),
+            "labels": json.dumps({"names": self.labels.names, "integer_ids": self.labels.integer_ids}),
+            "model_config": self.model_config.to_json(),
+            "base_fingerprint": self.base_fingerprint,
+            "training_config": json.dumps(self.training_config, sort_keys=True, default=str),
+            "tool_version": self.tool_version,
+        }
+
+
+def adapter_from_model(
+    model: GPTModel, spec: LoraSpec, labels: LabelSet, base: BaseCheckpoint, training_config: dict[str, Any]
+) -> Adapter:
+    tensors = {k: v.to("cpu", copy=True) for k, v in adapter_tensors(model).items()}
+    return Adapter(tensors, spec, labels, base.config, base.fingerprint, training_config, __version__)
+
+
+def save_adapter(path: str | Path, adapter: Adapter, dtype: str = "float32") -> None:
+    """Write the adapter atomically, optionally cast to a smaller float type."""
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in adapter.tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=adapter.metadata())
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read and validate an adapter: a .safetensors file, a training checkpoint (.pt) or a run directory."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise LoraCliError(f"adapter not found: {path}")
+    if path.is_dir():
+        found = [path / n for n in ("adapter.safetensors", "checkpoint.pt") if (path / n).is_file()]
+        if not found:
+            raise LoraCliError(f"{path} has no adapter.safetensors or checkpoint.pt; pass the adapter file")
+        path = found[0]
+    if path.suffix in (".pt", ".pth"):
+        return _from_training_checkpoint(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraCliError(f"{path} is not a readable adapter file ({exc})") from exc
+    return adapter_from_parts(tensors, meta, str(path))
+
+
+def _from_training_checkpoint(path: Path) -> Adapter:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        tensors, meta = state["adapter_tensors"], state["adapter_metadata"]
+    except Exception as exc:  # pickle, zip and key errors all mean "not a usable checkpoint"
+        raise LoraCliError(f"{path} is not a readable lora-cli training checkpoint ({exc})") from exc
+    return adapter_from_parts(tensors, meta, str(path))
+
+
+def adapter_from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str) -> Adapter:
+    """Validate metadata and tensors read from an adapter or a training checkpoint."""
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise LoraCliError(f"{source} is not a lora-cli adapter (metadata format={meta.get('format')!r})")
+    if meta.get("format_version") != str(ADAPTER_VERSION):
+        raise LoraCliError(
+            f"{source} has adapter format version {meta.get('format_version')!r}; this lora-cli "
+            f"({__version__}) reads version {ADAPTER_VERSION}"
+        )
+    try:
+        lora = json.loads(meta["lora"])
+        spec = LoraSpec(**lora)
+        label_meta = json.loads(meta["labels"])
+        labels = LabelSet(list(label_meta["names"]), bool(label_meta["integer_ids"]))
+        cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
+        training = json.loads(meta.get("training_config", "{}"))
+        fp = meta["base_fingerprint"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LoraCliError(f"{source}: damaged adapter metadata ({exc!r})") from exc
+    if len(labels.names) < 2 or not all(isinstance(x, str) for x in labels.names):
+        raise LoraCliError(f"{source}: damaged adapter metadata (labels must be a list of 2+ names)")
+    return Adapter(tensors, spec, labels, cfg, fp, training, meta.get("tool_version", "?"))
+
+
+def model_with_adapter(
+    base: BaseCheckpoint, adapter: Adapter, device: torch.device | str = "cpu", force: bool = False
+) -> GPTModel:
+    """Rebuild the trained classifier: check the base matches, then load the adapter's tensors."""
+    if adapter.model_config.to_dict() | {"drop_rate": 0} != base.config.to_dict() | {"drop_rate": 0}:
+        raise LoraCliError(
+            "the adapter was trained on a model of another shape: adapter "
+            f"{adapter.model_config.to_json()}, base {base.config.to_json()}"
+        )
+    if adapter.base_fingerprint != base.fingerprint and not force:
+        raise LoraCliError(
+            f"the adapter was trained on another base model (fingerprint {adapter.base_fingerprint[:12]}, "
+            f"{base.path} has {base.fingerprint[:12]}); pass the base it was trained on, or --force "
+            "to use it anyway"
+        )
+    spec = LoraSpec(**adapter.spec.to_dict())
+    model = build_classifier(base, len(adapter.labels.names), spec, seed=0)
+    expected = adapter_tensors(model)
+    missing = sorted(set(expected) - set(adapter.tensors))
+    unexpected = sorted(set(adapter.tensors) - set(expected))
+    if missing or unexpected:
+        raise LoraCliError(f"adapter tensors do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, value in adapter.tensors.items():
+        if value.shape != expected[name].shape:
+            raise LoraCliError(f"adapter tensor {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}")
+    model.load_state_dict({k: v.float() for k, v in adapter.tensors.items()}, strict=False)
+    model.requires_grad_(False)
+    return model.eval().to(device)

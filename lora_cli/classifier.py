@@ -1,0 +1,73 @@
+"""Build the model that is trained: frozen base + classification head + LoRA layers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from lora_cli.checkpoint import BaseCheckpoint
+from lora_cli.lora import apply_lora, resolve_targets, validate_lora_args
+from lora_cli.model import GPTModel
+
+
+@dataclass
+class LoraSpec:
+    """What LoRA was applied where; stored in the adapter so eval rebuilds the same model."""
+
+    rank: int
+    alpha: float
+    scaling: str = "alpha-over-rank"
+    target_spec: list[str] = field(default_factory=lambda: ["blocks"])
+    targets: list[str] = field(default_factory=list)  # resolved module paths
+    dropout: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_classifier(
+    base: BaseCheckpoint, num_classes: int, spec: LoraSpec, seed: int, device: torch.device | str = "cpu"
+) -> GPTModel:
+    """The base with its head replaced by `Linear(emb_dim, num_classes)` and LoRA installed.
+
+    Order of random draws follows the book: seed, new head, then LoRA's A matrices.
+    Base weights are frozen; the head is trained fully unless LoRA targets it too.
+    """
+    validate_lora_args(spec.rank, spec.alpha, spec.dropout)
+    cfg = base.config
+    with torch.device("meta"):  # no time or memory spent initialising weights we overwrite
+        model = GPTModel(cfg)
+    backbone = {k: v.float() for k, v in base.state.items() if not k.startswith("out_head.")}
+    model.load_state_dict(backbone, strict=False, assign=True)
+    torch.manual_seed(seed)
+    model.out_head = nn.Linear(cfg.emb_dim, num_classes)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.out_head.parameters():
+        p.requires_grad_(True)
+    targets = spec.targets or resolve_targets(model, spec.target_spec)
+    spec.targets = list(targets)
+    apply_lora(model, targets, spec.rank, spec.alpha, spec.scaling, spec.dropout)
+    if isinstance(model.out_head, nn.Module) and "out_head" in targets:
+        for p in model.out_head.linear.parameters():  # the book's all-linear: head base frozen
+            p.requires_grad_(False)
+    return model.to(device)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int, int, int]:
+    """(trainable, total, trainable LoRA, trainable head) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".lora." in n)
+    return trainable, total, lora, trainable - lora
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an adapter file holds: every LoRA factor and the whole task head, nothing of the base."""
+    return {
+        name: p.detach()
+        for name, p in model.named_parameters()
+        if ".lora." in name or name.startswith("out_head.")
+    }

@@ -1,0 +1,384 @@
+"""The `lora-cli` command line: a thin layer over the library.
+
+Only typer is imported at module level; torch and friends load inside the commands so that
+`lora-cli --help` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from lora_cli import __version__
+from lora_cli.errors import LoraCliError
+
+EXIT_CODES = "Exit codes: 0 success, 1 error (the message says why), 2 bad usage, 130 interrupted (Ctrl-C)."
+
+app = typer.Typer(
+    name="lora-cli",
+    help="Fine-tune GPT-style models (the book's from-scratch GPTModel, GPT-2) with LoRA.\n\n" + EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+data_app = typer.Typer(help="Prepare data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+
+def echo(message: str) -> None:
+    """Progress and warnings go to stderr, results to stdout."""
+    typer.echo(message, err=True)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One clear message and a non-zero exit code for every error a user can cause."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except LoraCliError as exc:
+            if _state["debug"]:
+                raise
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except Exception as exc:  # out of memory is the one runtime error a user can fix by flags
+            if "out of memory" in str(exc).lower() and not _state["debug"]:
+                raise fail("out of memory: lower --batch-size or --max-length, or use a smaller model") from None
+            raise
+
+    return wrapper
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"lora-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")
+    ] = None,
+) -> None:
+    _state["debug"] = debug
+
+
+def refuse_overwrite(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise LoraCliError(f"{path} exists; pass --overwrite to replace it")
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in headers]] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        typer.echo("  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+        if n == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+
+
+# ---------------------------------------------------------------- init
+
+
+@app.command()
+@handle_errors
+def init(
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.safetensors).")],
+    preset: Annotated[str, typer.Option(help="gpt2-tiny, gpt2-small, gpt2-medium, gpt2-large or gpt2-xl.")] = "gpt2-tiny",
+    seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 123,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Write a randomly initialised GPT checkpoint, for tests, demos and benchmarks.
+
+    Example: lora-cli init --preset gpt2-tiny --out tiny.safetensors
+    """
+    from lora_cli.checkpoint import init_checkpoint, save_base
+    from lora_cli.config import PRESETS
+
+    if preset not in PRESETS:
+        raise LoraCliError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    refuse_overwrite(out, overwrite)
+    state = init_checkpoint(PRESETS[preset], seed)
+    save_base(out, state, PRESETS[preset])
+    params = sum(v.numel() for v in state.values())
+    typer.echo(f"wrote {out}: {preset}, {params:,} parameters, seed {seed}")
+
+
+# ---------------------------------------------------------------- data
+
+
+@data_app.command("sms-spam")
+@handle_errors
+def data_sms_spam(
+    out: Annotated[Path, typer.Option("--out", help="Directory for train.csv, validation.csv, test.csv.")],
+    source: Annotated[
+        Optional[str], typer.Option(help="SMSSpamCollection file, the UCI zip, or a URL. Default: download from UCI.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+) -> None:
+    """Build the book's SMS spam data set: 747 ham + 747 spam, split 70/10/20 (1,045/149/300 rows).
+
+    Example: lora-cli data sms-spam --source SMSSpamCollection --out data/sms
+    """
+    from lora_cli import sms_spam
+
+    for name in sms_spam.SPLITS:
+        refuse_overwrite(out / f"{name}.csv", overwrite)
+    summary = sms_spam.prepare(out, source)
+    if not summary["matches_uci_v1"]:
+        echo("warning: the source differs from the UCI v.1 file, so the split differs from the book's")
+    rows = summary["rows"]
+    typer.echo(f"wrote {out}: train {rows['train']}, validation {rows['validation']}, test {rows['test']} rows (ham=0, spam=1)")
+
+
+# ---------------------------------------------------------------- train
+
+
+@app.command()
+@handle_errors
+def train(
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank r. [recipe: 16]")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha. [recipe: 16]")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base checkpoint (.safetensors/.pth) or cached GPT-2 name. [recipe: gpt2-small]")] = None,
+    model_config: Annotated[Optional[str], typer.Option(help="Preset name or JSON file, when the checkpoint does not say.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Directory with train.csv and validation.csv, or sms-spam. [recipe: sms-spam]")] = None,
+    train_file: Annotated[Optional[str], typer.Option("--train", help="Training file (CSV/TSV/JSONL), with --val.")] = None,
+    val_file: Annotated[Optional[str], typer.Option("--val", help="Validation file, with --train.")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Label column. [auto: label]")] = None,
+    label_names: Annotated[Optional[str], typer.Option(help="Comma-separated class names for integer labels 0..K-1.")] = None,
+    scaling: Annotated[Optional[str], typer.Option(help="alpha-over-rank (alpha/r), alpha (the book's formula) or rslora.")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="blocks, all-linear, or comma-separated module patterns.")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help="Dropout on the LoRA input. [0]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="[recipe: 5]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="[recipe: 8]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate. [recipe: 8e-4]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [recipe: 0.1]")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens. [model context]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="[recipe: 123]")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps. [auto]")] = None,
+    bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's encoder.json and vocab.bpe (offline).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML recipe; flags override its values.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory. [runs/NAME]")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Reuse an existing run directory.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Build everything, print the config and parameter counts, exit.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Train a LoRA adapter for text classification.
+
+    Defaults come from the built-in recipe (the book's SMS spam run on GPT-2 small); --config
+    FILE overrides them and flags override both.
+
+    Examples:
+      lora-cli train --rank 16 --alpha 16
+      lora-cli train --model tiny.safetensors --data data/sms --epochs 2 --out runs/tiny
+    """
+    from lora_cli import recipe
+
+    overrides = dict(
+        rank=rank, alpha=alpha, model=model, model_config=model_config, data=data, train=train_file, val=val_file,
+        text_column=text_column, label_column=label_column, scaling=scaling, lora_dropout=lora_dropout,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_length=max_length, seed=seed,
+        device=device, bpe_dir=bpe_dir,
+        label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
+        targets=[t.strip() for t in targets.split(",")] if targets else None,
+    )
+    if train_file is not None and data is None:
+        overrides["data"] = None
+    cfg = recipe.resolve(config, overrides)
+    run_dir = out or Path("runs") / _run_name(cfg)
+    if not dry_run and (run_dir / "config.yaml").exists() and not overwrite:
+        raise LoraCliError(f"run directory {run_dir} already holds a run; pass --overwrite or another --out")
+
+    from lora_cli import training
+
+    s = training.setup(cfg, echo)
+    counts = s.counts()
+    echo(f"model: {s.base.path} ({s.base.config_source}), device {s.device}")
+    echo(f"data: {len(s.train)} train / {len(s.val)} validation rows, classes {', '.join(s.labels.names)}")
+    echo(
+        f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
+        f"({counts['lora']:,} LoRA + {counts['head']:,} head) in {len(s.spec.targets)} LoRA layers"
+    )
+    if dry_run:
+        typer.echo(recipe.to_yaml(cfg), nl=False)
+        typer.echo(json.dumps({"parameters": counts, "lora_layers": len(s.spec.targets)}))
+        return
+    result = training.train(s, run_dir, echo, progress=not quiet and sys.stderr.isatty())
+    last = result.history[-1]
+    typer.echo(
+        f"done in {result.seconds:.1f}s: validation accuracy {last['val_accuracy']:.2%}, "
+        f"adapter {result.adapter_path} ({result.adapter_path.stat().st_size / 1e6:.1f} MB)"
+    )
+
+
+def _run_name(cfg: Any) -> str:
+    import time
+
+    return f"{Path(cfg.model).stem}-r{cfg.rank}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ---------------------------------------------------------------- eval / predict
+
+
+def _load_for_inference(adapter_path: Path, model: Optional[str], model_config: Optional[str], device: str, force: bool):
+    from lora_cli.adapter import load_adapter, model_with_adapter
+    from lora_cli.checkpoint import load_base
+    from lora_cli.device import resolve_device
+    from lora_cli.paths import resolve_model
+
+    adapter = load_adapter(adapter_path)
+    model = model or adapter.training_config.get("model")
+    if not model:
+        raise LoraCliError("pass --model: the adapter does not record its base checkpoint")
+    base = load_base(resolve_model(model), model_config)
+    dev = resolve_device(device)
+    return adapter, model_with_adapter(base, adapter, dev, force=force), dev
+
+
+def _max_length(adapter: Any, model: Any) -> int:
+    return int(adapter.training_config.get("max_length") or model.cfg.context_length)
+
+
+@app.command("eval")
+@handle_errors
+def evaluate(
+    adapter: Annotated[Path, typer.Option(help="Adapter file, training checkpoint or run directory.")],
+    data: Annotated[Path, typer.Option(help="Labelled CSV/TSV/JSONL file, or a directory with test.csv.")],
+    model: Annotated[Optional[str], typer.Option(help="Base checkpoint. [the one the adapter was trained on]")] = None,
+    model_config: Annotated[Optional[str], typer.Option(help="Preset or JSON file, when the checkpoint does not say.")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Label column. [auto: label]")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")] = None,
+    force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix.
+
+    Example: lora-cli eval --adapter runs/tiny/adapter.safetensors --data data/sms/test.csv
+    """
+    from lora_cli.data import Encoded, encode_texts, read_table
+    from lora_cli.evaluation import classification_report, predict_logits
+    from lora_cli.tokenizer import get_tokenizer
+
+    if data.is_dir():
+        data = data / "test.csv"
+    ad, net, dev = _load_for_inference(adapter, model, model_config, device, force)
+    table = read_table(data, text_column, label_column)
+    tokens, truncated = encode_texts(get_tokenizer(bpe_dir), table.texts, _max_length(ad, net))
+    if truncated:
+        echo(f"warning: {truncated} texts truncated to {_max_length(ad, net)} tokens")
+    labels = ad.labels.encode(table.labels, str(data))
+    report = classification_report(predict_logits(net, Encoded(tokens, None), batch_size, dev), labels, ad.labels.names)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict() | {"data": str(data)}, indent=2))
+        return
+    typer.echo(f"{data}: {len(labels)} examples, loss {report.loss:.4f}, accuracy {report.accuracy:.2%}\n")
+    print_table(["class", "precision", "recall", "f1", "support"],
+                [[n, m["precision"], m["recall"], m["f1"], m["support"]] for n, m in zip(report.names, report.per_class)])
+    typer.echo("\nconfusion matrix (rows: true, columns: predicted)")
+    print_table(["true \\ pred"] + report.names, [[n] + row for n, row in zip(report.names, report.confusion)])
+
+
+@app.command()
+@handle_errors
+def predict(
+    adapter: Annotated[Path, typer.Option(help="Adapter file, training checkpoint or run directory.")],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="CSV/TSV/JSONL file with a text column.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base checkpoint. [the one the adapter was trained on]")] = None,
+    model_config: Annotated[Optional[str], typer.Option(help="Preset or JSON file, when the checkpoint does not say.")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")] = None,
+    force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
+) -> None:
+    """Label and probability for each text.
+
+    Example: lora-cli predict --adapter runs/tiny "You won a free prize, call now!"
+    """
+    import csv
+
+    import torch
+
+    from lora_cli.data import Encoded, encode_texts, read_table
+    from lora_cli.evaluation import predict_logits
+    from lora_cli.tokenizer import get_tokenizer
+
+    if output_format not in ("table", "json", "csv"):
+        raise LoraCliError(f"--format must be table, json or csv, got {output_format!r}")
+    items = list(texts or [])
+    if file is not None:
+        items += read_table(file, text_column, require_labels=False).texts
+    if not items:
+        raise LoraCliError("nothing to classify: pass texts as arguments or --file")
+    if any(not t.strip() for t in items):
+        raise LoraCliError("cannot classify an empty text")
+    ad, net, dev = _load_for_inference(adapter, model, model_config, device, force)
+    tokens, _ = encode_texts(get_tokenizer(bpe_dir), items, _max_length(ad, net))
+    probs = torch.softmax(predict_logits(net, Encoded(tokens, None), batch_size, dev), dim=-1)
+    best = probs.argmax(-1).tolist()
+    rows = [{"text": t, "label": ad.labels.names[b], "probability": probs[i, b].item(),
+             "probabilities": dict(zip(ad.labels.names, probs[i].tolist()))} for i, (t, b) in enumerate(zip(items, best))]
+    if output_format == "json":
+        typer.echo(json.dumps(rows, indent=2))
+    elif output_format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["text", "label", "probability"])
+        writer.writerows([r["text"], r["label"], f"{r['probability']:.6f}"] for r in rows)
+    else:
+        print_table(["label", "probability", "text"],
+                    [[r["label"], r["probability"], r["text"] if len(r["text"]) <= 70 else r["text"][:67] + "..."] for r in rows])
+
+
+# ---------------------------------------------------------------- export
+
+
+@app.command("export-adapter")
+@handle_errors
+def export_adapter(
+    source: Annotated[Path, typer.Argument(help="Run directory, training checkpoint (.pt) or adapter file.")],
+    out: Annotated[Path, typer.Option(help="Adapter file to write (.safetensors).")],
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Write a standalone adapter file: LoRA factors and the task head, with metadata.
+
+    Example: lora-cli export-adapter runs/tiny --out spam-adapter.safetensors --dtype bfloat16
+    """
+    from lora_cli.adapter import load_adapter, save_adapter
+
+    refuse_overwrite(out, overwrite)
+    adapter = load_adapter(source)
+    save_adapter(out, adapter, dtype)
+    params = sum(t.numel() for t in adapter.tensors.values())
+    typer.echo(f"wrote {out}: {len(adapter.tensors)} tensors, {params:,} parameters, {dtype}, {out.stat().st_size / 1e6:.2f} MB")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,260 @@
+"""Classification data: CSV/TSV/JSONL readers, label encoding, tokenised batches."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_cli.errors import LoraCliError
+from lora_cli.tokenizer import PAD_TOKEN_ID
+
+if TYPE_CHECKING:
+    import tiktoken
+    import torch
+
+Label = int | str
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+@dataclass
+class Table:
+    """Texts and their raw labels (None for unlabelled data) read from one file."""
+
+    path: Path
+    texts: list[str]
+    labels: list[Label] | None
+    text_column: str
+    label_column: str | None
+
+
+def read_table(
+    path: str | Path, text_column: str | None = None, label_column: str | None = None, require_labels: bool = True
+) -> Table:
+    """Read a CSV (header), TSV (header) or JSONL file; columns are found by name, case-insensitively."""
+    path = Path(path)
+    if not path.exists():
+        raise LoraCliError(f"data file not found: {path}")
+    if path.is_dir():
+        raise LoraCliError(f"{path} is a directory; pass a CSV, TSV or JSONL file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise LoraCliError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise LoraCliError(f"{path}, line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from exc
+    if not content.strip():
+        raise LoraCliError(f"{path} is empty")
+    kind = _kind(path, content)
+    columns, rows = _read_jsonl(path, content) if kind == "jsonl" else _read_delimited(path, content, kind)
+    text_key = _pick_column(path, columns, text_column, "text", "--text-column")
+    label_key = None
+    if label_column is not None or require_labels or _find(columns, "label"):
+        label_key = _pick_column(path, columns, label_column, "label", "--label-column")
+    texts: list[str] = []
+    labels: list[Label] = []
+    for line, row in rows:
+        text = row.get(text_key)
+        if not isinstance(text, str) or not text.strip():
+            raise LoraCliError(f"{path}, line {line}: empty or missing text in column {text_key!r}")
+        texts.append(text)
+        if label_key is not None:
+            labels.append(_label(path, line, row.get(label_key), label_key))
+    if not texts:
+        raise LoraCliError(f"{path} has a header but no rows")
+    if label_key is not None and len({type(x) for x in labels}) > 1:
+        raise LoraCliError(f"{path}: column {label_key!r} mixes integer and text labels; use one kind")
+    return Table(path, texts, labels if label_key is not None else None, text_key, label_key)
+
+
+def _kind(path: Path, content: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    if suffix in (".tsv", ".tab"):
+        return "tsv"
+    if suffix == ".csv":
+        return "csv"
+    first = content.lstrip().split("\n", 1)[0]
+    return "jsonl" if first.startswith("{") else "tsv" if "\t" in first else "csv"
+
+
+def _read_delimited(path: Path, content: str, kind: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter="\t" if kind == "tsv" else ",", strict=True)
+    try:
+        header = next(reader)
+        rows = []
+        for fields in reader:
+            if not fields or all(not f.strip() for f in fields):
+                continue
+            if len(fields) != len(header):
+                raise LoraCliError(
+                    f"{path}, line {reader.line_num}: {len(fields)} fields, but the header has {len(header)}"
+                    + ("" if kind == "tsv" else " (quote texts that contain commas)")
+                )
+            rows.append((reader.line_num, dict(zip(header, fields))))
+    except csv.Error as exc:
+        raise LoraCliError(f"{path}, line {reader.line_num}: malformed {kind.upper()} ({exc})") from exc
+    return header, rows
+
+
+def _read_jsonl(path: Path, content: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    rows, columns = [], []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LoraCliError(f"{path}, line {number}: not valid JSON ({exc.msg}); JSONL needs one object per line") from exc
+        if not isinstance(obj, dict):
+            raise LoraCliError(f"{path}, line {number}: expected a JSON object, got {type(obj).__name__}")
+        columns.extend(k for k in obj if k not in columns)
+        rows.append((number, obj))
+    return columns, rows
+
+
+def _find(columns: Sequence[str], wanted: str) -> str | None:
+    return next((c for c in columns if c.strip().lower() == wanted), None)
+
+
+def _pick_column(path: Path, columns: Sequence[str], given: str | None, default: str, flag: str) -> str:
+    if given is not None:
+        if given not in columns:
+            raise LoraCliError(f"{path} has no column {given!r}; columns: {', '.join(map(repr, columns))}")
+        return given
+    found = _find(columns, default)
+    if found is None:
+        raise LoraCliError(
+            f"{path} has no {default!r} column (columns: {', '.join(map(repr, columns))}); name it with {flag}"
+        )
+    return found
+
+
+def _label(path: Path, line: int, value: Any, column: str) -> Label:
+    if isinstance(value, bool) or value is None or isinstance(value, (float, list, dict)) and not (
+        isinstance(value, float) and value.is_integer()
+    ):
+        raise LoraCliError(f"{path}, line {line}: label {value!r} in column {column!r} is not an integer or a name")
+    if isinstance(value, float):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if not text:
+        raise LoraCliError(f"{path}, line {line}: empty label in column {column!r}")
+    return int(text) if _INT.match(text) else text
+
+
+@dataclass
+class LabelSet:
+    """Class names in class-index order, as stored in the adapter."""
+
+    names: list[str]
+    integer_ids: bool = False  # labels in files are class indices 0..K-1
+
+    @classmethod
+    def from_training(cls, labels: Sequence[Label], names: Sequence[str] | None = None) -> LabelSet:
+        distinct = sorted(set(labels), key=lambda x: (isinstance(x, str), x))
+        if names:
+            names = list(names)
+            if len(set(names)) != len(names):
+                raise LoraCliError(f"--label-names has duplicates: {names}")
+            if all(isinstance(x, int) for x in distinct):
+                bad = [x for x in distinct if not 0 <= x < len(names)]
+                if bad:
+                    raise LoraCliError(f"labels {bad} are not class indices for --label-names {names}")
+                return cls(names, integer_ids=True)
+            unknown = [x for x in distinct if x not in names]
+            if unknown:
+                raise LoraCliError(f"labels {unknown} are not among --label-names {names}")
+            return cls(names)
+        if len(distinct) < 2:
+            raise LoraCliError(f"the training data has a single class ({distinct!r}); a classifier needs two or more")
+        if all(isinstance(x, int) for x in distinct) and distinct == list(range(len(distinct))):
+            return cls([str(x) for x in distinct], integer_ids=True)
+        return cls([str(x) for x in distinct])
+
+    def encode(self, labels: Sequence[Label], source: str) -> list[int]:
+        """Class indices for raw labels; a label the adapter was not trained on is an error."""
+        index = {name: i for i, name in enumerate(self.names)}
+        out = []
+        for value in labels:
+            if self.integer_ids and isinstance(value, int) and 0 <= value < len(self.names):
+                out.append(value)
+                continue
+            if str(value) in index:
+                out.append(index[str(value)])
+                continue
+            raise LoraCliError(
+                f"{source}: label {value!r} is not one the model was trained on ({', '.join(self.names)})"
+            )
+        return out
+
+
+@dataclass
+class Encoded:
+    """Token ids (truncated to the context window) and class indices."""
+
+    tokens: list[list[int]]
+    labels: list[int] | None
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def encode_texts(tokenizer: tiktoken.Encoding, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Tokenise; sequences longer than `max_length` keep their first tokens (as the book does)."""
+    tokens = tokenizer.encode_ordinary_batch(list(texts))
+    truncated = sum(len(t) > max_length for t in tokens)
+    return [t[:max_length] for t in tokens], truncated
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T), right-padded with PAD_TOKEN_ID
+    last_index: torch.Tensor  # (B,), position of each row's last real token
+    labels: torch.Tensor | None  # (B,)
+    indices: list[int]  # rows of the data set in this batch
+
+
+def collate(tokens: Sequence[list[int]], labels: Sequence[int] | None, indices: list[int]) -> Batch:
+    """Pad to the longest sequence in this batch only, not to the longest in the data set."""
+    import torch
+
+    longest = max(len(t) for t in tokens)
+    ids = torch.full((len(tokens), longest), PAD_TOKEN_ID, dtype=torch.long)
+    for row, seq in enumerate(tokens):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    last = torch.tensor([len(t) - 1 for t in tokens], dtype=torch.long)
+    y = torch.tensor(list(labels), dtype=torch.long) if labels is not None else None
+    return Batch(ids, last, y, indices)
+
+
+def batches(
+    data: Encoded, batch_size: int, order: Sequence[int] | None = None, drop_last: bool = False
+) -> Iterator[Batch]:
+    """Batches in `order` (default: file order)."""
+    order = list(range(len(data))) if order is None else list(order)
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        labels = [data.labels[i] for i in idx] if data.labels is not None else None
+        yield collate([data.tokens[i] for i in idx], labels, idx)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A shuffled order that depends only on (seed, epoch), so a run can be repeated or resumed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()

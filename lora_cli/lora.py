@@ -1,0 +1,135 @@
+"""LoRA layers and the module-tree surgery that installs them.
+
+`LinearWithLoRA` keeps the book's structure (`.linear` is the frozen base Linear, `.lora.A`
+and `.lora.B` the low-rank factors), so a model adapted here has the same state_dict names
+as one adapted with `llms_from_scratch.appendix_e.replace_linear_with_lora`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lora_cli.errors import LoraCliError
+
+SCALINGS = ("alpha-over-rank", "alpha", "rslora")
+TARGET_PRESETS = ("blocks", "all-linear")
+
+
+def lora_scale(alpha: float, rank: int, scaling: str) -> float:
+    """The factor in front of `(x @ A) @ B`.
+
+    `alpha-over-rank` is PEFT's and loralib's alpha/r; `alpha` is the book's appendix-E
+    formula (alpha alone, 16x larger at r = alpha = 16); `rslora` is alpha/sqrt(r).
+    """
+    if scaling == "alpha-over-rank":
+        return alpha / rank
+    if scaling == "alpha":
+        return float(alpha)
+    if scaling == "rslora":
+        return alpha / math.sqrt(rank)
+    raise LoraCliError(f"unknown scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+
+
+class LoRALayer(nn.Module):
+    """The low-rank update `scale * (x @ A) @ B`; `A @ B` is never formed."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, scale: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Scaling the rank-r intermediate costs r multiplies per token instead of out_dim.
+        return ((self.dropout(x) @ self.A) * self.scale) @ self.B
+
+
+class LinearWithLoRA(nn.Module):
+    """A frozen `nn.Linear` plus a trainable LoRA update."""
+
+    def __init__(self, linear: nn.Linear, rank: int, scale: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, scale, dropout)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.lora(x)
+
+
+def resolve_targets(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
+    """Module paths of the `nn.Linear` layers that `spec` selects, in model order.
+
+    `blocks`: every Linear inside `trf_blocks`; `all-linear`: every Linear, the head included
+    (the book's `replace_linear_with_lora`); otherwise glob patterns matched against the full
+    module path or its last component (`W_query`, `*.ff.layers.0`).
+    """
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    patterns = [p.strip() for item in patterns for p in item.split(",") if p.strip()]
+    if not patterns:
+        raise LoraCliError("--targets is empty; use blocks, all-linear or module-name patterns")
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if patterns == ["blocks"]:
+        return [n for n in linears if n.startswith("trf_blocks.")]
+    if patterns == ["all-linear"]:
+        return linears
+    chosen: list[str] = []
+    for pattern in patterns:
+        if pattern in TARGET_PRESETS:
+            raise LoraCliError(f"--targets {pattern} cannot be combined with other patterns")
+        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.rsplit(".", 1)[-1], pattern)]
+        if not hits:
+            raise LoraCliError(
+                f"--targets pattern {pattern!r} matches no Linear layer; examples of names: "
+                f"{', '.join(linears[:6])}, ..."
+            )
+        chosen.extend(h for h in hits if h not in chosen)
+    return [n for n in linears if n in chosen]
+
+
+def apply_lora(
+    model: nn.Module, targets: Sequence[str], rank: int, alpha: float, scaling: str, dropout: float = 0.0
+) -> None:
+    """Swap each named `nn.Linear` for a `LinearWithLoRA` in place (the base stays as `.linear`)."""
+    validate_lora_args(rank, alpha, dropout)
+    scale = lora_scale(alpha, rank, scaling)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        if not isinstance(linear, nn.Linear):
+            raise LoraCliError(f"{name} is not a Linear layer")
+        if rank > min(linear.in_features, linear.out_features):
+            raise LoraCliError(
+                f"--rank {rank} is larger than layer {name} ({linear.in_features}x{linear.out_features}) allows"
+            )
+        lora = LinearWithLoRA(linear, rank, scale, dropout)
+        lora.to(device=linear.weight.device)
+        setattr(parent, child, lora)
+
+
+def validate_lora_args(rank: int, alpha: float, dropout: float) -> None:
+    if not isinstance(rank, int) or rank < 1:
+        raise LoraCliError(f"--rank must be a positive integer, got {rank!r}")
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise LoraCliError(f"--alpha must be a positive number, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise LoraCliError(f"--lora-dropout must be in [0, 1), got {dropout!r}")
+
+
+def lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LinearWithLoRA)}

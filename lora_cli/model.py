@@ -1,0 +1,118 @@
+"""GPTModel: the book's architecture and state_dict names, with fused attention kernels.
+
+Keys match `llms_from_scratch.ch04.GPTModel` exactly (`tok_emb`, `pos_emb`,
+`trf_blocks.N.att.W_query|W_key|W_value|out_proj`, `trf_blocks.N.ff.layers.0|2`,
+`norm1|norm2|final_norm.scale|shift`, `out_head`), so the book's checkpoints load as they are.
+The only departure is that attention runs through `scaled_dot_product_attention` and the
+book's `mask` buffer is not stored (it is a constant).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_cli.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with the book's parameter names (`scale`, `shift`), biased variance, eps 1e-5."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GELU with the tanh approximation, as GPT-2 and the book use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim), GELU(), nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head attention; the kernel is `scaled_dot_product_attention`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.emb_dim
+        self.num_heads = cfg.n_heads
+        self.head_dim = d // cfg.n_heads
+        self.dropout = cfg.drop_rate
+        self.W_query = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.W_key = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        shape = (b, t, self.num_heads, self.head_dim)
+        q = self.W_query(x).view(shape).transpose(1, 2)
+        k = self.W_key(x).view(shape).transpose(1, 2)
+        v = self.W_value(x).view(shape).transpose(1, 2)
+        ctx = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out_proj(ctx.transpose(1, 2).reshape(b, t, d))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.att = MultiHeadAttention(cfg)
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_resid = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_resid(self.att(self.norm1(x)))
+        return x + self.drop_resid(self.ff(self.norm2(x)))
+
+
+class GPTModel(nn.Module):
+    """GPT-2 style decoder. `out_dim` is the vocabulary for a language model or the class count."""
+
+    def __init__(self, cfg: ModelConfig, out_dim: int | None = None, out_bias: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, out_dim or cfg.vocab_size, bias=out_bias)
+
+    def forward(self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every position, or only at `last_index` (one position per row).
+
+        With `last_index`, the final norm and head run on one position per sequence: a
+        classifier reads the last real token, so right padding never reaches its output
+        (attention is causal).
+        """
+        seq_len = in_idx.shape[1]
+        if seq_len > self.cfg.context_length:
+            raise ValueError(f"sequence length {seq_len} exceeds the context length {self.cfg.context_length}")
+        pos = torch.arange(seq_len, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
+        x = self.trf_blocks(x)
+        if last_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last_index]
+        return self.out_head(self.final_norm(x))

@@ -1,0 +1,87 @@
+"""Where named models and data sets live, and how a name on the command line becomes a file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lora_cli.config import PRESETS
+from lora_cli.errors import LoraCliError
+
+HOME_ENV = "LORA_CLI_HOME"
+
+
+def home() -> Path:
+    """$LORA_CLI_HOME, else $XDG_CACHE_HOME/lora-cli, else ~/.cache/lora-cli."""
+    if os.environ.get(HOME_ENV):
+        return Path(os.environ[HOME_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lora-cli"
+
+
+def cached_model_path(name: str) -> Path:
+    return home() / "models" / f"{name}.safetensors"
+
+
+def resolve_model(model: str) -> Path:
+    """A checkpoint path, or a GPT-2 name (`gpt2-small`, ...) found in the cache."""
+    path = Path(model)
+    if path.exists():
+        return path
+    if model in PRESETS:
+        cached = cached_model_path(model)
+        if cached.is_file():
+            return cached
+        raise LoraCliError(
+            f"no pretrained weights for {model!r} in the cache ({cached}). Convert GPT-2 weights you have "
+            f"there, or pass --model CHECKPOINT; to try lora-cli offline, create a random model with "
+            f"`lora-cli init --preset gpt2-tiny --out tiny.safetensors` and pass --model tiny.safetensors"
+        )
+    raise LoraCliError(f"model checkpoint not found: {path}")
+
+
+def resolve_data(data: str | None, train: str | None, val: str | None) -> tuple[Path, Path, list[str] | None]:
+    """(train file, validation file, label names from dataset.json if any)."""
+    if train is not None and val is not None:
+        return Path(train), Path(val), None
+    if data is None:
+        raise LoraCliError("no training data: pass --data DIR or --train FILE --val FILE")
+    directory = Path(data)
+    if not directory.exists() and data == "sms-spam":
+        directory = _sms_spam_cache()
+    if not directory.is_dir():
+        raise LoraCliError(f"data directory not found: {directory} (expected train.csv and validation.csv in it)")
+    found = [_find_split(directory, n) for n in (("train",), ("validation", "val"))]
+    names = None
+    meta = directory / "dataset.json"
+    if meta.is_file():
+        try:
+            names = json.loads(meta.read_text(encoding="utf-8")).get("label_names")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
+            raise LoraCliError(f"{meta} is not valid JSON ({exc})") from exc
+    return found[0], found[1], names
+
+
+def _find_split(directory: Path, stems: tuple[str, ...]) -> Path:
+    for stem in stems:
+        for suffix in (".csv", ".tsv", ".jsonl"):
+            if (directory / f"{stem}{suffix}").is_file():
+                return directory / f"{stem}{suffix}"
+    raise LoraCliError(f"{directory} has no {stems[0]}.csv (or .tsv/.jsonl)")
+
+
+def _sms_spam_cache() -> Path:
+    """The prepared SMS spam set in the cache, downloaded and built on first use."""
+    from lora_cli import sms_spam
+
+    directory = home() / "data" / "sms-spam"
+    if not (directory / "train.csv").is_file():
+        try:
+            sms_spam.prepare(directory)
+        except LoraCliError as exc:
+            raise LoraCliError(
+                f"the SMS spam data is not prepared and could not be downloaded ({exc}). If you have the "
+                "file, run `lora-cli data sms-spam --source PATH/SMSSpamCollection --out DIR` and pass --data DIR"
+            ) from exc
+    return directory

@@ -1,0 +1,125 @@
+"""Training recipes: built-in defaults < YAML file (`--config`) < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lora_cli.errors import LoraCliError
+
+DEFAULT_RECIPE = "sms-spam-gpt2-small.yaml"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as `config.yaml` in the run directory."""
+
+    model: str = "gpt2-small"
+    model_config: str | None = None
+    data: str | None = "sms-spam"
+    train: str | None = None
+    val: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    label_names: list[str] | None = None
+    max_length: int | None = None
+    rank: int = 16
+    alpha: float = 16.0
+    scaling: str = "alpha-over-rank"
+    targets: list[str] = field(default_factory=lambda: ["blocks"])
+    lora_dropout: float = 0.0
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 8e-4
+    weight_decay: float = 0.1
+    seed: int = 123
+    device: str = "auto"
+    bpe_dir: str | None = None
+    log_every: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Reject values that would fail later, naming the flag."""
+        checks = [
+            (self.rank >= 1, f"--rank must be >= 1, got {self.rank}"),
+            (self.alpha > 0, f"--alpha must be > 0, got {self.alpha}"),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
+            (self.max_length is None or self.max_length >= 1, f"--max-length must be >= 1, got {self.max_length}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LoraCliError(message)
+        if (self.train is None) != (self.val is None):
+            raise LoraCliError("pass both --train and --val, or --data DIR")
+
+
+def builtin_recipe_text() -> str:
+    return resources.files("lora_cli.configs").joinpath(DEFAULT_RECIPE).read_text(encoding="utf-8")
+
+
+def parse_recipe(text: str, source: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise LoraCliError(f"{source}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LoraCliError(f"{source}: a recipe is a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise LoraCliError(f"{source}: unknown option(s) {unknown}; known options: {', '.join(sorted(known))}")
+    return data
+
+
+def resolve(config_file: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Built-in recipe, then the file, then flags that were given (None means not given)."""
+    values = parse_recipe(builtin_recipe_text(), f"built-in {DEFAULT_RECIPE}")
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise LoraCliError(f"config file not found: {path}")
+        values.update(parse_recipe(path.read_text(encoding="utf-8"), str(path)))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("targets"), str):
+        values["targets"] = [values["targets"]]
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as exc:
+        raise LoraCliError(f"bad recipe: {exc}") from exc
+    _check_types(cfg)
+    cfg.validate()
+    return cfg
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        expected = {"int": int, "float": (int, float), "str": str}.get(str(f.type).split(" ")[0])
+        if value is None or expected is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise LoraCliError(f"recipe option {f.name!r} must be {str(f.type).split(' ')[0]}, got {value!r}")
+    if isinstance(cfg.alpha, int):
+        cfg.alpha = float(cfg.alpha)
+    if isinstance(cfg.lr, int):
+        cfg.lr = float(cfg.lr)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

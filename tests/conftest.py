@@ -1,0 +1,52 @@
+"""Shared fixtures: the data beside the repo (../shared/data) and tiny checkpoints made here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("LORA_CLI_SHARED_DATA", REPO.parent / "shared" / "data"))
+SMS_FILE = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
+BPE_DIR = SHARED_DATA / "gpt2_bpe"
+
+
+@pytest.fixture(autouse=True)
+def offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Tests never touch the network or the user's cache: BPE files from ../shared, cache in tmp."""
+    monkeypatch.setenv("LORA_CLI_BPE_DIR", str(BPE_DIR))
+    monkeypatch.setenv("LORA_CLI_HOME", str(tmp_path / "lora-cli-home"))
+
+
+@pytest.fixture(scope="session")
+def sms_file() -> Path:
+    assert SMS_FILE.is_file(), f"missing {SMS_FILE}: the tests read data from ../shared/data"
+    return SMS_FILE
+
+
+@pytest.fixture(scope="session")
+def micro_config():
+    """A 2-layer, width-64 GPT: fast enough to train in a test."""
+    from lora_cli.config import ModelConfig
+
+    return ModelConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory: pytest.TempPathFactory, micro_config) -> Path:
+    from lora_cli.checkpoint import init_checkpoint, save_base
+
+    path = tmp_path_factory.mktemp("ckpt") / "micro.safetensors"
+    save_base(path, init_checkpoint(micro_config, seed=0), micro_config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sms_dir(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> Path:
+    from lora_cli import sms_spam
+
+    out = tmp_path_factory.mktemp("sms")
+    sms_spam.prepare(out, sms_file)
+    return out
