@@ -61,13 +61,19 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # The weights-only unpickler names the GLOBAL (class or function) it refused; other
+        # unpickling errors mean the bytes are not a pickle at all.
+        if "global" not in str(exc).lower():
+            raise LoraCliError(f"{path} is not a readable PyTorch checkpoint (not a valid pickle)") from exc
         raise LoraCliError(
             f"{path} needs pickled code to load, which lora-cli refuses to run "
             "(torch.load weights_only=True). Re-save it as a plain state_dict "
             "(torch.save(model.state_dict(), ...)) or as .safetensors."
         ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise LoraCliError(f"{path} is not a readable PyTorch checkpoint ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - arbitrary bytes raise IndexError, KeyError, struct.error, ...
+        raise LoraCliError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     if isinstance(obj, dict) and "model_state_dict" in obj:  # the book's model_and_optimizer.pth
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -172,6 +172,7 @@ def train(
     targets: Annotated[Optional[str], typer.Option(help="blocks, all-linear, or comma-separated module patterns.")] = None,
     lora_dropout: Annotated[Optional[float], typer.Option(help="Dropout on the LoRA input. [0]")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="[recipe: 5]")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (smoke tests).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="[recipe: 8]")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate. [recipe: 8e-4]")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [recipe: 0.1]")] = None,
@@ -199,7 +200,7 @@ def train(
     overrides = dict(
         rank=rank, alpha=alpha, model=model, model_config=model_config, data=data, train=train_file, val=val_file,
         text_column=text_column, label_column=label_column, scaling=scaling, lora_dropout=lora_dropout,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_length=max_length, seed=seed,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_length=max_length, seed=seed,
         device=device, bpe_dir=bpe_dir,
         label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
         targets=[t.strip() for t in targets.split(",")] if targets else None,
@@ -249,9 +250,10 @@ def _load_for_inference(adapter_path: Path, model: Optional[str], model_config: 
     from lora_cli.paths import resolve_model
 
     adapter = load_adapter(adapter_path)
-    model = model or adapter.training_config.get("model")
-    if not model:
-        raise LoraCliError("pass --model: the adapter does not record its base checkpoint")
+    if model is None:
+        model = adapter.training_config.get("model")
+        if not model or not Path(model).exists() and "/" in model:
+            raise LoraCliError(f"the adapter's base checkpoint ({model or 'not recorded'}) is not here; pass --model")
     base = load_base(resolve_model(model), model_config)
     dev = resolve_device(device)
     return adapter, model_with_adapter(base, adapter, dev, force=force), dev

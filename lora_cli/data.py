@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 Label = int | str
 _INT = re.compile(r"^[+-]?\d+$")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # not str.splitlines: JSON strings may hold U+2028, U+0085 raw
 
 
 @dataclass
@@ -108,13 +109,14 @@ def _read_delimited(path: Path, content: str, kind: str) -> tuple[list[str], lis
 
 def _read_jsonl(path: Path, content: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     rows, columns = [], []
-    for number, line in enumerate(content.splitlines(), start=1):
+    for number, line in enumerate(_LINE_BREAK.split(content), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LoraCliError(f"{path}, line {number}: not valid JSON ({exc.msg}); JSONL needs one object per line") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError; also a huge number, deep nesting
+            reason = getattr(exc, "msg", None) or str(exc)
+            raise LoraCliError(f"{path}, line {number}: not valid JSON ({reason}); JSONL needs one object per line") from exc
         if not isinstance(obj, dict):
             raise LoraCliError(f"{path}, line {number}: expected a JSON object, got {type(obj).__name__}")
         columns.extend(k for k in obj if k not in columns)
@@ -151,7 +153,12 @@ def _label(path: Path, line: int, value: Any, column: str) -> Label:
     text = str(value).strip()
     if not text:
         raise LoraCliError(f"{path}, line {line}: empty label in column {column!r}")
-    return int(text) if _INT.match(text) else text
+    if not _INT.match(text):
+        return text
+    try:
+        return int(text)
+    except ValueError as exc:  # more digits than Python converts
+        raise LoraCliError(f"{path}, line {line}: label in column {column!r} is a {len(text)}-digit number") from exc
 
 
 @dataclass

@@ -113,7 +113,9 @@ def apply_lora(
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear):
             raise LoraCliError(f"{name} is not a Linear layer")
-        if rank > min(linear.in_features, linear.out_features):
+        # Only a rank above both sides is refused: the book's all-linear recipe puts r=16 on a
+        # 768x2 classification head (over-parameterised, yet valid and part of its 2,666,528 count).
+        if rank > max(linear.in_features, linear.out_features):
             raise LoraCliError(
                 f"--rank {rank} is larger than layer {name} ({linear.in_features}x{linear.out_features}) allows"
             )

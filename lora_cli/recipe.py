@@ -32,6 +32,7 @@ class TrainConfig:
     targets: list[str] = field(default_factory=lambda: ["blocks"])
     lora_dropout: float = 0.0
     epochs: int = 5
+    max_steps: int | None = None
     batch_size: int = 8
     lr: float = 8e-4
     weight_decay: float = 0.1
@@ -54,6 +55,7 @@ class TrainConfig:
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
             (self.max_length is None or self.max_length >= 1, f"--max-length must be >= 1, got {self.max_length}"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
         ]
         for ok, message in checks:

@@ -15,6 +15,7 @@ import io
 import json
 import random
 import zipfile
+import zlib
 from pathlib import Path
 
 from lora_cli.errors import LoraCliError
@@ -57,12 +58,16 @@ def numpy_permutation(n: int, seed: int) -> list[int]:
 def parse_collection(content: str) -> list[tuple[str, str]]:
     """(label, text) rows as pandas' `read_csv(sep="\\t", header=None)` reads them (quotes included)."""
     rows = []
-    for number, fields in enumerate(csv.reader(io.StringIO(content, newline=""), delimiter="\t"), start=1):
-        if not fields:
-            continue
-        if len(fields) != 2 or fields[0] not in LABEL_NAMES:
-            raise LoraCliError(f"record {number} is not 'ham|spam<TAB>text': {fields!r:.80}")
-        rows.append((fields[0], fields[1]))
+    number = 0
+    try:
+        for number, fields in enumerate(csv.reader(io.StringIO(content, newline=""), delimiter="\t"), start=1):
+            if not fields:
+                continue
+            if len(fields) != 2 or fields[0] not in LABEL_NAMES:
+                raise LoraCliError(f"record {number} is not 'ham|spam<TAB>text': {fields!r:.80}")
+            rows.append((fields[0], fields[1]))
+    except csv.Error as exc:  # e.g. a field over csv's size limit
+        raise LoraCliError(f"record {number + 1} is malformed ({exc})") from exc
     return rows
 
 
@@ -110,8 +115,10 @@ def _unzip_if_needed(data: bytes, name: str) -> bytes:
             return archive.read("SMSSpamCollection")
     except KeyError as exc:
         raise LoraCliError(f"{name}: the zip has no SMSSpamCollection member") from exc
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # bad CRC, corrupt or cut-short deflate data
         raise LoraCliError(f"{name}: damaged zip file ({exc})") from exc
+    except (NotImplementedError, RuntimeError) as exc:  # an unsupported compression method, encryption
+        raise LoraCliError(f"{name}: cannot read the zip ({exc})") from exc
 
 
 def download_collection(urls: tuple[str, ...] = URLS) -> bytes:

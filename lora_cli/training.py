@@ -105,6 +105,8 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True) -> RunResu
     step = seen = 0
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
         model.train()
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -112,9 +114,11 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True) -> RunResu
         count = 0
         bar = tqdm(
             batches(s.train, cfg.batch_size, epoch_order(len(s.train), cfg.seed, epoch), drop_last=True),
-            total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False,
+            total=min(steps_per_epoch, (cfg.max_steps or steps_per_epoch * epoch) - step), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False,
         )
         for batch in bar:
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
             ids, last, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.last_index, batch.labels))
             logits = model(ids, last)
             loss = F.cross_entropy(logits, y)
@@ -154,7 +158,8 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True) -> RunResu
 
 
 def make_adapter(s: Setup) -> Adapter:
-    return adapter_from_model(s.model, s.spec, s.labels, s.base, s.cfg.to_dict() | {"max_length": s.max_length})
+    recorded = {"max_length": s.max_length, "model": str(s.base.path.resolve())}  # eval finds the base from anywhere
+    return adapter_from_model(s.model, s.spec, s.labels, s.base, s.cfg.to_dict() | recorded)
 
 
 def _append(path: Path, record: dict) -> None:

@@ -1,0 +1,217 @@
+"""End-to-end: the real `lora-cli` on a tiny checkpoint and the real SMS spam data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from lora_cli.cli import app
+
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the installed CLI in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy()
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> Path:
+    """init + data sms-spam + a short train, shared by the tests of this module."""
+    ws = tmp_path_factory.mktemp("ws")
+    env_bpe = str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2_bpe")
+    os.environ.setdefault("LORA_CLI_BPE_DIR", env_bpe)
+    r = cli("init", "--preset", "gpt2-tiny", "--out", "tiny.safetensors", cwd=ws)
+    assert r.returncode == 0, r.stderr
+    assert "gpt2-tiny" in r.stdout
+    r = cli("data", "sms-spam", "--source", str(sms_file), "--out", "data", cwd=ws)
+    assert r.returncode == 0, r.stderr
+    assert "train 1045, validation 149, test 300" in r.stdout
+    r = cli("train", "--rank", "8", "--alpha", "16", "--model", "tiny.safetensors", "--data", "data",
+            "--epochs", "1", "--max-steps", "30", "--out", "runs/t", cwd=ws)
+    assert r.returncode == 0, r.stderr
+    assert "validation accuracy" in r.stdout
+    return ws
+
+
+def test_train_writes_run_directory(workspace: Path) -> None:
+    run = workspace / "runs" / "t"
+    assert {p.name for p in run.iterdir()} >= {"adapter.safetensors", "checkpoint.pt", "config.yaml", "metrics.jsonl"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert len(epochs) == 1 and epochs[0]["step"] == 30 and epochs[0]["examples_seen"] == 240
+    assert 0.0 <= epochs[0]["val_accuracy"] <= 1.0
+    assert "rank: 8" in (run / "config.yaml").read_text()
+
+
+def test_adapter_holds_only_lora_and_head(workspace: Path) -> None:
+    path = workspace / "runs" / "t" / "adapter.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        meta = f.metadata()
+        sizes = {k: f.get_slice(k).get_shape() for k in names}
+    assert all(".lora." in n or n.startswith("out_head.") for n in names)
+    assert {"out_head.weight", "out_head.bias"} <= set(names)
+    assert len([n for n in names if n.endswith(".lora.A")]) == 4 * 6  # 4 blocks x 6 Linear layers
+    params = sum(int(__import__("math").prod(s)) for s in sizes.values())
+    # rank 8 on gpt2-tiny: per block 4*(256*8+8*256) + 2*(256*8+8*1024) = 36,864; head 256*2+2
+    assert params == 4 * 36_864 + 514
+    assert path.stat().st_size < params * 4 + 64_000  # float32 tensors plus a small header, no base weights
+    assert meta["format"] == "lora-cli-adapter" and meta["format_version"] == "1"
+    lora = json.loads(meta["lora"])
+    assert lora["rank"] == 8 and lora["alpha"] == 16 and lora["scaling"] == "alpha-over-rank"
+    assert json.loads(meta["labels"]) == {"names": ["ham", "spam"], "integer_ids": True}
+    assert json.loads(meta["model_config"])["emb_dim"] == 256
+    assert len(meta["base_fingerprint"]) == 64
+    assert json.loads(meta["training_config"])["max_steps"] == 30
+
+
+def test_eval_table_and_json(workspace: Path) -> None:
+    r = cli("eval", "--adapter", "runs/t/adapter.safetensors", "--data", "data/test.csv", cwd=workspace)
+    assert r.returncode == 0, r.stderr
+    assert "300 examples" in r.stdout and "confusion matrix" in r.stdout and "spam" in r.stdout
+    r = cli("eval", "--adapter", "runs/t", "--data", "data", "--json", cwd=workspace)
+    report = json.loads(r.stdout)
+    assert report["n"] == 300
+    matrix = report["confusion_matrix"]["rows_true_columns_predicted"]
+    assert sum(map(sum, matrix)) == 300
+    assert abs(report["accuracy"] - (matrix[0][0] + matrix[1][1]) / 300) < 1e-6
+    assert set(report["per_class"]) == {"ham", "spam"}
+
+
+def test_predict_formats(workspace: Path) -> None:
+    texts = ["WINNER! Claim your free prize now, call 09061701461", "see you at lunch"]
+    r = cli("predict", "--adapter", "runs/t/adapter.safetensors", *texts, "--format", "json", cwd=workspace)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["text"] for row in rows] == texts
+    for row in rows:
+        assert row["label"] in ("ham", "spam")
+        assert abs(sum(row["probabilities"].values()) - 1) < 1e-5
+        assert row["probability"] == max(row["probabilities"].values())
+    r = cli("predict", "--adapter", "runs/t", "--file", "data/validation.csv", "--format", "csv", cwd=workspace)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) > 149  # header + 149 rows (some texts hold newlines)
+
+
+def test_export_adapter_dtype(workspace: Path) -> None:
+    r = cli("export-adapter", "runs/t", "--out", "exp16.safetensors", "--dtype", "bfloat16", cwd=workspace)
+    assert r.returncode == 0, r.stderr
+    with safe_open(str(workspace / "exp16.safetensors"), framework="pt") as f:
+        assert all(str(f.get_tensor(k).dtype) == "torch.bfloat16" for k in f.keys())
+    r = cli("export-adapter", "runs/t/checkpoint.pt", "--out", "exp32.safetensors", cwd=workspace)
+    assert r.returncode == 0, r.stderr
+    r = cli("export-adapter", "runs/t", "--out", "exp32.safetensors", cwd=workspace)
+    assert r.returncode == 1 and "--overwrite" in r.stderr
+    # the exported adapter evaluates like the original
+    a = json.loads(cli("eval", "--adapter", "runs/t", "--data", "data", "--json", cwd=workspace).stdout)
+    b = json.loads(cli("eval", "--adapter", "exp32.safetensors", "--data", "data", "--json", cwd=workspace).stdout)
+    assert a["accuracy"] == b["accuracy"] and abs(a["loss"] - b["loss"]) < 1e-6
+
+
+def test_adapter_refuses_other_base(workspace: Path) -> None:
+    r = cli("init", "--preset", "gpt2-tiny", "--seed", "7", "--out", "other.safetensors", cwd=workspace)
+    assert r.returncode == 0
+    args = ["eval", "--adapter", "runs/t", "--data", "data", "--model", "other.safetensors"]
+    r = cli(*args, cwd=workspace)
+    assert r.returncode == 1
+    assert "another base model" in r.stderr and "Traceback" not in r.stderr
+    assert cli(*args, "--force", cwd=workspace).returncode == 0
+
+
+def test_existing_run_dir_refused(workspace: Path) -> None:
+    r = runner.invoke(app, ["train", "--model", str(workspace / "tiny.safetensors"), "--data", str(workspace / "data"),
+                            "--out", str(workspace / "runs" / "t")])
+    assert r.exit_code == 1 and "--overwrite" in r.output
+
+
+def test_dry_run_prints_config_and_counts(workspace: Path) -> None:
+    r = runner.invoke(app, ["train", "--model", str(workspace / "tiny.safetensors"), "--data", str(workspace / "data"),
+                            "--rank", "4", "--targets", "W_query,W_value", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    counts = json.loads(r.stdout.strip().splitlines()[-1])
+    # 4 blocks x 2 layers x (256*4 + 4*256) LoRA + 514 head
+    assert counts["parameters"]["trainable"] == 4 * 2 * 2048 + 514
+    assert counts["lora_layers"] == 8
+    assert "rank: 4" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rank", "0"], "--rank"),
+        (["--alpha", "-1"], "--alpha"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--lr", "0"], "--lr"),
+        (["--device", "tpu"], "unknown --device"),
+        (["--scaling", "weird"], "scaling"),
+        (["--targets", "nope"], "matches no Linear"),
+        (["--rank", "300"], "larger than layer"),
+    ],
+)
+def test_bad_train_flags(workspace: Path, args: list[str], message: str) -> None:
+    r = runner.invoke(app, ["train", "--model", str(workspace / "tiny.safetensors"), "--data", str(workspace / "data"),
+                            "--dry-run", *args])
+    assert r.exit_code == 1, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cuda_without_cuda(workspace: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = runner.invoke(app, ["train", "--model", str(workspace / "tiny.safetensors"), "--data", str(workspace / "data"),
+                            "--device", "cuda", "--dry-run"])
+    assert r.exit_code == 1 and "CUDA is not available" in r.output
+
+
+def test_missing_default_model_says_what_to_do(tmp_path: Path, sms_dir: Path) -> None:
+    r = runner.invoke(app, ["train", "--rank", "16", "--alpha", "16", "--data", str(sms_dir)])
+    assert r.exit_code == 1
+    assert "gpt2-small" in r.output and "--model" in r.output and "lora-cli init" in r.output
+
+
+def test_missing_files_are_one_line_errors(workspace: Path, tmp_path: Path) -> None:
+    cases = [
+        ["eval", "--adapter", str(tmp_path / "nope.safetensors"), "--data", str(workspace / "data")],
+        ["eval", "--adapter", str(workspace / "runs" / "t"), "--data", str(tmp_path / "nope.csv")],
+        ["train", "--model", str(tmp_path / "nope.pth"), "--data", str(workspace / "data")],
+        ["export-adapter", str(workspace / "data" / "train.csv"), "--out", str(tmp_path / "x.safetensors")],
+    ]
+    for args in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, (args, r.output)
+        assert r.output.startswith("error: ") and "Traceback" not in r.output, r.output
+
+
+def test_eval_label_not_trained_on(workspace: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("Label,Text\n0,hello there\n7,what is this\n")
+    r = runner.invoke(app, ["eval", "--adapter", str(workspace / "runs" / "t"), "--data", str(bad)])
+    assert r.exit_code == 1 and "label 7" in r.output
+
+
+def test_help_for_every_command() -> None:
+    for command in (["--help"], ["init", "--help"], ["train", "--help"], ["eval", "--help"], ["predict", "--help"],
+                    ["export-adapter", "--help"], ["data", "sms-spam", "--help"]):
+        r = runner.invoke(app, command)
+        assert r.exit_code == 0, (command, r.output)
+        assert "Usage" in r.output
+    assert "Example" in runner.invoke(app, ["train", "--help"]).output
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from lora_cli.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,342 @@
+"""LoRA layers, target selection and parameter counts, against the book's appendix E."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from llms_from_scratch import appendix_e
+from llms_from_scratch.ch04 import GPTModel as BookGPTModel
+from torch import nn
+
+from lora_cli.checkpoint import BaseCheckpoint
+from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
+from lora_cli.config import PRESETS, ModelConfig
+from lora_cli.errors import LoraCliError
+from lora_cli.lora import LinearWithLoRA, apply_lora, lora_modules, lora_scale, resolve_targets
+from lora_cli.model import GPTModel
+
+MICRO = ModelConfig(vocab_size=100, context_length=16, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)
+
+
+def pair(in_dim: int, out_dim: int, rank: int, alpha: float, scaling: str, seed: int = 0):
+    """Our LinearWithLoRA and the book's around the same Linear, with the same nonzero A and B."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_dim, out_dim).double()
+    book = appendix_e.LinearWithLoRA(linear, rank, alpha).double()
+    ours = LinearWithLoRA(linear, rank, lora_scale(alpha, rank, scaling)).double()
+    with torch.no_grad():
+        book.lora.B.normal_()
+        ours.lora.A.copy_(book.lora.A)
+        ours.lora.B.copy_(book.lora.B)
+    return linear, book, ours
+
+
+@pytest.mark.parametrize("in_dim, out_dim, rank, alpha", [(32, 48, 4, 8), (64, 16, 16, 16), (20, 20, 1, 0.5)])
+def test_alpha_scaling_equals_book(in_dim: int, out_dim: int, rank: int, alpha: float) -> None:
+    linear, book, ours = pair(in_dim, out_dim, rank, alpha, "alpha")
+    x = torch.randn(3, 5, in_dim, dtype=torch.float64)
+    with torch.no_grad():
+        expected, got, base = book(x), ours(x), linear(x)
+    assert (expected - base).abs().max() > 1e-2  # B is nonzero: the update is really compared
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_alpha_scaling_equals_book_float32() -> None:
+    torch.manual_seed(1)
+    linear = nn.Linear(32, 32)
+    book = appendix_e.LinearWithLoRA(linear, 8, 16)
+    ours = LinearWithLoRA(linear, 8, lora_scale(16, 8, "alpha"))
+    with torch.no_grad():
+        book.lora.B.normal_(std=0.01)
+        ours.lora.A.copy_(book.lora.A)
+        ours.lora.B.copy_(book.lora.B)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), book(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_other_scalings_relative_to_book(rank: int) -> None:
+    alpha = 8.0
+    linear, book, ours_alpha = pair(32, 24, rank, alpha, "alpha", seed=rank)
+    x = torch.randn(6, 32, dtype=torch.float64)
+    with torch.no_grad():
+        book_update = book(x) - linear(x)
+        for scaling, factor in (("alpha-over-rank", 1 / rank), ("rslora", 1 / math.sqrt(rank))):
+            ours = LinearWithLoRA(linear, rank, lora_scale(alpha, rank, scaling)).double()
+            ours.lora.A.copy_(book.lora.A)
+            ours.lora.B.copy_(book.lora.B)
+            update = ours(x) - linear(x)
+            torch.testing.assert_close(update, book_update * factor, rtol=0, atol=1e-9)
+    assert lora_scale(alpha, rank, "alpha") == alpha
+    assert lora_scale(alpha, rank, "alpha-over-rank") == pytest.approx(alpha / rank)
+    assert lora_scale(alpha, rank, "rslora") == pytest.approx(alpha / math.sqrt(rank))
+    with pytest.raises(LoraCliError, match="unknown scaling"):
+        lora_scale(alpha, rank, "alpha/r")
+
+
+@pytest.mark.parametrize("scaling", ["alpha", "alpha-over-rank", "rslora"])
+def test_init_shapes_and_identity(scaling: str) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(40, 24)
+    wrapped = LinearWithLoRA(linear, 8, lora_scale(16, 8, scaling))
+    assert wrapped.linear is linear
+    assert wrapped.lora.A.shape == (40, 8)
+    assert wrapped.lora.B.shape == (8, 24)
+    assert torch.count_nonzero(wrapped.lora.B) == 0
+    assert torch.count_nonzero(wrapped.lora.A) > 0
+    assert (wrapped.in_features, wrapped.out_features) == (40, 24)
+    x = torch.randn(5, 3, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), linear(x), rtol=0, atol=0)
+    # the book's initialisation: same seed, same A (kaiming_uniform with a=sqrt(5))
+    torch.manual_seed(3)
+    book = appendix_e.LinearWithLoRA(linear, 8, 16)
+    torch.manual_seed(3)
+    again = LinearWithLoRA(linear, 8, lora_scale(16, 8, scaling))
+    torch.testing.assert_close(again.lora.A, book.lora.A, rtol=0, atol=0)
+
+
+def test_lora_dropout_only_in_training() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 16)
+    wrapped = LinearWithLoRA(linear, 4, 2.0, dropout=0.5)
+    with torch.no_grad():
+        wrapped.lora.B.normal_()
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        wrapped.eval()
+        a, b = wrapped(x), wrapped(x)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, linear(x) + 2.0 * (x @ wrapped.lora.A @ wrapped.lora.B), rtol=0, atol=1e-5)
+        wrapped.train()
+        assert not torch.allclose(wrapped(x), a, atol=1e-4)
+
+
+@pytest.fixture
+def micro_model() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(MICRO)
+
+
+def block_linears(n_layers: int) -> list[str]:
+    names = []
+    for i in range(n_layers):
+        p = f"trf_blocks.{i}."
+        names += [p + "att.W_query", p + "att.W_key", p + "att.W_value", p + "att.out_proj", p + "ff.layers.0", p + "ff.layers.2"]
+    return names
+
+
+def test_resolve_presets(micro_model: GPTModel) -> None:
+    assert resolve_targets(micro_model, "blocks") == block_linears(2)
+    assert resolve_targets(micro_model, ["blocks"]) == block_linears(2)
+    assert resolve_targets(micro_model, "all-linear") == block_linears(2) + ["out_head"]
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("W_query,W_value", ["trf_blocks.0.att.W_query", "trf_blocks.0.att.W_value", "trf_blocks.1.att.W_query", "trf_blocks.1.att.W_value"]),
+        # model order, not pattern order; whitespace is trimmed; duplicates collapse
+        (" W_value , W_query,trf_blocks.*.att.W_query", ["trf_blocks.0.att.W_query", "trf_blocks.0.att.W_value", "trf_blocks.1.att.W_query", "trf_blocks.1.att.W_value"]),
+        ("*.ff.layers.0", ["trf_blocks.0.ff.layers.0", "trf_blocks.1.ff.layers.0"]),
+        (["trf_blocks.1.att.out_proj", "out_head"], ["trf_blocks.1.att.out_proj", "out_head"]),
+        ("trf_blocks.1.*", block_linears(2)[6:]),
+        ("out_proj", ["trf_blocks.0.att.out_proj", "trf_blocks.1.att.out_proj"]),
+    ],
+)
+def test_resolve_patterns(micro_model: GPTModel, spec, expected: list[str]) -> None:
+    assert resolve_targets(micro_model, spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["W_q", "trf_blocks.5.*", "W_query,nonexistent", "norm1", "tok_emb"])
+def test_pattern_matching_nothing_is_an_error(micro_model: GPTModel, spec: str) -> None:
+    with pytest.raises(LoraCliError, match="matches no Linear layer"):
+        resolve_targets(micro_model, spec)
+
+
+@pytest.mark.parametrize("spec", ["", " , ", []])
+def test_empty_targets_is_an_error(micro_model: GPTModel, spec) -> None:
+    with pytest.raises(LoraCliError, match="empty"):
+        resolve_targets(micro_model, spec)
+
+
+def test_preset_combined_with_pattern_is_an_error(micro_model: GPTModel) -> None:
+    with pytest.raises(LoraCliError, match="cannot be combined"):
+        resolve_targets(micro_model, "blocks,W_query")
+
+
+def test_apply_lora_replaces_exactly_the_targets(micro_model: GPTModel) -> None:
+    targets = resolve_targets(micro_model, "W_query,*.ff.layers.2")
+    originals = {n: micro_model.get_submodule(n) for n in targets}
+    apply_lora(micro_model, targets, rank=4, alpha=8, scaling="alpha-over-rank")
+    mods = lora_modules(micro_model)
+    assert list(mods) == targets
+    for name, m in mods.items():
+        assert m.linear is originals[name]
+        assert m.lora.scale == 2.0
+    plain = [n for n, m in micro_model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(".linear")]
+    assert sorted(plain) == sorted(set(block_linears(2) + ["out_head"]) - set(targets))
+
+
+def test_apply_lora_keeps_model_output_at_init(micro_model: GPTModel) -> None:
+    ids = torch.randint(0, 100, (2, 10))
+    micro_model.eval()
+    with torch.no_grad():
+        before = micro_model(ids)
+        apply_lora(micro_model, resolve_targets(micro_model, "all-linear"), rank=8, alpha=16, scaling="alpha")
+        torch.testing.assert_close(micro_model(ids), before, rtol=0, atol=0)
+        for m in lora_modules(micro_model).values():
+            m.lora.B.normal_()
+        assert not torch.allclose(micro_model(ids), before, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "rank, alpha, dropout, match",
+    [
+        (65, 16, 0.0, "larger than layer"),  # 64x64 attention projections
+        (0, 16, 0.0, "--rank"),
+        (-2, 16, 0.0, "--rank"),
+        (2.0, 16, 0.0, "--rank"),
+        (4, -1.0, 0.0, "--alpha"),
+        (4, 0, 0.0, "--alpha"),
+        (4, float("nan"), 0.0, "--alpha"),
+        (4, float("inf"), 0.0, "--alpha"),
+        (4, 8, 1.0, "--lora-dropout"),
+        (4, 8, -0.1, "--lora-dropout"),
+    ],
+)
+def test_bad_lora_arguments(micro_model: GPTModel, rank, alpha, dropout, match: str) -> None:
+    with pytest.raises(LoraCliError, match=match):
+        apply_lora(micro_model, ["trf_blocks.0.att.W_query"], rank=rank, alpha=alpha, scaling="alpha", dropout=dropout)
+    assert not lora_modules(micro_model)  # nothing half-applied
+
+
+def test_rank_limit_names_the_layer() -> None:
+    # a 2-class head is 64x2: the book's all-linear recipe puts a rank above 2 on it (allowed),
+    # but a rank above both sides of a layer is refused, naming the layer
+    torch.manual_seed(0)
+    model = GPTModel(MICRO, out_dim=2)
+    with pytest.raises(LoraCliError, match=r"--rank 65 .*trf_blocks\.0\.att\.W_query \(64x64\)"):
+        apply_lora(model, resolve_targets(model, "all-linear"), rank=65, alpha=3, scaling="alpha")
+    with pytest.raises(LoraCliError, match=r"out_head \(64x2\)"):
+        apply_lora(model, ["out_head"], rank=65, alpha=3, scaling="alpha")
+    apply_lora(model, resolve_targets(model, "all-linear"), rank=16, alpha=16, scaling="alpha")
+    assert model.out_head.lora.A.shape == (64, 16) and model.out_head.lora.B.shape == (16, 2)
+
+
+def test_apply_lora_rejects_a_non_linear(micro_model: GPTModel) -> None:
+    with pytest.raises(LoraCliError, match="not a Linear"):
+        apply_lora(micro_model, ["trf_blocks.0.norm1"], rank=2, alpha=2, scaling="alpha")
+
+
+def meta_state_checkpoint(cfg: ModelConfig) -> BaseCheckpoint:
+    """A BaseCheckpoint whose tensors are allocated but never written (no init, no file)."""
+    with torch.device("meta"):
+        book = BookGPTModel(cfg.to_dict())
+    state = {k: torch.empty(v.shape) for k, v in book.state_dict().items() if not k.endswith(".att.mask")}
+    return BaseCheckpoint(Path("gpt2-small-meta.safetensors"), state, cfg, "test", "0" * 64)
+
+
+@pytest.fixture(scope="module")
+def gpt2_small_base() -> BaseCheckpoint:
+    return meta_state_checkpoint(PRESETS["gpt2-small"])
+
+
+def test_gpt2_small_counts_blocks(gpt2_small_base: BaseCheckpoint) -> None:
+    spec = LoraSpec(rank=16, alpha=16, scaling="alpha", target_spec=["blocks"])
+    model = build_classifier(gpt2_small_base, num_classes=2, spec=spec, seed=123)
+    trainable, total, lora, head = count_parameters(model)
+    assert lora == 2_654_208
+    assert head == 1_538 == 768 * 2 + 2
+    assert trainable == 2_654_208 + 1_538
+    assert total == 124_439_808 + 1_538 + 2_654_208
+    assert spec.targets == block_linears(12)
+    assert len(lora_modules(model)) == 72
+    assert model.out_head.weight.requires_grad and model.out_head.bias.requires_grad
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (".lora." in name or name.startswith("out_head.")), name
+
+
+def test_gpt2_small_counts_all_linear(gpt2_small_base: BaseCheckpoint) -> None:
+    spec = LoraSpec(rank=16, alpha=16, scaling="alpha", target_spec=["all-linear"])
+    model = build_classifier(gpt2_small_base, num_classes=2, spec=spec, seed=123)
+    trainable, total, lora, head = count_parameters(model)
+    assert trainable == 2_666_528  # the book's number (appendix E)
+    assert lora == 2_654_208 + 768 * 16 + 16 * 2
+    assert head == 0
+    assert isinstance(model.out_head, LinearWithLoRA)
+    assert not model.out_head.linear.weight.requires_grad
+    assert not model.out_head.linear.bias.requires_grad
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (".lora." in name), name
+
+
+def test_gpt2_small_counts_match_book_procedure(gpt2_small_base: BaseCheckpoint) -> None:
+    """The book's own steps (new head, freeze everything, replace_linear_with_lora) count the same."""
+    with torch.device("meta"):
+        book = BookGPTModel(PRESETS["gpt2-small"].to_dict())
+        book.out_head = nn.Linear(768, 2)
+        for p in book.parameters():
+            p.requires_grad = False
+        appendix_e.replace_linear_with_lora(book, rank=16, alpha=16)
+    book_trainable = sum(p.numel() for p in book.parameters() if p.requires_grad)
+    spec = LoraSpec(rank=16, alpha=16, scaling="alpha", target_spec=["all-linear"])
+    model = build_classifier(gpt2_small_base, num_classes=2, spec=spec, seed=0)
+    assert count_parameters(model)[0] == book_trainable
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in book.parameters())
+
+
+def test_build_classifier_uses_base_weights_and_is_identity_at_init() -> None:
+    torch.manual_seed(0)
+    base_model = GPTModel(MICRO).eval()
+    state = base_model.state_dict()
+    base = BaseCheckpoint(Path("micro.safetensors"), state, MICRO, "test", "0" * 64)
+    model = build_classifier(base, num_classes=3, spec=LoraSpec(rank=4, alpha=8, target_spec=["blocks"]), seed=5).eval()
+    adapted = lora_modules(model)
+    ours = model.state_dict()
+    for k, v in state.items():
+        module, _, leaf = k.rpartition(".")
+        if module in adapted:
+            k = f"{module}.linear.{leaf}"
+        if not k.startswith("out_head."):
+            assert torch.equal(ours[k], v), k
+    for name, m in lora_modules(model).items():
+        torch.testing.assert_close(m.linear.weight, state[name + ".weight"], rtol=0, atol=0)
+    ids = torch.randint(0, 100, (2, 9))
+    last = torch.tensor([8, 4])
+    with torch.no_grad():
+        hidden = base_model.final_norm(base_model.trf_blocks(base_model.tok_emb(ids) + base_model.pos_emb(torch.arange(9))))
+        expected = model.out_head(hidden[torch.arange(2), last])
+        torch.testing.assert_close(model(ids, last), expected, rtol=0, atol=1e-5)
+    # same seed, same head and LoRA draws
+    again = build_classifier(base, num_classes=3, spec=LoraSpec(rank=4, alpha=8, target_spec=["blocks"]), seed=5)
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), again.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize("target_spec", [["all-linear"], ["blocks"]])
+def test_state_dict_names_match_book_replace_linear_with_lora(target_spec: list[str]) -> None:
+    cfg = MICRO
+    torch.manual_seed(0)
+    base = BaseCheckpoint(Path("micro.safetensors"), GPTModel(cfg).state_dict(), cfg, "test", "0" * 64)
+    ours = build_classifier(base, num_classes=2, spec=LoraSpec(rank=4, alpha=4, target_spec=target_spec), seed=0)
+
+    book = BookGPTModel(cfg.to_dict())
+    for p in book.parameters():
+        p.requires_grad = False
+    book.out_head = nn.Linear(cfg.emb_dim, 2)
+    if target_spec == ["all-linear"]:
+        appendix_e.replace_linear_with_lora(book, rank=4, alpha=4)
+    else:
+        appendix_e.replace_linear_with_lora(book.trf_blocks, rank=4, alpha=4)
+    book_state = {k: v.shape for k, v in book.state_dict().items() if not k.endswith(".att.mask")}
+    ours_state = {k: v.shape for k, v in ours.state_dict().items()}
+    assert list(ours_state) == list(book_state)
+    assert ours_state == book_state
+    assert any(".lora.A" in k for k in ours_state)
+    # a LoRA state_dict from one loads strictly into the other
+    book.load_state_dict({**ours.state_dict(), **{k: v for k, v in book.state_dict().items() if k.endswith(".att.mask")}})

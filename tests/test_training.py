@@ -1,0 +1,140 @@
+"""Training through the library API: a tiny model learns; the adapter reproduces the trained model."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_cli import adapter as adapter_io
+from lora_cli import training
+from lora_cli.checkpoint import load_base
+from lora_cli.data import Encoded, batches
+from lora_cli.errors import LoraCliError
+from lora_cli.recipe import TrainConfig
+
+POSITIVE = ["great", "lovely", "wonderful", "superb", "excellent"]
+NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
+FILLER = "the a movie film plot actor scene was is and it this very quite really story music ending".split()
+
+
+def write_task(path: Path, n: int, seed: int) -> None:
+    """A keyword task: the label says which word list the one sentiment word came from."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for _ in range(n):
+            label = rng.choice(["pos", "neg"])
+            words = rng.choices(FILLER, k=rng.randint(4, 14))
+            words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+            w.writerow([" ".join(words), label])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, micro_checkpoint: Path):
+    import os
+
+    os.environ.setdefault("LORA_CLI_BPE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2_bpe"))
+    root = tmp_path_factory.mktemp("task")
+    write_task(root / "train.csv", 800, seed=1)
+    write_task(root / "val.csv", 200, seed=2)
+    cfg = TrainConfig(model=str(micro_checkpoint), data=None, train=str(root / "train.csv"), val=str(root / "val.csv"),
+                      rank=8, alpha=16, epochs=8, batch_size=16, lr=3e-3, weight_decay=0.0, device="cpu")
+    s = training.setup(cfg, echo=lambda _: None)
+    result = training.train(s, root / "run", echo=lambda _: None, progress=False)
+    return s, result
+
+
+def test_tiny_model_learns_keyword_task(trained) -> None:
+    _, result = trained
+    final = result.history[-1]
+    assert final["val_accuracy"] >= 0.9, result.history  # chance is 0.5
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_only_lora_and_head_change(trained, micro_checkpoint: Path) -> None:
+    s, _ = trained
+    base = load_base(micro_checkpoint)
+    state = s.model.state_dict()
+    for name, value in base.state.items():
+        if name.startswith("out_head."):
+            continue
+        wrapped = name.replace(".weight", ".linear.weight").replace(".bias", ".linear.bias")
+        current = state.get(name, state.get(wrapped))
+        assert torch.equal(current, value.float()), name
+
+
+def test_adapter_reproduces_trained_model(trained, micro_checkpoint: Path) -> None:
+    s, result = trained
+    loaded = adapter_io.load_adapter(result.adapter_path)
+    assert loaded.labels.names == ["neg", "pos"]
+    model = adapter_io.model_with_adapter(load_base(micro_checkpoint), loaded)
+    s.model.eval()
+    batch = next(batches(Encoded(s.val.tokens[:32], None), 32))
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch.input_ids, batch.last_index), s.model(batch.input_ids, batch.last_index),
+                                   rtol=0, atol=1e-6)
+
+
+def test_adapter_refuses_mismatches(trained, micro_checkpoint: Path, tmp_path: Path) -> None:
+    from lora_cli.checkpoint import init_checkpoint, save_base
+    from lora_cli.config import ModelConfig
+
+    s, result = trained
+    loaded = adapter_io.load_adapter(result.adapter_path)
+    other = tmp_path / "other.safetensors"
+    save_base(other, init_checkpoint(s.base.config, seed=99), s.base.config)
+    with pytest.raises(LoraCliError, match="another base model"):
+        adapter_io.model_with_adapter(load_base(other), loaded)
+    adapter_io.model_with_adapter(load_base(other), loaded, force=True)  # --force skips only the fingerprint
+    wider = ModelConfig(**(s.base.config.to_dict() | {"emb_dim": 128}))
+    save_base(tmp_path / "wide.safetensors", init_checkpoint(wider, seed=0), wider)
+    with pytest.raises(LoraCliError, match="another shape"):
+        adapter_io.model_with_adapter(load_base(tmp_path / "wide.safetensors"), loaded, force=True)
+
+
+def test_adapter_file_errors(trained, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    _, result = trained
+    data = result.adapter_path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    loaded = adapter_io.load_adapter(result.adapter_path)
+    meta = loaded.metadata() | {"format_version": "99"}
+    save_file({k: v.contiguous() for k, v in loaded.tensors.items()}, str(tmp_path / "v99.safetensors"), metadata=meta)
+    meta = loaded.metadata() | {"lora": "{not json"}
+    save_file({k: v.contiguous() for k, v in loaded.tensors.items()}, str(tmp_path / "badmeta.safetensors"), metadata=meta)
+    for name, message in [("trunc", "not a readable adapter"), ("junk", "not a readable adapter"),
+                          ("plain", "not a lora-cli adapter"), ("v99", "format version"),
+                          ("badmeta", "damaged adapter metadata"), ("missing", "not found")]:
+        with pytest.raises(LoraCliError, match=message):
+            adapter_io.load_adapter(tmp_path / f"{name}.safetensors")
+
+
+def test_shape_mismatch_in_adapter_tensors(trained, micro_checkpoint: Path) -> None:
+    _, result = trained
+    loaded = adapter_io.load_adapter(result.adapter_path)
+    name = next(k for k in loaded.tensors if k.endswith(".lora.A"))
+    loaded.tensors[name] = torch.zeros(3, 3)
+    with pytest.raises(LoraCliError, match=name.replace(".", r"\.")):
+        adapter_io.model_with_adapter(load_base(micro_checkpoint), loaded)
+
+
+def test_same_seed_same_adapter(tmp_path: Path, micro_checkpoint: Path) -> None:
+    write_task(tmp_path / "train.csv", 64, seed=3)
+    write_task(tmp_path / "val.csv", 16, seed=4)
+    tensors = []
+    for run in ("a", "b"):
+        cfg = TrainConfig(model=str(micro_checkpoint), data=None, train=str(tmp_path / "train.csv"),
+                          val=str(tmp_path / "val.csv"), epochs=1, batch_size=8, device="cpu")
+        s = training.setup(cfg, echo=lambda _: None)
+        result = training.train(s, tmp_path / run, echo=lambda _: None, progress=False)
+        tensors.append(adapter_io.load_adapter(result.adapter_path).tensors)
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
