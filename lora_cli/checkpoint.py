@@ -32,6 +32,13 @@ class BaseCheckpoint:
     config_source: str
     fingerprint: str
 
+    def task_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) of a classification head saved with the base (the book's chapter 6), else None."""
+        weight = self.state.get("out_head.weight")
+        if weight is None or weight.shape[0] == self.config.vocab_size:
+            return None
+        return weight.float(), None if self.state.get("out_head.bias") is None else self.state["out_head.bias"].float()
+
 
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and (for safetensors) header metadata of a checkpoint file, on the CPU."""

@@ -22,6 +22,7 @@ class LoraSpec:
     target_spec: list[str] = field(default_factory=lambda: ["blocks"])
     targets: list[str] = field(default_factory=list)  # resolved module paths
     dropout: float = 0.0
+    head_bias: bool = True  # Hugging Face's GPT2ForSequenceClassification `score` has none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +43,13 @@ def build_classifier(
     backbone = {k: v.float() for k, v in base.state.items() if not k.startswith("out_head.")}
     model.load_state_dict(backbone, strict=False, assign=True)
     torch.manual_seed(seed)
-    model.out_head = nn.Linear(cfg.emb_dim, num_classes)
+    model.out_head = nn.Linear(cfg.emb_dim, num_classes, bias=spec.head_bias)
+    head = base.task_head()
+    if head is not None and head[0].shape[0] == num_classes:  # e.g. the book's chapter-6 classifier
+        with torch.no_grad():
+            model.out_head.weight.copy_(head[0])
+            if spec.head_bias and head[1] is not None:
+                model.out_head.bias.copy_(head[1])
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.out_head.parameters():

@@ -171,6 +171,9 @@ def train(
     scaling: Annotated[Optional[str], typer.Option(help="alpha-over-rank (alpha/r), alpha (the book's formula) or rslora.")] = None,
     targets: Annotated[Optional[str], typer.Option(help="blocks, all-linear, or comma-separated module patterns.")] = None,
     lora_dropout: Annotated[Optional[float], typer.Option(help="Dropout on the LoRA input. [0]")] = None,
+    head_bias: Annotated[
+        Optional[bool], typer.Option("--head-bias/--no-head-bias", help="Bias in the classification head (none: exportable to PEFT). [yes]")
+    ] = None,
     epochs: Annotated[Optional[int], typer.Option(help="[recipe: 5]")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (smoke tests).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="[recipe: 8]")] = None,
@@ -199,7 +202,7 @@ def train(
 
     overrides = dict(
         rank=rank, alpha=alpha, model=model, model_config=model_config, data=data, train=train_file, val=val_file,
-        text_column=text_column, label_column=label_column, scaling=scaling, lora_dropout=lora_dropout,
+        text_column=text_column, label_column=label_column, scaling=scaling, lora_dropout=lora_dropout, head_bias=head_bias,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_length=max_length, seed=seed,
         device=device, bpe_dir=bpe_dir,
         label_names=[n.strip() for n in label_names.split(",")] if label_names else None,

@@ -31,6 +31,7 @@ class TrainConfig:
     scaling: str = "alpha-over-rank"
     targets: list[str] = field(default_factory=lambda: ["blocks"])
     lora_dropout: float = 0.0
+    head_bias: bool = True
     epochs: int = 5
     max_steps: int | None = None
     batch_size: int = 8
@@ -110,10 +111,11 @@ def resolve(config_file: str | Path | None, overrides: dict[str, Any]) -> TrainC
 def _check_types(cfg: TrainConfig) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        expected = {"int": int, "float": (int, float), "str": str}.get(str(f.type).split(" ")[0])
+        kind = str(f.type).split(" ")[0]
+        expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(kind)
         if value is None or expected is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if isinstance(value, bool) != (kind == "bool") or not isinstance(value, expected):
             raise LoraCliError(f"recipe option {f.name!r} must be {str(f.type).split(' ')[0]}, got {value!r}")
     if isinstance(cfg.alpha, int):
         cfg.alpha = float(cfg.alpha)

@@ -78,8 +78,11 @@ def setup(cfg: TrainConfig, echo: Echo) -> Setup:
     train, val = encoded
     if len(train) < cfg.batch_size:
         raise LoraCliError(f"{train_path} has {len(train)} rows, fewer than one batch of {cfg.batch_size}; lower --batch-size")
-    spec = LoraSpec(cfg.rank, cfg.alpha, cfg.scaling, list(cfg.targets), [], cfg.lora_dropout)
+    spec = LoraSpec(cfg.rank, cfg.alpha, cfg.scaling, list(cfg.targets), [], cfg.lora_dropout, cfg.head_bias)
     model = build_classifier(base, len(labels.names), spec, cfg.seed, device)
+    if base.task_head() is not None:
+        echo(f"the base has a {base.task_head()[0].shape[0]}-class head; "
+             + ("training starts from it" if base.task_head()[0].shape[0] == len(labels.names) else "a new head replaces it"))
     return Setup(cfg, device, base, labels, train, val, spec, model, max_length)
 
 

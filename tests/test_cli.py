@@ -215,3 +215,10 @@ def test_help_for_every_command() -> None:
 def test_help_does_not_import_torch() -> None:
     code = "import sys; from lora_cli.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_no_head_bias_flag(workspace: Path) -> None:
+    args = ["train", "--model", str(workspace / "tiny.safetensors"), "--data", str(workspace / "data"), "--dry-run"]
+    with_bias = json.loads(runner.invoke(app, args).stdout.strip().splitlines()[-1])["parameters"]
+    without = json.loads(runner.invoke(app, [*args, "--no-head-bias"]).stdout.strip().splitlines()[-1])["parameters"]
+    assert with_bias["head"] - without["head"] == 2  # the two bias terms

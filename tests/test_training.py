@@ -138,3 +138,35 @@ def test_same_seed_same_adapter(tmp_path: Path, micro_checkpoint: Path) -> None:
         tensors.append(adapter_io.load_adapter(result.adapter_path).tensors)
     assert tensors[0].keys() == tensors[1].keys()
     assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+
+
+def test_book_chapter6_classifier_head_is_kept(micro_config, tmp_path: Path) -> None:
+    """A base saved after the book's chapter 6 (out_head with 2 rows) starts training from that head."""
+    from lora_cli.checkpoint import init_checkpoint
+    from lora_cli.classifier import LoraSpec, build_classifier
+
+    state = init_checkpoint(micro_config, seed=0)
+    state["out_head.weight"] = torch.randn(2, micro_config.emb_dim)
+    state["out_head.bias"] = torch.randn(2)
+    torch.save(state, tmp_path / "review_classifier.pth")
+    base = load_base(tmp_path / "review_classifier.pth", model_config=str(_config_file(micro_config, tmp_path)))
+    model = build_classifier(base, 2, LoraSpec(rank=2, alpha=2), seed=0)
+    assert torch.equal(model.out_head.weight, state["out_head.weight"])
+    assert torch.equal(model.out_head.bias, state["out_head.bias"])
+    three = build_classifier(base, 3, LoraSpec(rank=2, alpha=2), seed=0)  # other class count: a new head
+    assert three.out_head.weight.shape == (3, micro_config.emb_dim)
+
+
+def test_head_without_bias(micro_checkpoint: Path) -> None:
+    from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
+
+    base = load_base(micro_checkpoint)
+    model = build_classifier(base, 2, LoraSpec(rank=2, alpha=2, head_bias=False), seed=0)
+    assert model.out_head.bias is None
+    assert count_parameters(model)[3] == 2 * base.config.emb_dim
+
+
+def _config_file(cfg, tmp_path: Path) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json())
+    return path
