@@ -246,18 +246,24 @@ def _run_name(cfg: Any) -> str:
 # ---------------------------------------------------------------- eval / predict
 
 
-def _load_for_inference(adapter_path: Path, model: Optional[str], model_config: Optional[str], device: str, force: bool):
-    from lora_cli.adapter import load_adapter, model_with_adapter
+def _base_for(adapter: Any, model: Optional[str], model_config: Optional[str]) -> Any:
+    """The base checkpoint: --model, else the one the adapter was trained on."""
     from lora_cli.checkpoint import load_base
-    from lora_cli.device import resolve_device
     from lora_cli.paths import resolve_model
 
-    adapter = load_adapter(adapter_path)
     if model is None:
         model = adapter.training_config.get("model")
         if not model or not Path(model).exists() and "/" in model:
             raise LoraCliError(f"the adapter's base checkpoint ({model or 'not recorded'}) is not here; pass --model")
-    base = load_base(resolve_model(model), model_config)
+    return load_base(resolve_model(model), model_config)
+
+
+def _load_for_inference(adapter_path: Path, model: Optional[str], model_config: Optional[str], device: str, force: bool):
+    from lora_cli.adapter import load_adapter, model_with_adapter
+    from lora_cli.device import resolve_device
+
+    adapter = load_adapter(adapter_path)
+    base = _base_for(adapter, model, model_config)
     dev = resolve_device(device)
     return adapter, model_with_adapter(base, adapter, dev, force=force), dev
 
@@ -322,6 +328,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")] = None,
     force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
+    merge: Annotated[bool, typer.Option(help="Fold LoRA into the base weights first: no LoRA cost per token.")] = False,
 ) -> None:
     """Label and probability for each text.
 
@@ -345,6 +352,10 @@ def predict(
     if any(not t.strip() for t in items):
         raise LoraCliError("cannot classify an empty text")
     ad, net, dev = _load_for_inference(adapter, model, model_config, device, force)
+    if merge:
+        from lora_cli.merge import merge_lora
+
+        merge_lora(net)
     tokens, _ = encode_texts(get_tokenizer(bpe_dir), items, _max_length(ad, net))
     probs = torch.softmax(predict_logits(net, Encoded(tokens, None), batch_size, dev), dim=-1)
     best = probs.argmax(-1).tolist()
@@ -368,21 +379,89 @@ def predict(
 @handle_errors
 def export_adapter(
     source: Annotated[Path, typer.Argument(help="Run directory, training checkpoint (.pt) or adapter file.")],
-    out: Annotated[Path, typer.Option(help="Adapter file to write (.safetensors).")],
+    out: Annotated[Path, typer.Option(help="Adapter file to write (.safetensors); a directory with --format peft.")],
+    output_format: Annotated[str, typer.Option("--format", help="native (lora-cli) or peft (Hugging Face PEFT, GPT-2).")] = "native",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
 ) -> None:
-    """Write a standalone adapter file: LoRA factors and the task head, with metadata.
+    """Write a standalone adapter: LoRA factors and the task head, with metadata.
 
-    Example: lora-cli export-adapter runs/tiny --out spam-adapter.safetensors --dtype bfloat16
+    --format peft writes adapter_model.safetensors + adapter_config.json that
+    peft.PeftModel.from_pretrained(GPT2ForSequenceClassification(...), DIR) loads; the head must
+    have no bias (train with --no-head-bias), since Hugging Face's `score` has none.
+
+    Examples:
+      lora-cli export-adapter runs/tiny --out spam-adapter.safetensors --dtype bfloat16
+      lora-cli export-adapter runs/tiny --format peft --out spam-peft/
     """
     from lora_cli.adapter import load_adapter, save_adapter
 
-    refuse_overwrite(out, overwrite)
+    if output_format not in ("native", "peft"):
+        raise LoraCliError(f"--format must be native or peft, got {output_format!r}")
     adapter = load_adapter(source)
-    save_adapter(out, adapter, dtype)
     params = sum(t.numel() for t in adapter.tensors.values())
+    if output_format == "peft":
+        from lora_cli.peft_format import ADAPTER_WEIGHTS, export_peft
+
+        refuse_overwrite(out / ADAPTER_WEIGHTS, overwrite)
+        export_peft(adapter, out, dtype)
+        typer.echo(f"wrote {out}/: PEFT LoRA adapter for GPT2ForSequenceClassification, {dtype}")
+        return
+    refuse_overwrite(out, overwrite)
+    save_adapter(out, adapter, dtype)
     typer.echo(f"wrote {out}: {len(adapter.tensors)} tensors, {params:,} parameters, {dtype}, {out.stat().st_size / 1e6:.2f} MB")
+
+
+@app.command("import-adapter")
+@handle_errors
+def import_adapter(
+    source: Annotated[Path, typer.Argument(help="PEFT adapter directory (adapter_config.json + weights).")],
+    model: Annotated[str, typer.Option(help="The from-scratch base checkpoint (converted GPT-2) it belongs to.")],
+    out: Annotated[Path, typer.Option(help="lora-cli adapter file to write (.safetensors).")],
+    model_config: Annotated[Optional[str], typer.Option(help="Preset or JSON file, when the checkpoint does not say.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Turn a PEFT LoRA adapter for GPT-2 sequence classification into a lora-cli adapter (exact mappings only).
+
+    Example: lora-cli import-adapter spam-peft/ --model gpt2-small --out spam.safetensors
+    """
+    from lora_cli.adapter import save_adapter
+    from lora_cli.checkpoint import load_base
+    from lora_cli.paths import resolve_model
+    from lora_cli.peft_format import import_peft
+
+    refuse_overwrite(out, overwrite)
+    adapter = import_peft(source, load_base(resolve_model(model), model_config))
+    adapter.training_config = adapter.training_config | {"model": str(resolve_model(model).resolve())}
+    save_adapter(out, adapter)
+    typer.echo(f"wrote {out}: {len(adapter.spec.targets)} LoRA layers, classes {', '.join(adapter.labels.names)}")
+
+
+@app.command()
+@handle_errors
+def merge(
+    adapter: Annotated[Path, typer.Option(help="Adapter file, training checkpoint or run directory.")],
+    out: Annotated[Path, typer.Option(help="Merged checkpoint: a .safetensors file (native) or a directory (hf).")],
+    model: Annotated[Optional[str], typer.Option(help="Base checkpoint. [the one the adapter was trained on]")] = None,
+    model_config: Annotated[Optional[str], typer.Option(help="Preset or JSON file, when the checkpoint does not say.")] = None,
+    output_format: Annotated[str, typer.Option("--format", help="native (the book's layout) or hf (GPT2ForSequenceClassification).")] = "native",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (the merge itself is float32).")] = "float32",
+    force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Fold W + scale * (A @ B)^T into every adapted layer and write a full classifier checkpoint.
+
+    Examples:
+      lora-cli merge --adapter runs/tiny --out tiny-spam-merged.safetensors
+      lora-cli merge --adapter runs/tiny --format hf --out tiny-spam-hf/
+    """
+    from lora_cli.adapter import load_adapter
+    from lora_cli.merge import save_merged
+
+    refuse_overwrite(out / "model.safetensors" if output_format == "hf" else out, overwrite)
+    ad = load_adapter(adapter)
+    save_merged(out, _base_for(ad, model, model_config), ad, format=output_format, dtype=dtype, force=force)
+    typer.echo(f"wrote {out}: merged {len(ad.spec.targets)} LoRA layers ({output_format}, {dtype})")
 
 
 def main() -> None:

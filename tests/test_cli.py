@@ -222,3 +222,56 @@ def test_no_head_bias_flag(workspace: Path) -> None:
     with_bias = json.loads(runner.invoke(app, args).stdout.strip().splitlines()[-1])["parameters"]
     without = json.loads(runner.invoke(app, [*args, "--no-head-bias"]).stdout.strip().splitlines()[-1])["parameters"]
     assert with_bias["head"] - without["head"] == 2  # the two bias terms
+
+
+@pytest.fixture(scope="module")
+def no_bias_run(workspace: Path) -> Path:
+    run = workspace / "runs" / "nobias"
+    r = runner.invoke(app, ["train", "--model", str(workspace / "tiny.safetensors"), "--data", str(workspace / "data"),
+                            "--rank", "4", "--no-head-bias", "--max-steps", "5", "--out", str(run), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return run
+
+
+def _eval_json(workspace: Path, adapter: Path) -> dict:
+    r = runner.invoke(app, ["eval", "--adapter", str(adapter), "--data", str(workspace / "data"), "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_peft_export_import_round_trip(workspace: Path, no_bias_run: Path) -> None:
+    out = workspace / "peft-out"
+    r = runner.invoke(app, ["export-adapter", str(no_bias_run), "--format", "peft", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in out.iterdir()}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["modules_to_save"] == ["score"]
+    back = workspace / "imported.safetensors"
+    r = runner.invoke(app, ["import-adapter", str(out), "--model", str(workspace / "tiny.safetensors"), "--out", str(back)])
+    assert r.exit_code == 0, r.output
+    a, b = _eval_json(workspace, no_bias_run), _eval_json(workspace, back)
+    assert abs(a["loss"] - b["loss"]) < 1e-5 and a["accuracy"] == b["accuracy"]
+
+
+def test_peft_export_refuses_head_bias(workspace: Path) -> None:
+    r = runner.invoke(app, ["export-adapter", str(workspace / "runs" / "t"), "--format", "peft",
+                            "--out", str(workspace / "peft-bias")])
+    assert r.exit_code == 1 and "--no-head-bias" in r.output
+
+
+def test_merge_and_predict_merge(workspace: Path) -> None:
+    native = workspace / "merged.safetensors"
+    r = runner.invoke(app, ["merge", "--adapter", str(workspace / "runs" / "t"), "--out", str(native)])
+    assert r.exit_code == 0, r.output
+    from lora_cli.checkpoint import load_base
+
+    merged = load_base(native)
+    assert merged.task_head() is not None and not any(".lora." in k for k in merged.state)
+    texts = ["Free entry in a weekly competition! Text WIN now", "ok see you soon"]
+    args = ["predict", "--adapter", str(workspace / "runs" / "t"), *texts, "--format", "json"]
+    plain = json.loads(runner.invoke(app, args).stdout)
+    fused = json.loads(runner.invoke(app, [*args, "--merge"]).stdout)
+    for p, f in zip(plain, fused):
+        assert p["label"] == f["label"] and abs(p["probability"] - f["probability"]) < 1e-4
+    r = runner.invoke(app, ["merge", "--adapter", str(workspace / "runs" / "t"), "--out", str(native)])
+    assert r.exit_code == 1 and "--overwrite" in r.output

@@ -1,0 +1,186 @@
+"""Merge LoRA into the base weights: in place (merge/unmerge), as a plain model, or to disk.
+
+Every merge computes W + scale * (A @ B).T in float32, whatever the weight's dtype, and only
+then rounds to the weight's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lora_cli import __version__
+from lora_cli.adapter import DTYPES, Adapter, model_with_adapter
+from lora_cli.checkpoint import BASE_FORMAT, BaseCheckpoint
+from lora_cli.errors import LoraCliError
+from lora_cli.fileio import atomic_path, write_text
+from lora_cli.hf_gpt2 import BLOCK_LINEARS, config_to_hf, scratch_to_hf
+from lora_cli.lora import LinearWithLoRA
+from lora_cli.model import GPTModel
+
+FORMATS = ("native", "hf")
+HF_PAD_TOKEN_ID = 50256
+
+
+class MergedLinearWithLoRA(LinearWithLoRA):
+    """A LinearWithLoRA whose update is already inside `.linear.weight`: the branch is skipped.
+
+    `merge_lora` switches a module's class to this one and `unmerge_lora` switches it back, so
+    module identity, parameter names and `isinstance(m, LinearWithLoRA)` stay the same.
+    """
+
+    merged = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def lora_delta(module: LinearWithLoRA) -> torch.Tensor:
+    """scale * (A @ B).T in float32, shaped like `module.linear.weight` (out, in)."""
+    a, b = module.lora.A.detach().float(), module.lora.B.detach().float()
+    return (a @ b).T * float(module.lora.scale)
+
+
+def _loras(model: nn.Module) -> dict[str, LinearWithLoRA]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Add every LoRA update into its base weight and disable the branch (idempotent)."""
+    for module in _loras(model).values():
+        if isinstance(module, MergedLinearWithLoRA):
+            continue
+        w = module.linear.weight
+        w.copy_((w.float() + lora_delta(module).to(w.device)).to(w.dtype))
+        module.__class__ = MergedLinearWithLoRA
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> None:
+    """Subtract every merged update again (float32) and re-enable the branch.
+
+    Exact up to one rounding of the weight's dtype: W + d - d is not always W in floating point.
+    """
+    for module in _loras(model).values():
+        if not isinstance(module, MergedLinearWithLoRA):
+            continue
+        w = module.linear.weight
+        w.copy_((w.float() - lora_delta(module).to(w.device)).to(w.dtype))
+        module.__class__ = LinearWithLoRA
+
+
+@torch.no_grad()
+def fold_lora(model: nn.Module) -> nn.Module:
+    """Replace every LinearWithLoRA by a plain nn.Linear holding the merged weight (in place)."""
+    for name, module in _loras(model).items():
+        base = module.linear
+        w = base.weight
+        merged = w.float() if isinstance(module, MergedLinearWithLoRA) else w.float() + lora_delta(module).to(w.device)
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                           device=w.device, dtype=w.dtype)
+        linear.weight.copy_(merged.to(w.dtype))
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+        linear.weight.requires_grad_(False)
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, linear)
+    return model
+
+
+def merged_model(base: BaseCheckpoint, adapter: Adapter, force: bool = False) -> GPTModel:
+    """A plain GPTModel (float32, no LoRA modules) whose out_head is the adapter's task head."""
+    return fold_lora(model_with_adapter(base, adapter, force=force)).eval()
+
+
+def merged_state(base: BaseCheckpoint, adapter: Adapter, force: bool = False) -> dict[str, torch.Tensor]:
+    """The merged model's state_dict in the book's layout (float32; out_head = the task head)."""
+    return {k: v.detach().clone() for k, v in merged_model(base, adapter, force=force).state_dict().items()}
+
+
+def hf_classifier_state(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """GPT2ForSequenceClassification tensors from a book-layout classifier state.
+
+    A missing q/k/v bias (qkv_bias False) becomes zeros (HF's c_attn always has one); the head
+    becomes `score.weight`; a nonzero head bias is refused (HF's score has none).
+    """
+    state = dict(state)
+    for i in range(n_layers):
+        for name in BLOCK_LINEARS["attn.c_attn"]:
+            key = f"trf_blocks.{i}.{name}"
+            if f"{key}.bias" not in state:
+                w = state[f"{key}.weight"]
+                state[f"{key}.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
+    bias = state.get("out_head.bias")
+    if bias is not None and bool(torch.any(bias != 0)):
+        raise LoraCliError(
+            "the classification head has a bias, but Hugging Face's GPT2ForSequenceClassification "
+            "`score` layer has none; train the adapter with --no-head-bias to save it in HF format"
+        )
+    out = {f"transformer.{k}": v for k, v in scratch_to_hf(state, n_layers).items()}
+    out["score.weight"] = state["out_head.weight"]
+    return out
+
+
+def hf_classifier_config(adapter: Adapter, dtype: str = "float32") -> dict:
+    """config.json of a GPT2ForSequenceClassification for this adapter's base and labels."""
+    names = adapter.labels.names
+    cfg = config_to_hf(adapter.model_config)
+    cfg.update(
+        architectures=["GPT2ForSequenceClassification"],
+        num_labels=len(names),
+        id2label={str(i): n for i, n in enumerate(names)},
+        label2id={n: i for i, n in enumerate(names)},
+        pad_token_id=HF_PAD_TOKEN_ID,
+        dtype=dtype,
+    )
+    return cfg
+
+
+def save_merged(
+    path: str | Path, base: BaseCheckpoint, adapter: Adapter, format: str = "native",
+    dtype: str = "float32", force: bool = False,
+) -> None:
+    """Write the merged classifier.
+
+    native: one .safetensors file in the book's layout with lora-cli base metadata (model_config,
+    labels), loadable by `checkpoint.load_base` (its out_head is the task head).
+    hf: a directory with `model.safetensors` (GPT2ForSequenceClassification layout) and `config.json`.
+    """
+    from safetensors.torch import save_file
+
+    if format not in FORMATS:
+        raise LoraCliError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if dtype not in DTYPES:
+        raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = Path(path)
+    state = merged_state(base, adapter, force=force)
+    labels = json.dumps({"names": adapter.labels.names, "integer_ids": adapter.labels.integer_ids})
+    if format == "native":
+        if path.is_dir():
+            raise LoraCliError(f"{path} is a directory; native format writes one .safetensors file")
+        metadata = {
+            "format": BASE_FORMAT,
+            "model_config": base.config.to_json(),
+            "tool_version": __version__,
+            "labels": labels,
+            "merged_lora": json.dumps(adapter.spec.to_dict()),
+            "base_fingerprint": base.fingerprint,
+        }
+        tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return
+    if path.exists() and not path.is_dir():
+        raise LoraCliError(f"{path} exists and is not a directory; hf format writes a directory")
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_classifier_state(state, base.config.n_layers).items()}
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text(path / "config.json", json.dumps(hf_classifier_config(adapter, dtype), indent=2) + "\n")

@@ -1,0 +1,417 @@
+"""Hugging Face PEFT adapter directories: export ours, import theirs, both exactly.
+
+An exported directory loads with `peft.PeftModel.from_pretrained` on top of
+`transformers.GPT2ForSequenceClassification` (the base converted with `hf_gpt2.scratch_to_hf`,
+`pad_token_id` set) and gives the same logits as `adapter.model_with_adapter`.
+
+The mapping (book -> PEFT, per block i; PEFT's lora_A/lora_B are nn.Linear, weight (out, in)):
+
+* `att.out_proj` -> `attn.c_proj`, `ff.layers.0` -> `mlp.c_fc`, `ff.layers.2` -> `mlp.c_proj`:
+  `lora_A.weight = A.T` (r, in), `lora_B.weight = (scale * B).T` (out, r).
+* `att.W_query|W_key|W_value` -> the fused `attn.c_attn` (output = [q | k | v]) as ONE LoRA of
+  rank R = sum of the targeted parts' ranks: `lora_A.weight` = the parts' `A.T` stacked (R, in),
+  `lora_B.weight` (3d, R) block-diagonal: rows of q/k/v's output slice times that part's own
+  rank columns hold `(scale * B_part).T`, everything else is zero. So
+  x @ lora_A.T @ lora_B.T = [x A_q s B_q | x A_k s B_k | x A_v s B_v]: exact, and an untargeted
+  part (e.g. W_key with targets W_query,W_value) simply has a zero block.
+* Our scale (alpha/r, alpha or alpha/sqrt(r)) is folded into B; every PEFT module gets
+  `lora_alpha == r` (via `rank_pattern`/`alpha_pattern` with full-path escaped regex keys for
+  the fused c_attn) so PEFT's scaling alpha/r is exactly 1.0.
+* Conv1D layout: PEFT's LoRA branch is two nn.Linear on x whatever the base layer is;
+  `fan_in_fan_out: true` only tells PEFT how to merge into Conv1D's (in, out) weight.
+* `target_modules` lists full module paths (`transformer.h.0.attn.c_proj`), so attn.c_proj and
+  mlp.c_proj are never confused and per-layer subsets survive.
+* Head: HF's `score` is `Linear(n_embd, num_labels, bias=False)`, saved as a module to save
+  (key `base_model.model.score.weight`). A nonzero head bias cannot be expressed and is refused
+  (train with `--no-head-bias`); a zero bias is dropped. With all-linear targets the head's own
+  LoRA is merged into the saved score weight (W + scale * (A @ B).T, float32): exact.
+
+`import_peft` is the reverse where exact; see its docstring. peft itself is not needed here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_cli import __version__
+from lora_cli.adapter import DTYPES, Adapter
+from lora_cli.checkpoint import BaseCheckpoint
+from lora_cli.classifier import LoraSpec
+from lora_cli.data import LabelSet
+from lora_cli.errors import LoraCliError
+from lora_cli.fileio import atomic_path, write_text
+from lora_cli.hf_gpt2 import BLOCK_LINEARS
+from lora_cli.lora import lora_scale
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+METADATA_FILE = "lora_cli.json"
+EXPORT_FORMAT = "lora-cli-peft-export"
+PREFIX = "base_model.model."
+SCORE_KEY = PREFIX + "score.weight"
+
+_OURS_TO_HF = {ours: (hf, j) for hf, parts in BLOCK_LINEARS.items() for j, ours in enumerate(parts)}
+_OUR_LORA = re.compile(r"^trf_blocks\.(\d+)\.(.+)\.lora\.([AB])$")
+_PEFT_LORA = re.compile(
+    r"^base_model\.model\.(?:transformer\.)?h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+    r"\.lora_([AB])(?:\.default)?\.weight$"
+)
+_PEFT_SCORE = re.compile(r"^base_model\.model\.score(?:\.modules_to_save\.default)?\.weight$")
+# LoraConfig options whose effect lora-cli cannot reproduce: any truthy value is refused.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a bias on lora_B",
+    "use_qalora": "QA-LoRA",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "layer replication",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_bdlora": "BD-LoRA",
+}
+
+# Initialisations that rewrite the base weights (residual = base - initial LoRA): the saved
+# factors are relative to a base lora-cli does not have.
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "mica", "loftq", "lora_ga")
+
+
+# ---------------------------------------------------------------- export
+
+
+def _head_weight(adapter: Adapter) -> torch.Tensor:
+    """The effective (bias-free) head weight; refuses a nonzero bias."""
+    t = adapter.tensors
+    if "out_head.linear.weight" in t:  # all-linear: the head is a LinearWithLoRA
+        w, bias = t["out_head.linear.weight"].float(), t.get("out_head.linear.bias")
+        scale = lora_scale(adapter.spec.alpha, adapter.spec.rank, adapter.spec.scaling)
+        w = w + scale * (t["out_head.lora.A"].float() @ t["out_head.lora.B"].float()).T
+    elif "out_head.weight" in t:
+        w, bias = t["out_head.weight"].float(), t.get("out_head.bias")
+    else:
+        raise LoraCliError("the adapter has no classification head (out_head) tensors")
+    if bias is not None and bool(torch.any(bias != 0)):
+        raise LoraCliError(
+            "the adapter's classification head has a bias, but Hugging Face's "
+            "GPT2ForSequenceClassification `score` layer has none; train the adapter with "
+            "--no-head-bias to export it to PEFT"
+        )
+    return w
+
+
+def peft_tensors(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """PEFT state dict (float32) and the rank of each targeted HF module path."""
+    scale = lora_scale(adapter.spec.alpha, adapter.spec.rank, adapter.spec.scaling)
+    d = adapter.model_config.emb_dim
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, value in adapter.tensors.items():
+        if ".lora." not in name or name.startswith("out_head."):
+            continue
+        m = _OUR_LORA.match(name)
+        if not m or m.group(2) not in _OURS_TO_HF:
+            raise LoraCliError(f"adapter tensor {name} has no counterpart in Hugging Face GPT-2")
+        found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value.float()
+    if not found:
+        raise LoraCliError(
+            "the adapter has no LoRA layers inside the transformer blocks; a PEFT LoRA adapter "
+            "needs at least one (train with --targets blocks or all-linear)"
+        )
+    grouped: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for (layer, ours), ab in sorted(found.items()):
+        if set(ab) != {"A", "B"}:
+            raise LoraCliError(f"adapter layer trf_blocks.{layer}.{ours} lacks lora.A or lora.B")
+        hf, part = _OURS_TO_HF[ours]
+        grouped.setdefault((layer, hf), []).append((part, ab["A"], ab["B"] * scale))
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for (layer, hf), parts in sorted(grouped.items()):
+        parts.sort(key=lambda p: p[0])
+        path = f"transformer.h.{layer}.{hf}"
+        rank = sum(a.shape[1] for _, a, _ in parts)
+        lora_a = torch.cat([a.T for _, a, _ in parts], dim=0)  # (R, in)
+        if len(BLOCK_LINEARS[hf]) == 1:
+            lora_b = parts[0][2].T
+        else:
+            lora_b = torch.zeros(d * len(BLOCK_LINEARS[hf]), rank)
+            col = 0
+            for part, a, b in parts:
+                lora_b[part * d:(part + 1) * d, col:col + a.shape[1]] = b.T
+                col += a.shape[1]
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = lora_a.contiguous()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = lora_b.contiguous()
+        ranks[path] = rank
+    tensors[SCORE_KEY] = _head_weight(adapter).contiguous()
+    return tensors, ranks
+
+
+def peft_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
+    """adapter_config.json: every module has lora_alpha == r, so PEFT's scaling is 1."""
+    default = adapter.spec.rank
+    pattern = {re.escape(path): r for path, r in ranks.items() if r != default}
+    return {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": default,
+        "lora_alpha": default,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": list(ranks),
+        "exclude_modules": None,
+        "lora_dropout": float(adapter.spec.dropout),
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": ["score"],
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32") -> None:
+    """Write `adapter_model.safetensors`, `adapter_config.json` and `lora_cli.json` into out_dir."""
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LoraCliError(f"{out_dir} exists and is not a directory")
+    tensors, ranks = peft_tensors(adapter)
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_text(out_dir / ADAPTER_CONFIG, json.dumps(peft_config(adapter, ranks), indent=2) + "\n")
+    names = adapter.labels.names
+    meta = {
+        "format": EXPORT_FORMAT,
+        "format_version": 1,
+        "labels": {"names": names, "integer_ids": adapter.labels.integer_ids},
+        "id2label": {str(i): n for i, n in enumerate(names)},
+        "lora": adapter.spec.to_dict(),
+        "model_config": adapter.model_config.to_dict(),
+        "base_fingerprint": adapter.base_fingerprint,
+        "training_config": adapter.training_config,
+        "tool_version": __version__,
+    }
+    write_text(out_dir / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- import
+
+
+def _pattern_value(patterns: dict, key: str, default: float) -> float:
+    """PEFT's `get_pattern_key`: the first pattern that matches the end of the module path."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoraCliError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise LoraCliError(f"{path} must hold a JSON object")
+    return data
+
+
+def _read_weights(in_dir: Path) -> dict[str, torch.Tensor]:
+    st, binary = in_dir / ADAPTER_WEIGHTS, in_dir / "adapter_model.bin"
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise LoraCliError(f"{st} is not a readable safetensors file ({exc})") from exc
+    if binary.is_file():
+        try:
+            obj = torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means unusable
+            raise LoraCliError(f"{binary} is not a readable PyTorch state dict ({exc})") from exc
+        if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        raise LoraCliError(f"{binary} does not hold a state dict")
+    raise LoraCliError(f"{in_dir} has no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
+
+
+def _check_config(cfg: dict, source: Path) -> None:
+    if str(cfg.get("peft_type", "")).upper() != "LORA":
+        raise LoraCliError(f"{source}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be imported")
+    for option, what in _UNSUPPORTED_OPTIONS.items():
+        if cfg.get(option):
+            raise LoraCliError(f"{source}: the adapter uses {what} ({option}), which lora-cli cannot represent")
+    if cfg.get("bias", "none") != "none":
+        raise LoraCliError(
+            f"{source}: bias={cfg.get('bias')!r} trains the base model's biases, which a lora-cli "
+            "adapter cannot hold; only bias=\"none\" adapters can be imported"
+        )
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise LoraCliError(
+            f"{source}: init_lora_weights={init!r} also changes the base model's weights, so the "
+            "adapter is not relative to the original base; convert it to a plain LoRA first (PEFT's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    extra = set(cfg.get("modules_to_save") or []) - {"score", "classifier"}
+    if extra:
+        raise LoraCliError(
+            f"{source}: modules_to_save {sorted(extra)} are not the classification head; lora-cli "
+            "can only import LoRA on the block projections plus the `score` head"
+        )
+
+
+def _labels(in_dir: Path, num_labels: int) -> tuple[LabelSet, dict]:
+    meta_path, hf_path = in_dir / METADATA_FILE, in_dir / "config.json"
+    if meta_path.is_file():
+        meta = _read_json(meta_path)
+        try:
+            names = [str(n) for n in meta["labels"]["names"]]
+            integer_ids = bool(meta["labels"].get("integer_ids", False))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise LoraCliError(f"{meta_path}: damaged labels ({exc!r})") from exc
+        if len(names) != num_labels:
+            raise LoraCliError(f"{meta_path} names {len(names)} labels but the score head has {num_labels} rows")
+        training = meta.get("training_config") if isinstance(meta.get("training_config"), dict) else {}
+        return LabelSet(names, integer_ids), dict(training)
+    if hf_path.is_file():
+        id2label = _read_json(hf_path).get("id2label")
+        if isinstance(id2label, dict) and len(id2label) == num_labels:
+            try:
+                names = [str(id2label.get(str(i), id2label.get(i))) for i in range(num_labels)]
+            except (TypeError, ValueError):
+                names = []
+            if names and "None" not in names and len(set(names)) == num_labels:
+                return LabelSet(names), {}
+    return LabelSet([str(i) for i in range(num_labels)], integer_ids=True), {}
+
+
+def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
+    """A lora-cli Adapter equivalent to a PEFT LoRA adapter directory for GPT2ForSequenceClassification.
+
+    Exact construction: PEFT's scaling (lora_alpha/r or lora_alpha/sqrt(r) with rslora, per
+    module through rank_pattern/alpha_pattern) is folded into B; a c_attn LoRA is split into
+    W_query/W_key/W_value adapters that share A's rows and each take its third of B, keeping
+    only the rank columns that part uses (so our own export round-trips to the same ranks, and
+    a part whose B block is zero gets no adapter). Modules of smaller rank are zero-padded to
+    the largest rank; the spec is alpha-over-rank with alpha = rank (scale exactly 1). Labels
+    come from lora_cli.json, else config.json's id2label, else "0", "1", ....
+    Refused: anything but LoRA on c_attn/c_proj/c_fc + a `score` head (DoRA, bias!="none",
+    embeddings, LayerNorms, ...), and a directory without the head's weights.
+    """
+    in_dir = Path(in_dir)
+    if not in_dir.is_dir():
+        raise LoraCliError(f"{in_dir} is not a directory holding a PEFT adapter")
+    cfg_path = in_dir / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise LoraCliError(f"{in_dir} has no {ADAPTER_CONFIG}: not a PEFT adapter directory")
+    cfg = _read_json(cfg_path)
+    _check_config(cfg, cfg_path)
+    state = _read_weights(in_dir)
+    mc = base.config
+    d = mc.emb_dim
+
+    factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    score = None
+    unknown = []
+    for key, value in state.items():
+        if m := _PEFT_LORA.match(key):
+            factors.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value.float()
+        elif _PEFT_SCORE.match(key):
+            score = value.float()
+        else:
+            unknown.append(key)
+    if unknown:
+        raise LoraCliError(
+            f"{in_dir}: tensors lora-cli cannot map exactly: {', '.join(sorted(unknown)[:5])}"
+            + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            + " (only LoRA on attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj and the score head are supported)"
+        )
+    if score is None:
+        raise LoraCliError(
+            f"{in_dir}: the adapter does not hold the classification head (score.weight); without it "
+            "the head is random. Save it with modules_to_save=[\"score\"] (task_type SEQ_CLS does that)"
+        )
+    if score.ndim != 2 or score.shape[1] != d or score.shape[0] < 2:
+        raise LoraCliError(f"{in_dir}: score.weight has shape {tuple(score.shape)}, expected (num_labels>=2, {d})")
+    if not factors:
+        raise LoraCliError(f"{in_dir}: the adapter has no LoRA factors")
+
+    use_rslora = bool(cfg.get("use_rslora"))
+    pieces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # our module path -> (A (in, r), B (r, out)), scale folded
+    for (layer, hf), ab in sorted(factors.items()):
+        path = f"transformer.h.{layer}.{hf}"
+        if set(ab) != {"A", "B"}:
+            raise LoraCliError(f"{in_dir}: {path} lacks lora_A or lora_B")
+        if layer >= mc.n_layers:
+            raise LoraCliError(f"{in_dir}: {path} is beyond the base's {mc.n_layers} layers")
+        lora_a, lora_b = ab["A"], ab["B"]  # (R, in), (out, R)
+        ours = BLOCK_LINEARS[hf]
+        in_dim = 4 * d if hf == "mlp.c_proj" else d
+        out_dim = (4 * d if hf == "mlp.c_fc" else d) * len(ours)
+        rank = lora_a.shape[0]
+        if lora_a.shape != (rank, in_dim) or lora_b.shape != (out_dim, rank):
+            raise LoraCliError(
+                f"{in_dir}: {path} LoRA shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit "
+                f"the base (in {in_dim}, out {out_dim})"
+            )
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)))
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        a_full, b_full = lora_a.T, lora_b.T * scale  # (in, R), (R, out)
+        width = out_dim // len(ours)
+        blocks = [b_full[:, j * width:(j + 1) * width] for j in range(len(ours))]
+        used = [torch.any(b != 0, dim=1) for b in blocks]
+        if len(ours) > 1 and not any(bool(u.any()) for u in used):
+            used = [torch.ones(rank, dtype=torch.bool)] * len(ours)  # all-zero B: keep every part
+        for name, b, keep in zip(ours, blocks, used):
+            if len(ours) > 1 and not bool(keep.any()):
+                continue  # this part's output is untouched: no adapter on it
+            if len(ours) == 1:
+                keep = torch.ones(rank, dtype=torch.bool)
+            pieces[f"trf_blocks.{layer}.{name}"] = (a_full[:, keep].contiguous(), b[keep].contiguous())
+
+    order = {f"trf_blocks.{i}.{n}": (i, k) for i in range(mc.n_layers) for k, n in enumerate(
+        ["att.W_query", "att.W_key", "att.W_value", "att.out_proj", "ff.layers.0", "ff.layers.2"])}
+    targets = sorted(pieces, key=order.__getitem__)
+    rank = max(a.shape[1] for a, _ in pieces.values())
+    for name in targets:
+        a, b = pieces[name]
+        if rank > max(a.shape[0], b.shape[1]):
+            raise LoraCliError(f"{in_dir}: rank {rank} is too large for {name} ({a.shape[0]}x{b.shape[1]})")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in targets:
+        a, b = pieces[name]
+        r = a.shape[1]
+        a_pad = torch.zeros(a.shape[0], rank)
+        b_pad = torch.zeros(rank, b.shape[1])
+        a_pad[:, :r] = a
+        b_pad[:r] = b
+        tensors[f"{name}.lora.A"] = a_pad
+        tensors[f"{name}.lora.B"] = b_pad
+    tensors["out_head.weight"] = score.contiguous()
+
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+    if not 0.0 <= dropout < 1.0:
+        dropout = 0.0
+    spec = LoraSpec(
+        rank=rank, alpha=float(rank), scaling="alpha-over-rank", target_spec=list(targets),
+        targets=list(targets), dropout=dropout, head_bias=False,
+    )
+    labels, training = _labels(in_dir, score.shape[0])
+    training = dict(training)
+    training["imported_from_peft"] = str(in_dir)
+    return Adapter(tensors, spec, labels, mc, base.fingerprint, training, __version__)
