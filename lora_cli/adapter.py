@@ -71,11 +71,13 @@ def load_adapter(path: str | Path) -> Adapter:
     path = Path(path)
     if not path.exists():
         raise LoraCliError(f"adapter not found: {path}")
-    if path.is_dir():
-        found = [path / n for n in ("adapter.safetensors", "checkpoint.pt") if (path / n).is_file()]
-        if not found:
-            raise LoraCliError(f"{path} has no adapter.safetensors or checkpoint.pt; pass the adapter file")
-        path = found[0]
+    if path.is_dir():  # a run directory: its final adapter, else its newest training checkpoint
+        from lora_cli.run_dir import ADAPTER, latest_checkpoint
+
+        found = path / ADAPTER if (path / ADAPTER).is_file() else latest_checkpoint(path)
+        if found is None:
+            raise LoraCliError(f"{path} has no adapter.safetensors or checkpoints/step-*.pt; pass the adapter file")
+        path = found
     if path.suffix in (".pt", ".pth"):
         return _from_training_checkpoint(path)
     try:

@@ -185,7 +185,11 @@ def train(
     bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's encoder.json and vocab.bpe (offline).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML recipe; flags override its values.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory. [runs/NAME]")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Reuse an existing run directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start over in an existing run directory (its checkpoints are deleted).")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its newest checkpoint.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Also checkpoint every N steps (always: every epoch).")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep the newest K checkpoints. [3]")] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this value (logged).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Build everything, print the config and parameter counts, exit.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -197,6 +201,7 @@ def train(
     Examples:
       lora-cli train --rank 16 --alpha 16
       lora-cli train --model tiny.safetensors --data data/sms --epochs 2 --out runs/tiny
+      lora-cli train --resume runs/tiny
     """
     from lora_cli import recipe
 
@@ -204,16 +209,26 @@ def train(
         rank=rank, alpha=alpha, model=model, model_config=model_config, data=data, train=train_file, val=val_file,
         text_column=text_column, label_column=label_column, scaling=scaling, lora_dropout=lora_dropout, head_bias=head_bias,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_length=max_length, seed=seed,
-        device=device, bpe_dir=bpe_dir,
+        device=device, bpe_dir=bpe_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        grad_clip=grad_clip,
         label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
         targets=[t.strip() for t in targets.split(",")] if targets else None,
     )
     if train_file is not None and data is None:
         overrides["data"] = None
-    cfg = recipe.resolve(config, overrides)
-    run_dir = out or Path("runs") / _run_name(cfg)
-    if not dry_run and (run_dir / "config.yaml").exists() and not overwrite:
-        raise LoraCliError(f"run directory {run_dir} already holds a run; pass --overwrite or another --out")
+    if resume is not None:
+        given = sorted(k for k, v in overrides.items() if v is not None and k != "device")
+        if given or config is not None or out is not None or overwrite:
+            raise LoraCliError(f"--resume continues with the run's saved config.yaml; drop {', '.join(given) or '--config/--out/--overwrite'}")
+        if not (resume / "config.yaml").is_file():
+            raise LoraCliError(f"{resume} is not a run directory (no config.yaml)")
+        config, run_dir = resume / "config.yaml", resume
+        cfg = recipe.resolve(config, {"device": device})
+    else:
+        cfg = recipe.resolve(config, overrides)
+        run_dir = out or Path("runs") / _run_name(cfg)
+        if not dry_run and (run_dir / "config.yaml").exists() and not overwrite:
+            raise LoraCliError(f"run directory {run_dir} already holds a run; pass --resume {run_dir}, --overwrite or another --out")
 
     from lora_cli import training
 
@@ -229,7 +244,14 @@ def train(
         typer.echo(recipe.to_yaml(cfg), nl=False)
         typer.echo(json.dumps({"parameters": counts, "lora_layers": len(s.spec.targets)}))
         return
-    result = training.train(s, run_dir, echo, progress=not quiet and sys.stderr.isatty())
+    if overwrite:
+        training.clear_run(run_dir)
+    try:
+        result = training.train(s, run_dir, echo, progress=not quiet and sys.stderr.isatty(), resume=resume is not None)
+    except training.TrainingInterrupted as exc:
+        echo(f"stopped at step {exc.step}; checkpoint {exc.checkpoint}")
+        echo(f"resume with: lora-cli train --resume {run_dir}")
+        raise typer.Exit(128 + exc.signum) from None
     last = result.history[-1]
     typer.echo(
         f"done in {result.seconds:.1f}s: validation accuracy {last['val_accuracy']:.2%}, "

@@ -41,6 +41,9 @@ class TrainConfig:
     device: str = "auto"
     bpe_dir: str | None = None
     log_every: int = 10
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 3
+    grad_clip: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -57,6 +60,10 @@ class TrainConfig:
             (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
             (self.max_length is None or self.max_length >= 1, f"--max-length must be >= 1, got {self.max_length}"),
             (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}"),
+            (self.checkpoint_every is None or self.checkpoint_every >= 1,
+             f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
+            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.grad_clip is None or self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
         ]
         for ok, message in checks:

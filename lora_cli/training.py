@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lora_cli import __version__
+from lora_cli import run_dir as rd
 from lora_cli.adapter import Adapter, adapter_from_model, save_adapter
 from lora_cli.checkpoint import BaseCheckpoint, load_base
 from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
@@ -20,15 +21,13 @@ from lora_cli.data import Encoded, LabelSet, batches, encode_texts, epoch_order,
 from lora_cli.device import resolve_device
 from lora_cli.errors import LoraCliError
 from lora_cli.evaluation import classification_report, predict_logits
-from lora_cli.fileio import atomic_path, write_text
+from lora_cli.fileio import write_text
 from lora_cli.model import GPTModel
 from lora_cli.paths import resolve_data, resolve_model
 from lora_cli.recipe import TrainConfig, to_yaml
 from lora_cli.tokenizer import get_tokenizer
 
 Echo = Callable[[str], None]
-CHECKPOINT = "checkpoint.pt"
-ADAPTER = "adapter.safetensors"
 
 
 @dataclass
@@ -56,6 +55,26 @@ class RunResult:
     adapter_path: Path
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resumed run continues bit for bit."""
+
+    epoch: int = 1  # the epoch in progress (1-based)
+    batch: int = 0  # batches finished in this epoch
+    step: int = 0  # optimizer steps in all
+    seen: int = 0  # training examples seen in all
+    seconds: float = 0.0  # training time before this process
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; the step finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, checkpoint: Path, step: int) -> None:
+        super().__init__(f"interrupted by signal {signum} at step {step}")
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
 
 
 def setup(cfg: TrainConfig, echo: Echo) -> Setup:
@@ -91,73 +110,170 @@ def evaluate_split(model: GPTModel, data: Encoded, labels: LabelSet, batch_size:
     return {"loss": report.loss, "accuracy": report.accuracy}
 
 
-def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True) -> RunResult:
-    """Train for `cfg.epochs`; metrics go to metrics.jsonl, a checkpoint after every epoch, the adapter at the end."""
-    from tqdm import tqdm
+class _Accumulator:
+    """Running loss/accuracy kept on the device: no host sync per step."""
 
+    def __init__(self, device: torch.device, state: dict | None = None) -> None:
+        zero = lambda dtype: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
+        self.loss = zero(torch.float32) if state is None else state["loss"].to(device)
+        self.correct = zero(torch.long) if state is None else state["correct"].to(device)
+        self.count = 0 if state is None else int(state["count"])
+        self.grad_norm = zero(torch.float32) if state is None else state["grad_norm"].to(device)
+        self.first_bad = zero(torch.long) - 1 if state is None else state["first_bad"].to(device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, step: int, grad_norm: torch.Tensor | None) -> None:
+        n = len(y)
+        self.count += n
+        self.loss += loss.detach() * n
+        self.correct += (logits.argmax(-1) == y).sum()
+        if grad_norm is not None:
+            self.grad_norm = grad_norm.detach().float()
+        bad = ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+
+    def check_finite(self) -> None:
+        first_bad = int(self.first_bad.item())
+        if first_bad >= 0:
+            raise LoraCliError(
+                f"the training loss became NaN or infinite at step {first_bad}; try a lower --lr "
+                "(or --grad-clip 1.0); the last good checkpoint is kept in the run directory"
+            )
+
+    def state(self) -> dict:
+        return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "count": self.count,
+                "grad_norm": self.grad_norm.cpu(), "first_bad": self.first_bad.cpu()}
+
+    def summary(self) -> tuple[float, float]:
+        return self.loss.item() / self.count, self.correct.item() / self.count
+
+
+def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bool = False) -> RunResult:
+    """Train for `cfg.epochs`, with a checkpoint every epoch (and every `checkpoint_every` steps).
+
+    With `resume`, continue from the newest checkpoint in `run_dir` exactly where it stopped.
+    SIGINT/SIGTERM finish the current step, write a checkpoint and raise `TrainingInterrupted`.
+    """
     cfg, model, device = s.cfg, s.model, s.device
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", to_yaml(cfg))
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     torch.manual_seed(cfg.seed)  # dropout draws, if any
-    result = RunResult(run_dir, run_dir / ADAPTER)
+    state, acc = Progress(), _Accumulator(device)
+    if resume:
+        state, acc = _restore(s, run_dir, optimizer, echo)
+    else:
+        write_text(run_dir / rd.CONFIG, to_yaml(cfg))
+        write_text(run_dir / rd.METRICS, "")
+    stop = _StopFlag()
+    with stop:
+        result = _loop(s, run_dir, optimizer, state, acc, stop, echo, progress)
+    save_adapter(result.adapter_path, make_adapter(s))
+    return result
+
+
+def _loop(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, state: Progress, acc: _Accumulator,
+          stop: _StopFlag, echo: Echo, progress: bool) -> RunResult:
+    from tqdm import tqdm
+
+    cfg, model, device = s.cfg, s.model, s.device
     steps_per_epoch = len(s.train) // cfg.batch_size  # the last partial batch is dropped, as in the book
-    step = seen = 0
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        if cfg.max_steps is not None and step >= cfg.max_steps:
-            break
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
+    started = time.perf_counter() - state.seconds
+    epoch_started = time.perf_counter()
+
+    def checkpoint() -> Path:
+        state.seconds = time.perf_counter() - started
+        return save_training_checkpoint(run_dir, s, optimizer, state, acc, cfg.keep_checkpoints)
+
+    while state.epoch <= cfg.epochs and state.step < total_steps:
         model.train()
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        count = 0
-        bar = tqdm(
-            batches(s.train, cfg.batch_size, epoch_order(len(s.train), cfg.seed, epoch), drop_last=True),
-            total=min(steps_per_epoch, (cfg.max_steps or steps_per_epoch * epoch) - step), desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False,
-        )
+        order = epoch_order(len(s.train), cfg.seed, state.epoch)
+        remaining = order[state.batch * cfg.batch_size:]
+        bar = tqdm(batches(s.train, cfg.batch_size, remaining, drop_last=True),
+                   total=min(steps_per_epoch - state.batch, total_steps - state.step),
+                   desc=f"epoch {state.epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for batch in bar:
-            if cfg.max_steps is not None and step >= cfg.max_steps:
-                break
             ids, last, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.last_index, batch.labels))
             logits = model(ids, last)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
             optimizer.step()
-            step += 1
-            seen += len(y)
-            count += len(y)
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(-1) == y).sum()
-            if step % cfg.log_every == 0:  # the only host syncs inside an epoch
-                train_loss, train_acc = loss_sum.item() / count, correct.item() / count
-                if not math.isfinite(train_loss):
-                    raise LoraCliError(f"the loss became {train_loss} at step {step}; try a lower --lr")
-                bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}")
-                _append(metrics_path, {"event": "train", "epoch": epoch, "step": step, "examples_seen": seen,
-                                       "train_loss": train_loss, "train_accuracy": train_acc})
+            state.step += 1
+            state.batch += 1
+            state.seen += len(y)
+            acc.add(loss, logits, y, state.step, grad_norm)
+            if state.step % cfg.log_every == 0:  # the only host syncs inside an epoch
+                acc.check_finite()
+                loss_avg, acc_avg = acc.summary()
+                bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc_avg:.3f}")
+                record = {"event": "train", "epoch": state.epoch, "step": state.step, "examples_seen": state.seen,
+                          "train_loss": loss_avg, "train_accuracy": acc_avg}
+                if cfg.grad_clip:
+                    record["grad_norm"] = acc.grad_norm.item()
+                _append(run_dir / rd.METRICS, record)
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                acc.check_finite()
+                checkpoint()
+            if stop.signum is not None:
+                bar.close()
+                acc.check_finite()
+                raise TrainingInterrupted(stop.signum, checkpoint(), state.step)
+            if state.step >= total_steps:
+                break
         bar.close()
-        train_loss, train_acc = loss_sum.item() / count, correct.item() / count
-        if not math.isfinite(train_loss):
-            raise LoraCliError(f"the loss became {train_loss} in epoch {epoch}; try a lower --lr")
+        acc.check_finite()
+        train_loss, train_acc = acc.summary()
         val = evaluate_split(model, s.val, s.labels, cfg.batch_size, device)
-        epoch_seconds = time.perf_counter() - epoch_start
-        record = {"event": "epoch", "epoch": epoch, "step": step, "examples_seen": seen,
+        seconds = time.perf_counter() - epoch_started
+        record = {"event": "epoch", "epoch": state.epoch, "step": state.step, "examples_seen": state.seen,
                   "train_loss": train_loss, "train_accuracy": train_acc,
                   "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                  "epoch_seconds": epoch_seconds, "examples_per_second": count / epoch_seconds}
-        _append(metrics_path, record)
-        result.history.append(record)
-        echo(f"epoch {epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc {train_acc:.2%} | "
-             f"val loss {val['loss']:.4f} acc {val['accuracy']:.2%} | {epoch_seconds:.1f}s")
-        save_training_checkpoint(run_dir / CHECKPOINT, make_adapter(s), optimizer, epoch, step)
-    result.seconds = time.perf_counter() - start
-    save_adapter(result.adapter_path, make_adapter(s))
-    return result
+                  "epoch_seconds": seconds, "examples_per_second": acc.count / seconds}
+        _append(run_dir / rd.METRICS, record)
+        state.history.append(record)
+        echo(f"epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc {train_acc:.2%} | "
+             f"val loss {val['loss']:.4f} acc {val['accuracy']:.2%} | {seconds:.1f}s")
+        state.epoch, state.batch = state.epoch + 1, 0
+        acc = _Accumulator(device)
+        epoch_started = time.perf_counter()
+        checkpoint()
+        if stop.signum is not None:
+            raise TrainingInterrupted(stop.signum, rd.latest_checkpoint(run_dir), state.step)
+    return RunResult(run_dir, run_dir / rd.ADAPTER, state.history, time.perf_counter() - started)
+
+
+class _StopFlag:
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _StopFlag:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove a previous run's checkpoints and adapter (for --overwrite)."""
+    for path in rd.checkpoint_paths(run_dir):
+        path.unlink()
+    (run_dir / rd.ADAPTER).unlink(missing_ok=True)
 
 
 def make_adapter(s: Setup) -> Adapter:
@@ -170,15 +286,45 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def save_training_checkpoint(path: Path, adapter: Adapter, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
-    """Adapter tensors, metadata and optimizer state in a file `torch.load(weights_only=True)` reads."""
-    state = {
+def save_training_checkpoint(run_dir: Path, s: Setup, optimizer: torch.optim.Optimizer, state: Progress,
+                             acc: _Accumulator, keep: int) -> Path:
+    """Adapter, optimizer, RNG and loop state in a file `torch.load(weights_only=True)` reads."""
+    adapter = make_adapter(s)
+    payload = {
         "adapter_tensors": {k: v.contiguous() for k, v in adapter.tensors.items()},
         "adapter_metadata": adapter.metadata(),
         "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "tool_version": __version__,
+        "progress": {k: v for k, v in vars(state).items()},
+        "accumulator": acc.state(),
+        "rng": rd.rng_state(),
+        "data_order": epoch_order(len(s.train), s.cfg.seed, state.epoch),
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    return rd.save_checkpoint(run_dir, payload, state.step, keep)
+
+
+def _restore(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, echo: Echo) -> tuple[Progress, _Accumulator]:
+    path = rd.latest_checkpoint(run_dir)
+    if path is None:
+        raise LoraCliError(f"{run_dir} has no checkpoint to resume from (checkpoints/step-*.pt)")
+    ckpt = rd.load_checkpoint(path)
+    own = adapter_from_model(s.model, s.spec, s.labels, s.base, {}).tensors
+    if set(own) != set(ckpt["adapter_tensors"]):
+        raise LoraCliError(f"{path} does not fit this run's model; was config.yaml edited?")
+    with torch.no_grad():
+        params = dict(s.model.named_parameters())
+        for name, value in ckpt["adapter_tensors"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    rd.set_rng_state(ckpt["rng"])
+    state = Progress(**ckpt["progress"])
+    _truncate_metrics(run_dir / rd.METRICS, state.step)
+    echo(f"resuming {run_dir} from {path.name}: epoch {state.epoch}, step {state.step}")
+    return state, _Accumulator(s.device, ckpt.get("accumulator"))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint, so a resumed run's metrics match an uninterrupted one."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+    write_text(path, "".join(line + "\n" for line in keep))

@@ -13,6 +13,13 @@ SMS_FILE = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
 BPE_DIR = SHARED_DATA / "gpt2_bpe"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def offline_session_env(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same for module- and session-scoped fixtures, which run before function-scoped ones."""
+    os.environ["LORA_CLI_BPE_DIR"] = str(BPE_DIR)
+    os.environ["LORA_CLI_HOME"] = str(tmp_path_factory.mktemp("lora-cli-home"))
+
+
 @pytest.fixture(autouse=True)
 def offline_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Tests never touch the network or the user's cache: BPE files from ../shared, cache in tmp."""

@@ -29,8 +29,6 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def workspace(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> Path:
     """init + data sms-spam + a short train, shared by the tests of this module."""
     ws = tmp_path_factory.mktemp("ws")
-    env_bpe = str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt2_bpe")
-    os.environ.setdefault("LORA_CLI_BPE_DIR", env_bpe)
     r = cli("init", "--preset", "gpt2-tiny", "--out", "tiny.safetensors", cwd=ws)
     assert r.returncode == 0, r.stderr
     assert "gpt2-tiny" in r.stdout
@@ -46,7 +44,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> Path:
 
 def test_train_writes_run_directory(workspace: Path) -> None:
     run = workspace / "runs" / "t"
-    assert {p.name for p in run.iterdir()} >= {"adapter.safetensors", "checkpoint.pt", "config.yaml", "metrics.jsonl"}
+    assert {p.name for p in run.iterdir()} >= {"adapter.safetensors", "checkpoints", "config.yaml", "metrics.jsonl"}
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000000030.pt"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["event"] == "epoch"]
     assert len(epochs) == 1 and epochs[0]["step"] == 30 and epochs[0]["examples_seen"] == 240
@@ -109,7 +108,7 @@ def test_export_adapter_dtype(workspace: Path) -> None:
     assert r.returncode == 0, r.stderr
     with safe_open(str(workspace / "exp16.safetensors"), framework="pt") as f:
         assert all(str(f.get_tensor(k).dtype) == "torch.bfloat16" for k in f.keys())
-    r = cli("export-adapter", "runs/t/checkpoint.pt", "--out", "exp32.safetensors", cwd=workspace)
+    r = cli("export-adapter", "runs/t/checkpoints/step-000000030.pt", "--out", "exp32.safetensors", cwd=workspace)
     assert r.returncode == 0, r.stderr
     r = cli("export-adapter", "runs/t", "--out", "exp32.safetensors", cwd=workspace)
     assert r.returncode == 1 and "--overwrite" in r.stderr

@@ -36,9 +36,6 @@ def write_task(path: Path, n: int, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, micro_checkpoint: Path):
-    import os
-
-    os.environ.setdefault("LORA_CLI_BPE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2_bpe"))
     root = tmp_path_factory.mktemp("task")
     write_task(root / "train.csv", 800, seed=1)
     write_task(root / "val.csv", 200, seed=2)
