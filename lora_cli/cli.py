@@ -486,5 +486,36 @@ def merge(
     typer.echo(f"wrote {out}: merged {len(ad.spec.targets)} LoRA layers ({output_format}, {dtype})")
 
 
+@app.command()
+@handle_errors
+def info(
+    path: Annotated[Path, typer.Argument(help="Adapter, checkpoint (.safetensors/.pth), run directory or PEFT directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    tensors: Annotated[bool, typer.Option(help="List every tensor's name, dtype and shape.")] = False,
+) -> None:
+    """Format, metadata, parameter counts and tensors of a file lora-cli reads.
+
+    Example: lora-cli info runs/tiny/adapter.safetensors
+    """
+    from lora_cli.info import describe
+
+    data = describe(path)
+    listing = data.pop("tensor_list", None)
+    if tensors and listing is not None:
+        data["tensor_list"] = listing
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if key == "tensor_list":
+            continue
+        if key == "lora" and isinstance(value, dict) and isinstance(value.get("targets"), list):
+            value = value | {"targets": f"{len(value['targets'])} layers"}
+        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        typer.echo(f"{key:>16}: {text if key != 'parameters' else f'{value:,}'}")
+    if tensors and listing is not None:
+        print_table(["tensor", "dtype", "shape"], [[k, d, "x".join(map(str, s)) or "scalar"] for k, (d, s) in listing.items()])
+
+
 def main() -> None:
     app()

@@ -274,3 +274,25 @@ def test_merge_and_predict_merge(workspace: Path) -> None:
         assert p["label"] == f["label"] and abs(p["probability"] - f["probability"]) < 1e-4
     r = runner.invoke(app, ["merge", "--adapter", str(workspace / "runs" / "t"), "--out", str(native)])
     assert r.exit_code == 1 and "--overwrite" in r.output
+
+
+def test_info_describes_files(workspace: Path) -> None:
+    r = runner.invoke(app, ["info", str(workspace / "runs" / "t" / "adapter.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["kind"] == "lora-cli adapter" and data["parameters"] == 4 * 36_864 + 514
+    assert data["lora"]["rank"] == 8 and len(data["base_fingerprint"]) == 64
+    r = runner.invoke(app, ["info", str(workspace / "tiny.safetensors"), "--tensors"])
+    assert r.exit_code == 0 and "lora-cli checkpoint" in r.stdout and "trf_blocks.3.ff.layers.2.weight" in r.stdout
+    ckpt = next((workspace / "runs" / "t" / "checkpoints").glob("step-*.pt"))
+    data = json.loads(runner.invoke(app, ["info", str(ckpt), "--json"]).stdout)
+    assert data["kind"] == "lora-cli training checkpoint" and data["step"] == 30
+    bad = workspace / "junk.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    r = runner.invoke(app, ["info", str(bad)])
+    assert r.exit_code == 1 and "not a readable safetensors" in r.output
+
+
+def test_info_and_help_start_fast() -> None:
+    code = "import sys; sys.argv=['lora-cli','info','--help']; from lora_cli.cli import app; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -71,3 +71,9 @@ def test_bad_recipes(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(LoraCliError, match="not found"):
         recipe.resolve(tmp_path / "nope.yaml", {})
+
+
+def test_template_lists_every_option() -> None:
+    template = yaml.safe_load((CONFIGS / "template.yaml").read_text())
+    assert set(template) == {f.name for f in dataclasses.fields(recipe.TrainConfig)}
+    assert recipe.resolve(CONFIGS / "template.yaml", {}) == recipe.resolve(None, {})
