@@ -100,6 +100,8 @@ def _from_training_checkpoint(path: Path) -> Adapter:
 
 def adapter_from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str) -> Adapter:
     """Validate metadata and tensors read from an adapter or a training checkpoint."""
+    if not isinstance(meta, dict):
+        raise LoraCliError(f"{source} is not a lora-cli adapter (no metadata mapping)")
     if meta.get("format") != ADAPTER_FORMAT:
         raise LoraCliError(f"{source} is not a lora-cli adapter (metadata format={meta.get('format')!r})")
     if meta.get("format_version") != str(ADAPTER_VERSION):
@@ -107,19 +109,71 @@ def adapter_from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], s
             f"{source} has adapter format version {meta.get('format_version')!r}; this lora-cli "
             f"({__version__}) reads version {ADAPTER_VERSION}"
         )
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise LoraCliError(f"{source}: damaged adapter (its tensors are not a mapping of names to tensors)")
     try:
-        lora = json.loads(meta["lora"])
+        lora = _json_object(meta, "lora")
         spec = LoraSpec(**lora)
-        label_meta = json.loads(meta["labels"])
-        labels = LabelSet(list(label_meta["names"]), bool(label_meta["integer_ids"]))
-        cfg = ModelConfig.from_dict(json.loads(meta["model_config"]))
-        training = json.loads(meta.get("training_config", "{}"))
+        _check_spec(spec)
+        label_meta = _json_object(meta, "labels")
+        names, integer_ids = label_meta["names"], label_meta["integer_ids"]
+        if not isinstance(names, list) or not isinstance(integer_ids, bool):
+            raise ValueError("labels must hold a list of names and a boolean integer_ids")
+        labels = LabelSet(list(names), integer_ids)
+        cfg_meta = _json_object(meta, "model_config")
+        if not isinstance(cfg_meta.get("drop_rate", 0.0), (int, float)) or isinstance(cfg_meta.get("drop_rate"), bool):
+            raise ValueError(f"model_config drop_rate must be a number, got {cfg_meta.get('drop_rate')!r}")
+        if not isinstance(cfg_meta.get("qkv_bias", True), bool):
+            raise ValueError(f"model_config qkv_bias must be true or false, got {cfg_meta.get('qkv_bias')!r}")
+        cfg = ModelConfig.from_dict(cfg_meta)
+        training = _json_object(meta, "training_config", "{}")
+        if not isinstance(training.get("max_length"), (int, type(None))) or isinstance(training.get("max_length"), bool):
+            raise ValueError(f"training_config max_length must be an integer, got {training.get('max_length')!r}")
+        if not isinstance(training.get("model"), (str, type(None))):
+            raise ValueError(f"training_config model must be a path, got {training.get('model')!r}")
         fp = meta["base_fingerprint"]
-    except (KeyError, TypeError, ValueError) as exc:
+        if not isinstance(fp, str):
+            raise ValueError(f"base_fingerprint must be a string, got {fp!r}")
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise LoraCliError(f"{source}: damaged adapter metadata ({exc!r})") from exc
     if len(labels.names) < 2 or not all(isinstance(x, str) for x in labels.names):
         raise LoraCliError(f"{source}: damaged adapter metadata (labels must be a list of 2+ names)")
-    return Adapter(tensors, spec, labels, cfg, fp, training, meta.get("tool_version", "?"))
+    if len(set(labels.names)) != len(labels.names):
+        raise LoraCliError(f"{source}: damaged adapter metadata (duplicate label names {labels.names})")
+    return Adapter(tensors, spec, labels, cfg, fp, training, str(meta.get("tool_version", "?")))
+
+
+def _json_object(meta: dict, key: str, default: str | None = None) -> dict[str, Any]:
+    """A metadata entry that holds a JSON object (KeyError when missing, ValueError when not an object)."""
+    raw = meta[key] if default is None else meta.get(key, default)
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_spec(spec: LoraSpec) -> None:
+    """The types LoRA needs; stored metadata is not trusted (a JSON edit can put anything there)."""
+    import math
+
+    from lora_cli.lora import SCALINGS
+
+    if not isinstance(spec.rank, int) or isinstance(spec.rank, bool) or spec.rank < 1:
+        raise ValueError(f"lora rank must be a positive integer, got {spec.rank!r}")
+    for name in ("alpha", "dropout"):
+        value = getattr(spec, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"lora {name} must be a number, got {value!r}")
+    if spec.alpha <= 0 or not 0 <= spec.dropout < 1:
+        raise ValueError(f"lora alpha {spec.alpha!r} or dropout {spec.dropout!r} out of range")
+    if spec.scaling not in SCALINGS:
+        raise ValueError(f"lora scaling must be one of {', '.join(SCALINGS)}, got {spec.scaling!r}")
+    for name in ("target_spec", "targets"):
+        value = getattr(spec, name)
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise ValueError(f"lora {name} must be a list of module names, got {value!r}")
+    if not isinstance(spec.head_bias, bool):
+        raise ValueError(f"lora head_bias must be true or false, got {spec.head_bias!r}")
 
 
 def model_with_adapter(
@@ -138,7 +192,10 @@ def model_with_adapter(
             "to use it anyway"
         )
     spec = LoraSpec(**adapter.spec.to_dict())
-    model = build_classifier(base, len(adapter.labels.names), spec, seed=0)
+    try:
+        model = build_classifier(base, len(adapter.labels.names), spec, seed=0)
+    except AttributeError as exc:  # a target module path the model does not have (edited metadata)
+        raise LoraCliError(f"the adapter's LoRA targets do not fit the model ({exc})") from exc
     expected = adapter_tensors(model)
     missing = sorted(set(expected) - set(adapter.tensors))
     unexpected = sorted(set(adapter.tensors) - set(expected))

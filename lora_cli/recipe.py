@@ -100,9 +100,17 @@ def resolve(config_file: str | Path | None, overrides: dict[str, Any]) -> TrainC
     values = parse_recipe(builtin_recipe_text(), f"built-in {DEFAULT_RECIPE}")
     if config_file is not None:
         path = Path(config_file)
+        if path.is_dir():
+            raise LoraCliError(f"{path} is a directory; pass a YAML recipe file to --config")
         if not path.is_file():
             raise LoraCliError(f"config file not found: {path}")
-        values.update(parse_recipe(path.read_text(encoding="utf-8"), str(path)))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise LoraCliError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise LoraCliError(f"{path}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x}); save the file as UTF-8") from exc
+        values.update(parse_recipe(text, str(path)))
     values.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(values.get("targets"), str):
         values["targets"] = [values["targets"]]
@@ -120,6 +128,10 @@ def _check_types(cfg: TrainConfig) -> None:
         value = getattr(cfg, f.name)
         kind = str(f.type).split(" ")[0]
         expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(kind)
+        if value is not None and kind == "list[str]" and (
+            not isinstance(value, list) or not all(isinstance(x, str) for x in value)
+        ):
+            raise LoraCliError(f"recipe option {f.name!r} must be a list of strings, got {value!r}")
         if value is None or expected is None:
             continue
         if isinstance(value, bool) != (kind == "bool") or not isinstance(value, expected):

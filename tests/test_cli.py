@@ -293,6 +293,7 @@ def test_info_describes_files(workspace: Path) -> None:
     assert r.exit_code == 1 and "not a readable safetensors" in r.output
 
 
-def test_info_and_help_start_fast() -> None:
-    code = "import sys; sys.argv=['lora-cli','info','--help']; from lora_cli.cli import app; assert 'torch' not in sys.modules"
+def test_info_on_safetensors_does_not_import_torch(workspace: Path) -> None:
+    adapter = workspace / "runs" / "t" / "adapter.safetensors"
+    code = f"import sys; from lora_cli.info import describe; describe({str(adapter)!r}); assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
