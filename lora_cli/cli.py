@@ -125,6 +125,58 @@ def init(
     typer.echo(f"wrote {out}: {preset}, {params:,} parameters, seed {seed}")
 
 
+# ---------------------------------------------------------------- GPT-2 weights
+
+
+@app.command()
+@handle_errors
+def download(
+    name: Annotated[str, typer.Argument(help="gpt2-small, gpt2-medium, gpt2-large or gpt2-xl.")],
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the converted checkpoint. [the cache]")] = None,
+    source: Annotated[
+        Optional[str], typer.Option(help="URL of a model.safetensors, or a local Hugging Face directory/file (offline).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Download and convert again even if the file exists.")] = False,
+) -> None:
+    """Fetch OpenAI's GPT-2 weights from Hugging Face, verify them and convert them to the book's layout.
+
+    The download resumes where it stopped, is checked against the published size and SHA-256,
+    and lands in the cache ($LORA_CLI_HOME, else ~/.cache/lora-cli), so `--model gpt2-small` works.
+
+    Examples:
+      lora-cli download gpt2-small
+      lora-cli download gpt2-small --source ./gpt2-hf-dir --out gpt2-small.safetensors
+    """
+    import warnings
+
+    from lora_cli.gpt2 import download_gpt2
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = download_gpt2(name, out=out, source=source, progress=sys.stderr.isatty(), force=force)
+    for warning in caught:
+        echo(f"warning: {warning.message}")
+    typer.echo(f"{name}: {path}")
+
+
+@app.command()
+@handle_errors
+def convert(
+    source: Annotated[Path, typer.Argument(help="Hugging Face GPT-2 directory (model.safetensors or pytorch_model.bin) or file.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors) in the book's layout.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Convert a local Hugging Face GPT-2 checkpoint to the from-scratch GPTModel layout.
+
+    Example: lora-cli convert ./my-gpt2 --out my-gpt2.safetensors
+    """
+    from lora_cli.gpt2 import convert_hf
+
+    refuse_overwrite(out, overwrite)
+    path, cfg = convert_hf(source, out)
+    typer.echo(f"wrote {path}: {cfg.n_layers} layers, width {cfg.emb_dim}, {cfg.n_heads} heads, context {cfg.context_length}")
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -252,6 +304,12 @@ def train(
         echo(f"stopped at step {exc.step}; checkpoint {exc.checkpoint}")
         echo(f"resume with: lora-cli train --resume {run_dir}")
         raise typer.Exit(128 + exc.signum) from None
+    from lora_cli import plots
+
+    if plots.have_matplotlib():
+        plots.plot_runs([run_dir], run_dir / "curves.png")
+    else:
+        echo(f"no curves.png: {plots.HINT}")
     last = result.history[-1]
     typer.echo(
         f"done in {result.seconds:.1f}s: validation accuracy {last['val_accuracy']:.2%}, "
@@ -308,6 +366,7 @@ def evaluate(
     bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")] = None,
     force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Also write the confusion matrix as a PNG image.")] = None,
 ) -> None:
     """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix.
 
@@ -326,6 +385,10 @@ def evaluate(
         echo(f"warning: {truncated} texts truncated to {_max_length(ad, net)} tokens")
     labels = ad.labels.encode(table.labels, str(data))
     report = classification_report(predict_logits(net, Encoded(tokens, None), batch_size, dev), labels, ad.labels.names)
+    if plot is not None:
+        from lora_cli.plots import plot_confusion
+
+        plot_confusion(report.confusion, report.names, plot, f"{data.name}: accuracy {report.accuracy:.2%}")
     if as_json:
         typer.echo(json.dumps(report.to_dict() | {"data": str(data)}, indent=2))
         return
@@ -484,6 +547,22 @@ def merge(
     ad = load_adapter(adapter)
     save_merged(out, _base_for(ad, model, model_config), ad, format=output_format, dtype=dtype, force=force)
     typer.echo(f"wrote {out}: merged {len(ad.spec.targets)} LoRA layers ({output_format}, {dtype})")
+
+
+@app.command()
+@handle_errors
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories to overlay.")],
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("curves.png"),
+) -> None:
+    """Training and validation loss and accuracy over examples seen, one or more runs overlaid.
+
+    Example: lora-cli plot runs/tiny runs/small --out compare.png
+    """
+    from lora_cli.plots import plot_runs
+
+    plot_runs(runs, out)
+    typer.echo(f"wrote {out}")
 
 
 @app.command()

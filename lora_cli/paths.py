@@ -34,8 +34,8 @@ def resolve_model(model: str) -> Path:
         if cached.is_file():
             return cached
         raise LoraCliError(
-            f"no pretrained weights for {model!r} in the cache ({cached}). Convert GPT-2 weights you have "
-            f"there, or pass --model CHECKPOINT; to try lora-cli offline, create a random model with "
+            f"no pretrained weights for {model!r} in the cache ({cached}). Run `lora-cli download {model}` "
+            f"(needs internet), or pass --model CHECKPOINT; to try lora-cli offline, create a random model with "
             f"`lora-cli init --preset gpt2-tiny --out tiny.safetensors` and pass --model tiny.safetensors"
         )
     raise LoraCliError(f"model checkpoint not found: {path}")

@@ -120,12 +120,19 @@ class _Accumulator:
         self.count = 0 if state is None else int(state["count"])
         self.grad_norm = zero(torch.float32) if state is None else state["grad_norm"].to(device)
         self.first_bad = zero(torch.long) - 1 if state is None else state["first_bad"].to(device)
+        # the same sums since the last log record, so logged curves are not epoch-cumulative
+        self.window = [zero(torch.float32), zero(torch.long), 0] if state is None else [
+            state["window_loss"].to(device), state["window_correct"].to(device), int(state["window_count"])]
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, step: int, grad_norm: torch.Tensor | None) -> None:
         n = len(y)
         self.count += n
         self.loss += loss.detach() * n
-        self.correct += (logits.argmax(-1) == y).sum()
+        right = (logits.argmax(-1) == y).sum()
+        self.correct += right
+        self.window[0] += loss.detach() * n
+        self.window[1] += right
+        self.window[2] += n
         if grad_norm is not None:
             self.grad_norm = grad_norm.detach().float()
         bad = ~torch.isfinite(loss.detach())
@@ -141,10 +148,20 @@ class _Accumulator:
 
     def state(self) -> dict:
         return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "count": self.count,
-                "grad_norm": self.grad_norm.cpu(), "first_bad": self.first_bad.cpu()}
+                "grad_norm": self.grad_norm.cpu(), "first_bad": self.first_bad.cpu(),
+                "window_loss": self.window[0].cpu(), "window_correct": self.window[1].cpu(),
+                "window_count": self.window[2]}
 
     def summary(self) -> tuple[float, float]:
+        """Loss and accuracy over the epoch so far."""
         return self.loss.item() / self.count, self.correct.item() / self.count
+
+    def take_window(self) -> tuple[float, float]:
+        """Loss and accuracy since the previous call."""
+        loss, correct, count = self.window
+        result = loss.item() / count, correct.item() / count
+        self.window = [torch.zeros_like(loss), torch.zeros_like(correct), 0]
+        return result
 
 
 def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bool = False) -> RunResult:
@@ -206,7 +223,7 @@ def _loop(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, state: Prog
             acc.add(loss, logits, y, state.step, grad_norm)
             if state.step % cfg.log_every == 0:  # the only host syncs inside an epoch
                 acc.check_finite()
-                loss_avg, acc_avg = acc.summary()
+                loss_avg, acc_avg = acc.take_window()
                 bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc_avg:.3f}")
                 record = {"event": "train", "epoch": state.epoch, "step": state.step, "examples_seen": state.seen,
                           "train_loss": loss_avg, "train_accuracy": acc_avg}
