@@ -297,3 +297,29 @@ def test_info_on_safetensors_does_not_import_torch(workspace: Path) -> None:
     adapter = workspace / "runs" / "t" / "adapter.safetensors"
     code = f"import sys; from lora_cli.info import describe; describe({str(adapter)!r}); assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_plots(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    png = b"\x89PNG\r\n\x1a\n"
+    assert (workspace / "runs" / "t" / "curves.png").read_bytes().startswith(png)  # written after training
+    out = workspace / "overlay.png"
+    r = runner.invoke(app, ["plot", str(workspace / "runs" / "t"), str(workspace / "runs" / "t"), "--out", str(out)])
+    assert r.exit_code == 0 and out.read_bytes().startswith(png), r.output
+    cm = workspace / "cm.png"
+    r = runner.invoke(app, ["eval", "--adapter", str(workspace / "runs" / "t"), "--data", str(workspace / "data"),
+                            "--plot", str(cm)])
+    assert r.exit_code == 0 and cm.read_bytes().startswith(png), r.output
+    r = runner.invoke(app, ["plot", str(workspace / "data"), "--out", str(workspace / "x.png")])
+    assert r.exit_code == 1 and "metrics.jsonl" in r.output
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    r = runner.invoke(app, ["plot", str(workspace / "runs" / "t"), "--out", str(workspace / "y.png")])
+    assert r.exit_code == 1 and "pip install 'lora-cli[plot]'" in r.output
