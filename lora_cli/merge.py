@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,8 +55,7 @@ def merge_lora(model: nn.Module) -> None:
     for module in _loras(model).values():
         if isinstance(module, MergedLinearWithLoRA):
             continue
-        w = module.linear.weight
-        w.copy_((w.float() + lora_delta(module).to(w.device)).to(w.dtype))
+        _set_weight(module, lambda w: w.float() + lora_delta(module).to(w.device))
         module.__class__ = MergedLinearWithLoRA
 
 
@@ -68,9 +68,14 @@ def unmerge_lora(model: nn.Module) -> None:
     for module in _loras(model).values():
         if not isinstance(module, MergedLinearWithLoRA):
             continue
-        w = module.linear.weight
-        w.copy_((w.float() - lora_delta(module).to(w.device)).to(w.dtype))
+        _set_weight(module, lambda w: w.float() - lora_delta(module).to(w.device))
         module.__class__ = LinearWithLoRA
+
+
+def _set_weight(module: LinearWithLoRA, update: Any) -> None:
+    """Give the layer a new weight tensor: the old one may be shared with the loaded base checkpoint."""
+    w = module.linear.weight
+    module.linear.weight = nn.Parameter(update(w).to(w.dtype), requires_grad=False)
 
 
 @torch.no_grad()

@@ -156,3 +156,13 @@ def test_save_merged_hf_refuses_head_bias(base, tmp_path):
         save_merged(tmp_path / "hf", base, adapter, format="hf")
     with pytest.raises(LoraCliError, match="format"):
         save_merged(tmp_path / "x", base, adapter, format="gguf")
+
+
+def test_in_process_merge_leaves_the_loaded_base_untouched(base):
+    """The model shares tensors with the loaded checkpoint; merging must not write into them."""
+    from lora_cli.merge import merge_lora
+
+    before = {k: v.clone() for k, v in base.state.items()}
+    model = model_with_adapter(base, trained_adapter(base, "blocks"))
+    merge_lora(model)
+    assert all(torch.equal(base.state[k], v) for k, v in before.items())
