@@ -6,6 +6,7 @@ Only typer is imported at module level; torch and friends load inside the comman
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -59,6 +60,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
+        except OSError as exc:  # the disk, permissions, a vanished file: the environment, not a bug
+            if _state["debug"]:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            if exc.errno == errno.ENOSPC:
+                raise fail(f"the disk is full{where}; free some space and run again (earlier outputs are intact)") from None
+            raise fail(f"{exc.strerror or exc}{where}") from None
         except Exception as exc:  # out of memory is the one runtime error a user can fix by flags
             if "out of memory" in str(exc).lower() and not _state["debug"]:
                 raise fail("out of memory: lower --batch-size or --max-length, or use a smaller model") from None
