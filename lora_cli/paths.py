@@ -50,6 +50,8 @@ def resolve_data(data: str | None, train: str | None, val: str | None) -> tuple[
     directory = Path(data)
     if not directory.exists() and data == "sms-spam":
         directory = _sms_spam_cache()
+    if directory.is_file():
+        raise LoraCliError(f"--data {directory} is a file, not a data directory; pass --train FILE --val FILE for files")
     if not directory.is_dir():
         raise LoraCliError(f"data directory not found: {directory} (expected train.csv and validation.csv in it)")
     found = [_find_split(directory, n) for n in (("train",), ("validation", "val"))]
