@@ -251,6 +251,7 @@ def train(
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep the newest K checkpoints. [3]")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this value (logged).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Build everything, print the config and parameter counts, exit.")] = False,
+    print_config: Annotated[bool, typer.Option(help="Print the resolved recipe (YAML) and exit; loads nothing.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Train a LoRA adapter for text classification.
@@ -287,6 +288,9 @@ def train(
     else:
         cfg = recipe.resolve(config, overrides)
         run_dir = out or Path("runs") / _run_name(cfg)
+        if print_config:
+            typer.echo(recipe.to_yaml(cfg), nl=False)
+            return
         if not dry_run and (run_dir / "config.yaml").exists() and not overwrite:
             raise LoraCliError(f"run directory {run_dir} already holds a run; pass --resume {run_dir}, --overwrite or another --out")
 
@@ -318,10 +322,15 @@ def train(
         plots.plot_runs([run_dir], run_dir / "curves.png")
     else:
         echo(f"no curves.png: {plots.HINT}")
+    best = max(result.history, key=lambda r: r["val_accuracy"])
     last = result.history[-1]
+    adapter_mb = result.adapter_path.stat().st_size / 1e6
+    base_mb = s.base.path.stat().st_size / 1e6
+    seen = last["examples_seen"]
     typer.echo(
-        f"done in {result.seconds:.1f}s: validation accuracy {last['val_accuracy']:.2%}, "
-        f"adapter {result.adapter_path} ({result.adapter_path.stat().st_size / 1e6:.1f} MB)"
+        f"done in {result.seconds:.1f}s ({seen / result.seconds:.0f} examples/s): validation accuracy "
+        f"{last['val_accuracy']:.2%} after epoch {last['epoch']}, best {best['val_accuracy']:.2%} (epoch {best['epoch']})\n"
+        f"adapter {result.adapter_path}: {adapter_mb:.1f} MB, {adapter_mb / base_mb:.1%} of the base checkpoint ({base_mb:.0f} MB)"
     )
 
 

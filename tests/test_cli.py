@@ -323,3 +323,14 @@ def test_plots(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     r = runner.invoke(app, ["plot", str(workspace / "runs" / "t"), "--out", str(workspace / "y.png")])
     assert r.exit_code == 1 and "pip install 'lora-cli[plot]'" in r.output
+
+
+def test_print_config_precedence(tmp_path: Path) -> None:
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("rank: 4\nepochs: 2\n")
+    r = runner.invoke(app, ["train", "--config", str(recipe_file), "--epochs", "7", "--print-config"])
+    assert r.exit_code == 0, r.output
+    import yaml
+
+    resolved = yaml.safe_load(r.stdout)
+    assert (resolved["rank"], resolved["epochs"], resolved["batch_size"]) == (4, 7, 8)
