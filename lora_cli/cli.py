@@ -237,6 +237,9 @@ def train(
     epochs: Annotated[Optional[int], typer.Option(help="[recipe: 5]")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (smoke tests).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="[recipe: 8]")] = None,
+    bucket_by_length: Annotated[
+        Optional[bool], typer.Option("--bucket-by-length/--no-bucket-by-length", help="Batch texts of similar length together (less padding). [no]")
+    ] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate. [recipe: 8e-4]")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [recipe: 0.1]")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens. [model context]")] = None,
@@ -269,7 +272,7 @@ def train(
     overrides = dict(
         rank=rank, alpha=alpha, model=model, model_config=model_config, data=data, train=train_file, val=val_file,
         text_column=text_column, label_column=label_column, scaling=scaling, lora_dropout=lora_dropout, head_bias=head_bias,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, max_length=max_length, seed=seed,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, bucket_by_length=bucket_by_length, lr=lr, weight_decay=weight_decay, max_length=max_length, seed=seed,
         device=device, bpe_dir=bpe_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
         grad_clip=grad_clip,
         label_names=[n.strip() for n in label_names.split(",")] if label_names else None,

@@ -265,3 +265,25 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=gen).tolist()
+
+
+def bucketed_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket_batches: int = 32) -> list[int]:
+    """A shuffled order whose batches hold texts of similar length, so per-batch padding stays small.
+
+    The epoch's shuffled order is cut into chunks of `bucket_batches` batches, each chunk is sorted
+    by length and cut into batches, and the batches are shuffled; the one incomplete batch (if any)
+    goes last so that `drop_last` drops it. Training stays random: which texts share a chunk, and
+    the batch order, change every epoch.
+    """
+    import torch
+
+    order = epoch_order(len(lengths), seed, epoch)
+    chunk = batch_size * bucket_batches
+    full, partial = [], []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
+        for j in range(0, len(part), batch_size):
+            (full if len(part[j : j + batch_size]) == batch_size else partial).append(part[j : j + batch_size])
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=gen).tolist()]
+    return [i for batch in shuffled + partial for i in batch]

@@ -35,6 +35,7 @@ class TrainConfig:
     epochs: int = 5
     max_steps: int | None = None
     batch_size: int = 8
+    bucket_by_length: bool = False
     lr: float = 8e-4
     weight_decay: float = 0.1
     seed: int = 123

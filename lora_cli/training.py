@@ -17,7 +17,7 @@ from lora_cli import run_dir as rd
 from lora_cli.adapter import Adapter, adapter_from_model, save_adapter
 from lora_cli.checkpoint import BaseCheckpoint, load_base
 from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
-from lora_cli.data import Encoded, LabelSet, batches, encode_texts, epoch_order, read_table
+from lora_cli.data import Encoded, LabelSet, batches, bucketed_order, encode_texts, epoch_order, read_table
 from lora_cli.device import resolve_device
 from lora_cli.errors import LoraCliError
 from lora_cli.evaluation import classification_report, predict_logits
@@ -204,7 +204,7 @@ def _loop(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, state: Prog
 
     while state.epoch <= cfg.epochs and state.step < total_steps:
         model.train()
-        order = epoch_order(len(s.train), cfg.seed, state.epoch)
+        order = training_order(s, state.epoch)
         remaining = order[state.batch * cfg.batch_size:]
         bar = tqdm(batches(s.train, cfg.batch_size, remaining, drop_last=True),
                    total=min(steps_per_epoch - state.batch, total_steps - state.step),
@@ -286,6 +286,13 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def training_order(s: Setup, epoch: int) -> list[int]:
+    """The epoch's example order: shuffled, and length-bucketed with --bucket-by-length."""
+    if s.cfg.bucket_by_length:
+        return bucketed_order([len(t) for t in s.train.tokens], s.cfg.batch_size, s.cfg.seed, epoch)
+    return epoch_order(len(s.train), s.cfg.seed, epoch)
+
+
 def clear_run(run_dir: Path) -> None:
     """Remove a previous run's checkpoints and adapter (for --overwrite)."""
     for path in rd.checkpoint_paths(run_dir):
@@ -314,7 +321,7 @@ def save_training_checkpoint(run_dir: Path, s: Setup, optimizer: torch.optim.Opt
         "progress": {k: v for k, v in vars(state).items()},
         "accumulator": acc.state(),
         "rng": rd.rng_state(),
-        "data_order": epoch_order(len(s.train), s.cfg.seed, state.epoch),
+        "data_order": training_order(s, state.epoch),
     }
     return rd.save_checkpoint(run_dir, payload, state.step, keep)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import csv
 import io
 import json
@@ -667,3 +668,20 @@ def test_odd_tables_round_trip_or_clear_error(tmp_path_factory: pytest.TempPathF
         assert table is not None
         assert table.texts == expected
         assert table.labels == [lab for _, lab in rows]
+
+
+def test_bucketed_order_is_a_permutation_with_less_padding() -> None:
+    from lora_cli.data import bucketed_order, epoch_order
+
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 120) for _ in range(1045)]
+    order = bucketed_order(lengths, 8, seed=123, epoch=1)
+    assert sorted(order) == list(range(1045))
+    assert order == bucketed_order(lengths, 8, seed=123, epoch=1)
+    assert order != bucketed_order(lengths, 8, seed=123, epoch=2)
+
+    def padded(order: list[int]) -> int:
+        full = order[: len(order) - len(order) % 8]
+        return sum(8 * max(lengths[i] for i in full[j : j + 8]) for j in range(0, len(full), 8))
+
+    assert padded(order) < 0.6 * padded(epoch_order(1045, 123, 1))

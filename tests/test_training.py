@@ -167,3 +167,14 @@ def _config_file(cfg, tmp_path: Path) -> Path:
     path = tmp_path / "config.json"
     path.write_text(cfg.to_json())
     return path
+
+
+def test_bucket_by_length_trains(tmp_path: Path, micro_checkpoint: Path) -> None:
+    write_task(tmp_path / "train.csv", 200, seed=5)
+    write_task(tmp_path / "val.csv", 40, seed=6)
+    cfg = TrainConfig(model=str(micro_checkpoint), data=None, train=str(tmp_path / "train.csv"),
+                      val=str(tmp_path / "val.csv"), epochs=2, batch_size=8, device="cpu", bucket_by_length=True)
+    s = training.setup(cfg, echo=lambda _: None)
+    result = training.train(s, tmp_path / "run", echo=lambda _: None, progress=False)
+    assert [r["examples_seen"] for r in result.history] == [200, 400]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
