@@ -75,7 +75,11 @@ class TrainConfig:
 
 
 def builtin_recipe_text() -> str:
-    return resources.files("lora_cli.configs").joinpath(DEFAULT_RECIPE).read_text(encoding="utf-8")
+    """The default recipe: package data when installed, `configs/` when run from a source checkout."""
+    try:
+        return resources.files("lora_cli.configs").joinpath(DEFAULT_RECIPE).read_text(encoding="utf-8")
+    except ModuleNotFoundError:  # `python -m lora_cli` inside a checkout of a non-editable install
+        return (Path(__file__).resolve().parent.parent / "configs" / DEFAULT_RECIPE).read_text(encoding="utf-8")
 
 
 def parse_recipe(text: str, source: str) -> dict[str, Any]:

@@ -34,12 +34,16 @@ def train_args(task: Path, ckpt: Path, out: Path) -> list[str]:
             "--checkpoint-every", "7", "--keep-checkpoints", "2", "--grad-clip", "1.0", "--out", str(out), "--quiet"]
 
 
+NEUTRAL_CWD = Path(__file__).resolve().parents[2]  # outside the repo: the installed package, not the source tree
+
+
 def run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True, cwd=NEUTRAL_CWD)
 
 
 def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lora_cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "lora_cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=NEUTRAL_CWD)
 
 
 def newest_step(run_dir: Path) -> int:
