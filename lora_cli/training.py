@@ -82,6 +82,8 @@ def setup(cfg: TrainConfig, echo: Echo) -> Setup:
     cfg.validate()
     device = resolve_device(cfg.device)
     base = load_base(resolve_model(cfg.model), cfg.model_config)
+    if base.task_head() is None:  # the vocabulary-sized LM head is never used by a classifier: free it
+        base.state = {k: v for k, v in base.state.items() if not k.startswith("out_head.")}
     train_path, val_path, dataset_names = resolve_data(cfg.data, cfg.train, cfg.val)
     train_table = read_table(train_path, cfg.text_column, cfg.label_column)
     val_table = read_table(val_path, cfg.text_column, cfg.label_column)
@@ -173,7 +175,7 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
     cfg, model, device = s.cfg, s.model, s.device
     run_dir.mkdir(parents=True, exist_ok=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     torch.manual_seed(cfg.seed)  # dropout draws, if any
     state, acc = Progress(), _Accumulator(device)
     if resume:

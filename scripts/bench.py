@@ -1,0 +1,820 @@
+#!/usr/bin/env python
+"""Training-step benchmark: lora-cli vs the book's pipeline vs Hugging Face transformers + PEFT.
+
+One command measures, side by side on the same SMS-spam batches and the same random base
+weights, one LoRA fine-tuning step (batch 8, r=16, alpha=16, AdamW lr 8e-4 wd 0.1) of:
+
+  lora-cli  lora_cli.checkpoint.load_base + lora_cli.classifier.build_classifier, batches from
+            lora_cli.data.batches (per-batch right padding), model(ids, last_index), exactly
+            the step of lora_cli.training._loop (running accumulator, host sync every 10 steps).
+  book      llms_from_scratch.ch04.GPTModel with the same weights, out_head = Linear(emb, 2),
+            everything frozen, appendix_e.replace_linear_with_lora(model, 16, 16) (LoRA on every
+            Linear, the head included, scale = alpha as in the book), ch06.SpamDataset (padded to
+            the longest training text with 50256), DataLoader, logits[:, -1, :].
+  peft      transformers GPT2ForSequenceClassification (dropouts 0, pad_token_id 50256, weights
+            converted with lora_cli.hf_gpt2.scratch_to_hf) + peft LoRA on c_attn/c_proj/c_fc
+            with modules_to_save=["score"], per-batch right padding with an attention_mask.
+
+Each system lives in its own process (multiprocessing "spawn"), so its memory is its own: CPU
+peak = the process's resident-set high-water mark (VmHWM, reset after the model is built, so
+"train peak" is steady-state training; "process peak" is ru_maxrss over the whole life, loading
+included); GPU peak = torch.cuda.max_memory_allocated. The parent only orchestrates: systems
+run one at a time, alternated in rounds (A B C A B C ...) to cancel drift, and every system sees
+the same batches in a round. Timings include building each batch (the data loader is part of
+the loop in all three). Reported figures are medians over rounds.
+
+FLOP accounting ("useful" FLOPs, identical for the three systems, counted on real tokens only):
+for a sequence of L real tokens, with N_lin = weights of the frozen Linear layers in the blocks
+(12 * d^2 per layer), P_lora = LoRA factor elements per token (lora-cli's blocks targets,
+r * (in + out) summed over the six Linears of a block) and the causal attention matmuls,
+    forward  = 2 * N_lin * L + 2 * P_lora * L + n_layers * 2 * d * L^2
+    backward = 2 * N_lin * L (input grads only, the base is frozen)
+             + 4 * P_lora * L (input and weight grads of A and B) + n_layers * 4 * d * L^2
+Embeddings, layer norms, the 2-class head and optimizer work are left out (< 1 %).
+MFU = useful FLOPs / second / (this machine's dense matmul rate, measured here with torch.mm
+of --mm-size square float32 matrices on the same device and thread count; bf16 when autocast
+is on). Padding work is not useful work, so a system that pads more scores lower.
+
+Usage:
+  python scripts/bench.py --preset gpt2-tiny --steps 10 --rounds 2
+  python scripts/bench.py                                  # gpt2-small, 40 steps x 3 rounds
+  python scripts/bench.py --preset gpt2-tiny --accuracy-epochs 2
+  python scripts/bench.py --device cuda                    # bf16 autocast for all three
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SYSTEMS = ("lora-cli", "lora-cli+bucket", "book", "peft")
+PAD = 50256
+
+
+# --------------------------------------------------------------------------- memory helpers
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_mb() -> float | None:
+    kb = _status_kb("VmRSS")
+    return None if kb is None else kb / 1024
+
+
+def reset_hwm() -> bool:
+    """Reset the resident-set high-water mark (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def malloc_trim() -> bool:
+    """Hand freed heap back to the OS (glibc), so build-time garbage is not counted as training memory."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def hwm_mb() -> float | None:
+    kb = _status_kb("VmHWM")
+    return None if kb is None else kb / 1024
+
+
+def maxrss_mb() -> float | None:
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+    except (ImportError, OSError):
+        return None
+
+
+# --------------------------------------------------------------------------- the three systems
+
+class System:
+    name = "?"
+
+    def __init__(self, ctx: dict) -> None:
+        import torch
+
+        self.ctx = ctx
+        self.device = torch.device(ctx["device"])
+        self.amp = ctx["amp"]
+        self.bs = ctx["batch_size"]
+
+    def autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def counts(self) -> dict:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return {"trainable": trainable, "total": total}
+
+    # run `n` steps over `order` (n * batch_size indices); time the steps after `warmup`
+    def run(self, order: list[int], warmup: int) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self) -> float:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, steps, warmup: int) -> dict:
+        """Drive a generator that yields (examples, real_tokens, padded_tokens) once per step."""
+        step_times, examples, real, padded = [], 0, 0, 0
+        per_step = self.device.type != "cuda"  # on CUDA only the whole round is timed (no per-step sync)
+        it = iter(steps)
+        for _ in range(warmup):
+            next(it)
+        self.sync()
+        start = t_prev = time.perf_counter()
+        for n, r, p in it:
+            examples, real, padded = examples + n, real + r, padded + p
+            if per_step:
+                now = time.perf_counter()
+                step_times.append(now - t_prev)
+                t_prev = now
+        self.sync()
+        end = time.perf_counter()
+        return {"seconds": end - start, "examples": examples, "real_tokens": real, "padded_tokens": padded,
+                "step_seconds": step_times}
+
+
+class LoraCli(System):
+    name = "lora-cli"
+
+    def __init__(self, ctx: dict) -> None:
+        super().__init__(ctx)
+        import torch
+
+        from lora_cli.checkpoint import load_base
+        from lora_cli.data import Encoded
+
+        self.torch = torch
+        # Setup keeps `base` alive for the whole run (adapter metadata); so does this.
+        self.base = load_base(ctx["checkpoint"])
+        self.train = Encoded(ctx["train_tokens"], ctx["train_labels"])
+        self.val = Encoded(ctx["val_tokens"], ctx["val_labels"])
+        self.build()
+
+    def build(self) -> None:
+        import torch
+
+        from lora_cli.classifier import LoraSpec, build_classifier
+
+        spec = LoraSpec(rank=self.ctx["rank"], alpha=self.ctx["alpha"])
+        self.model = build_classifier(self.base, 2, spec, self.ctx["seed"], self.device)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=self.ctx["lr"], weight_decay=self.ctx["weight_decay"], foreach=True)
+        torch.manual_seed(self.ctx["seed"])
+        self.acc = _accumulator(self.device)
+        self.step_no = 0
+
+    def steps(self, order: list[int]):
+        import torch.nn.functional as F
+
+        from lora_cli.data import batches
+
+        model, optimizer, device = self.model, self.optimizer, self.device
+        model.train()
+        for batch in batches(self.train, self.bs, order, drop_last=True):
+            ids, last, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.last_index, batch.labels))
+            with self.autocast():
+                logits = model(ids, last)
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            self.step_no += 1
+            self.acc.add(loss, logits, y, self.step_no, None)
+            if self.step_no % 10 == 0:  # _loop's log_every default: the only host sync
+                self.acc.check_finite()
+                self.acc.summary()
+            yield len(y), int(batch.last_index.sum()) + len(y), batch.input_ids.numel()
+
+    def run(self, order, warmup):
+        return self._timed(self.steps(order), warmup)
+
+    def evaluate(self) -> float:
+        from lora_cli.evaluation import predict_logits
+
+        logits = predict_logits(self.model, self.val, self.bs, self.device)
+        return float((logits.argmax(-1) == self.torch.tensor(self.val.labels)).float().mean())
+
+
+class LoraCliBucketed(LoraCli):
+    """lora-cli with --bucket-by-length: the same examples, regrouped into batches of similar length."""
+
+    name = "lora-cli+bucket"
+
+    def regroup(self, order: list[int]) -> list[int]:
+        import torch
+
+        bs, chunk = self.bs, self.bs * 32
+        groups = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: len(self.train.tokens[i]))
+            groups += [part[j : j + bs] for j in range(0, len(part) - len(part) % bs, bs)]
+        shuffled = [groups[i] for i in torch.randperm(len(groups), generator=torch.Generator().manual_seed(0)).tolist()]
+        return [i for g in shuffled for i in g]
+
+    def run(self, order, warmup):
+        cut = warmup * self.bs  # regroup warm-up and timed steps separately: the same timed examples as the others
+        return self._timed(self.steps(self.regroup(order[:cut]) + self.regroup(order[cut:])), warmup)
+
+
+def _accumulator(device):
+    """lora_cli.training._Accumulator when importable (it is private), else an equivalent."""
+    try:
+        from lora_cli.training import _Accumulator
+
+        return _Accumulator(device)
+    except Exception:  # noqa: BLE001
+        import torch
+
+        class Acc:
+            def __init__(self):
+                self.loss = torch.zeros((), device=device)
+                self.correct = torch.zeros((), device=device, dtype=torch.long)
+                self.count = 0
+                self.first_bad = torch.zeros((), device=device, dtype=torch.long) - 1
+
+            def add(self, loss, logits, y, step, grad_norm):
+                self.count += len(y)
+                self.loss += loss.detach() * len(y)
+                self.correct += (logits.argmax(-1) == y).sum()
+                bad = ~torch.isfinite(loss.detach())
+                self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+
+            def check_finite(self):
+                assert int(self.first_bad.item()) < 0, "non-finite loss"
+
+            def summary(self):
+                return self.loss.item() / self.count, self.correct.item() / self.count
+
+        return Acc()
+
+
+class Book(System):
+    name = "book"
+
+    def __init__(self, ctx: dict) -> None:
+        super().__init__(ctx)
+        from llms_from_scratch.ch06 import SpamDataset
+
+        from lora_cli.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer(ctx["bpe_dir"])
+        self.train_ds = SpamDataset(ctx["train_csv"], tokenizer, max_length=None, pad_token_id=PAD)
+        self.val_ds = SpamDataset(ctx["val_csv"], tokenizer, max_length=self.train_ds.max_length, pad_token_id=PAD)
+        self.build()
+
+    def build(self) -> None:
+        import torch
+        from llms_from_scratch.appendix_e import replace_linear_with_lora
+        from llms_from_scratch.ch04 import GPTModel
+        from safetensors.torch import load_file
+
+        cfg = dict(self.ctx["model_config"])
+        torch.manual_seed(self.ctx["seed"])
+        model = GPTModel(cfg)
+        state = load_file(self.ctx["checkpoint"])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.endswith(".att.mask") for k in missing), (missing, unexpected)
+        del state
+        torch.manual_seed(self.ctx["seed"])
+        model.out_head = torch.nn.Linear(cfg["emb_dim"], 2)
+        for p in model.parameters():
+            p.requires_grad = False
+        replace_linear_with_lora(model, rank=self.ctx["rank"], alpha=self.ctx["alpha"])
+        self.model = model.to(self.device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.ctx["lr"], weight_decay=self.ctx["weight_decay"])
+
+    def steps(self, order: list[int]):
+        import torch
+        from torch.utils.data import DataLoader
+
+        model, optimizer, device = self.model, self.optimizer, self.device
+        model.train()
+        loader = DataLoader(self.train_ds, batch_size=self.bs, sampler=order, drop_last=True, num_workers=0)
+        for input_batch, target_batch in loader:  # ch06.train_classifier_simple + calc_loss_batch
+            optimizer.zero_grad()
+            input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+            with self.autocast():
+                logits = model(input_batch)[:, -1, :]
+                loss = torch.nn.functional.cross_entropy(logits, target_batch)
+            loss.backward()
+            optimizer.step()
+            yield len(target_batch), int((input_batch != PAD).sum()), input_batch.numel()
+
+    def run(self, order, warmup):
+        return self._timed(self.steps(order), warmup)
+
+    def evaluate(self) -> float:
+        import torch
+        from torch.utils.data import DataLoader
+
+        self.model.eval()
+        correct = n = 0
+        with torch.no_grad():
+            for x, y in DataLoader(self.val_ds, batch_size=self.bs, shuffle=False):  # ch06.calc_accuracy_loader
+                x, y = x.to(self.device), y.to(self.device)
+                with self.autocast():
+                    pred = self.model(x)[:, -1, :].argmax(-1)
+                correct += int((pred == y).sum())
+                n += len(y)
+        return correct / n
+
+
+class Peft(System):
+    name = "peft"
+
+    def __init__(self, ctx: dict) -> None:
+        super().__init__(ctx)
+        self.train_tokens, self.train_labels = ctx["train_tokens"], ctx["train_labels"]
+        self.val_tokens, self.val_labels = ctx["val_tokens"], ctx["val_labels"]
+        self.build()
+
+    def build(self) -> None:
+        import torch
+        import transformers
+        from peft import LoraConfig, get_peft_model
+        from transformers import GPT2Config, GPT2ForSequenceClassification
+
+        from lora_cli.checkpoint import load_base
+        from lora_cli.config import ModelConfig
+        from lora_cli.hf_gpt2 import config_to_hf, scratch_to_hf
+
+        transformers.logging.set_verbosity_error()
+        cfg = ModelConfig.from_dict(self.ctx["model_config"])
+        hf = config_to_hf(cfg) | {"num_labels": 2, "pad_token_id": PAD, "summary_first_dropout": 0.0}
+        torch.manual_seed(self.ctx["seed"])
+        model = GPT2ForSequenceClassification(GPT2Config(**hf))
+        base = load_base(self.ctx["checkpoint"])
+        state = {"transformer." + k: v for k, v in scratch_to_hf(base.state, cfg.n_layers).items()}
+        del base
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and set(missing) <= {"score.weight"}, (missing, unexpected)
+        del state
+        lcfg = LoraConfig(task_type="SEQ_CLS", r=self.ctx["rank"], lora_alpha=self.ctx["alpha"], lora_dropout=0.0,
+                          target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["score"], fan_in_fan_out=True)
+        self.model = get_peft_model(model, lcfg).to(self.device)
+        self.attn_implementation = getattr(model.config, "_attn_implementation", None)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=self.ctx["lr"], weight_decay=self.ctx["weight_decay"])
+
+    @staticmethod
+    def collate(seqs):
+        import torch
+
+        longest = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), longest), PAD, dtype=torch.long)
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+        return ids, mask
+
+    def steps(self, order: list[int]):
+        import torch
+        import torch.nn.functional as F
+
+        model, optimizer, device = self.model, self.optimizer, self.device
+        model.train()
+        stop = len(order) - len(order) % self.bs
+        for start in range(0, stop, self.bs):
+            idx = order[start : start + self.bs]
+            ids, mask = self.collate([self.train_tokens[i] for i in idx])
+            y = torch.tensor([self.train_labels[i] for i in idx], dtype=torch.long)
+            ids, mask, y = ids.to(device), mask.to(device), y.to(device)
+            with self.autocast():
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            yield len(y), int(mask.sum()), ids.numel()
+
+    def run(self, order, warmup):
+        return self._timed(self.steps(order), warmup)
+
+    def evaluate(self) -> float:
+        import torch
+
+        self.model.eval()
+        order = sorted(range(len(self.val_tokens)), key=lambda i: len(self.val_tokens[i]))
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, len(order), self.bs):
+                idx = order[start : start + self.bs]
+                ids, mask = self.collate([self.val_tokens[i] for i in idx])
+                with self.autocast():
+                    pred = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.argmax(-1)
+                correct += int((pred.cpu() == torch.tensor([self.val_labels[i] for i in idx])).sum())
+        self.model.train()
+        return correct / len(order)
+
+
+CLASSES = {"lora-cli": LoraCli, "lora-cli+bucket": LoraCliBucketed, "book": Book, "peft": Peft}
+
+
+def _profile(system: System, order: list[int]) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if system.device.type == "cuda" else [])
+    steps = system.steps(order)
+    next(steps)  # one unprofiled step
+    with profile(activities=activities) as prof:
+        for _ in steps:
+            pass
+        system.sync()
+    key = "self_cuda_time_total" if system.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=44)
+
+
+def worker(conn, name: str, ctx: dict) -> None:
+    """One system in its own process: build, then answer commands until 'stop'."""
+    import torch
+
+    torch.set_num_threads(ctx["threads"])
+    if name == "peft":
+        import peft  # noqa: F401  (import cost counted in the baseline, not in the model's memory)
+        import transformers  # noqa: F401
+    elif name == "book":
+        import llms_from_scratch.ch06  # noqa: F401
+    import lora_cli.classifier  # noqa: F401
+    cuda = ctx["device"].startswith("cuda")
+    baseline = rss_mb()
+    try:
+        t0 = time.perf_counter()
+        system = CLASSES[name](ctx)
+        build_seconds = time.perf_counter() - t0
+        if cuda:
+            torch.cuda.synchronize()
+        import gc
+
+        gc.collect()
+        info = {"counts": system.counts(), "rss_after_imports_mb": baseline, "rss_after_build_mb": rss_mb(),
+                "build_seconds": build_seconds, "malloc_trim": malloc_trim()}
+        info["rss_after_trim_mb"] = rss_mb()
+        info["hwm_reset"] = reset_hwm()
+        if name == "peft":
+            info["attn_implementation"] = system.attn_implementation
+        if cuda:
+            info["gpu_allocated_after_build_mb"] = torch.cuda.memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+        conn.send(("ready", info))
+    except Exception as exc:  # noqa: BLE001
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+        raise SystemExit(1) from exc
+    while True:
+        cmd, payload = conn.recv()
+        try:
+            if cmd == "stop":
+                conn.send(("ok", {"process_peak_rss_mb": maxrss_mb()}))
+                return
+            if cmd == "bench":
+                result = system.run(payload["order"], payload["warmup"])
+                result["train_peak_rss_mb"] = hwm_mb()
+                if cuda:
+                    result["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                conn.send(("ok", result))
+            elif cmd == "accuracy":
+                system.build()  # a fresh model: the benchmark rounds already trained this one
+                t0 = time.perf_counter()
+                for order in payload["orders"]:
+                    for _ in system.steps(order):
+                        pass
+                system.sync()
+                seconds = time.perf_counter() - t0
+                conn.send(("ok", {"val_accuracy": system.evaluate(), "train_seconds": seconds}))
+            elif cmd == "profile":
+                conn.send(("ok", _profile(system, payload["order"])))
+        except Exception:  # noqa: BLE001
+            import traceback
+
+            conn.send(("error", traceback.format_exc()))
+
+
+# --------------------------------------------------------------------------- parent side
+
+def matmul_rate(device, dtype, n: int, seconds: float = 1.5) -> float:
+    """Dense matmul FLOP/s of torch.mm on n x n matrices (median of timed repeats)."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        torch.mm(a, b)
+    sync()
+    rates, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(rates) < 5:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        rates.append(2 * n**3 / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def useful_flops(lengths, cfg: dict, rank: int) -> float:
+    d, n_layers = cfg["emb_dim"], cfg["n_layers"]
+    n_lin = n_layers * 12 * d * d
+    p_lora = n_layers * rank * (4 * (d + d) + (d + 4 * d) + (4 * d + d))
+    return float(sum(L * (4 * n_lin + 6 * p_lora) + n_layers * 6 * d * L * L for L in lengths))
+
+
+def batch_plan(n: int, batch_size: int, seed: int, steps: int, start_epoch: int = 1):
+    """Indices for `steps` batches: epoch orders of lora_cli.data.epoch_order, last partial batch dropped."""
+    from lora_cli.data import epoch_order
+
+    flat, epoch = [], start_epoch
+    while len(flat) < steps * batch_size:
+        order = epoch_order(n, seed, epoch)
+        flat += order[: len(order) - len(order) % batch_size]
+        epoch += 1
+    return flat[: steps * batch_size]
+
+
+def fmt(x, spec=",.1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2-small", help="model shape (lora_cli.config.PRESETS); random weights")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per system per round")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before them, every round")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; systems alternate A B C A B C ...")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=123)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--amp", choices=["auto", "off", "bf16"], default="auto",
+                   help="bf16 autocast around forward+loss (auto: on for CUDA, off on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list among " + ", ".join(SYSTEMS))
+    p.add_argument("--shared", default=os.environ.get("LORA_CLI_SHARED_DATA", str(REPO.parent / "shared" / "data")),
+                   help="folder with sms_spam/SMSSpamCollection and gpt2_bpe/")
+    p.add_argument("--mm-size", type=int, default=None, help="matmul size for the peak rate (2048 CPU, 8192 CUDA)")
+    p.add_argument("--accuracy-epochs", type=int, default=0, help="also train N epochs each, report val accuracy")
+    p.add_argument("--profile-steps", type=int, default=0, help="also print a torch.profiler table of N steps each")
+    p.add_argument("--json-out", default="bench.json")
+    args = p.parse_args(argv)
+
+    import multiprocessing as mp
+
+    import torch
+
+    from lora_cli import sms_spam
+    from lora_cli.checkpoint import init_checkpoint, save_base
+    from lora_cli.config import PRESETS
+    from lora_cli.data import encode_texts, read_table
+    from lora_cli.device import resolve_device
+    from lora_cli.tokenizer import get_tokenizer
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if not systems or any(s not in SYSTEMS for s in systems):
+        p.error(f"--systems: choose among {', '.join(SYSTEMS)}")
+    device = resolve_device(args.device)
+    amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cfg = PRESETS[args.preset]
+    shared = Path(args.shared)
+
+    tmp = tempfile.TemporaryDirectory(prefix="lora-bench-")
+    tmpdir = Path(tmp.name)
+    t0 = time.perf_counter()
+    sms_spam.prepare(tmpdir / "data", shared / "sms_spam" / "SMSSpamCollection")
+    tokenizer = get_tokenizer(shared / "gpt2_bpe")
+    os.environ.setdefault("LORA_CLI_BPE_DIR", str(shared / "gpt2_bpe"))
+    tables = {s: read_table(tmpdir / "data" / f"{s}.csv") for s in ("train", "validation")}
+    tokens = {s: encode_texts(tokenizer, t.texts, cfg.context_length)[0] for s, t in tables.items()}
+    labels = {s: [int(x) for x in t.labels] for s, t in tables.items()}
+    ckpt = tmpdir / "base.safetensors"
+    save_base(ckpt, init_checkpoint(cfg, args.seed), cfg)
+    print(f"data + random {args.preset} base ready in {time.perf_counter() - t0:.1f}s "
+          f"({len(tokens['train'])} train / {len(tokens['validation'])} val texts)", flush=True)
+
+    mm_size = args.mm_size or (8192 if device.type == "cuda" else 2048)
+    peak = {"float32": matmul_rate(device, torch.float32, mm_size)}
+    if device.type == "cuda":
+        peak["bfloat16"] = matmul_rate(device, torch.bfloat16, mm_size)
+    peak_key = "bfloat16" if amp else "float32"
+
+    ctx = {
+        "device": str(device), "amp": amp, "threads": threads, "batch_size": args.batch_size, "rank": args.rank,
+        "alpha": args.alpha, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
+        "checkpoint": str(ckpt), "model_config": cfg.to_dict(), "bpe_dir": str(shared / "gpt2_bpe"),
+        "train_csv": str(tmpdir / "data" / "train.csv"), "val_csv": str(tmpdir / "data" / "validation.csv"),
+        "train_tokens": tokens["train"], "train_labels": labels["train"],
+        "val_tokens": tokens["validation"], "val_labels": labels["validation"],
+    }
+    spawn = mp.get_context("spawn")
+    procs, conns, info = {}, {}, {}
+    for name in systems:
+        parent_conn, child_conn = spawn.Pipe()
+        proc = spawn.Process(target=worker, args=(child_conn, name, ctx), daemon=True)
+        proc.start()
+        procs[name], conns[name] = proc, parent_conn
+    for name in systems:  # built concurrently; timing starts only when all are ready
+        status, payload = conns[name].recv()
+        if status != "ready":
+            raise SystemExit(f"{name} failed to build:\n{payload}")
+        info[name] = payload
+        print(f"{name}: built in {payload['build_seconds']:.1f}s, trainable {payload['counts']['trainable']:,}", flush=True)
+
+    def ask(name: str, cmd: str, payload=None):
+        conns[name].send((cmd, payload))
+        status, result = conns[name].recv()
+        if status != "ok":
+            raise SystemExit(f"{name} failed on {cmd}:\n{result}")
+        return result
+
+    per_round = args.warmup + args.steps
+    plan = batch_plan(len(tokens["train"]), args.batch_size, args.seed, per_round * args.rounds)
+    rounds: dict[str, list[dict]] = {s: [] for s in systems}
+    for r in range(args.rounds):
+        order = plan[r * per_round * args.batch_size : (r + 1) * per_round * args.batch_size]
+        timed = order[args.warmup * args.batch_size :]
+        lengths = [len(tokens["train"][i]) for i in timed[: len(timed) - len(timed) % args.batch_size]]
+        flops = useful_flops(lengths, ctx["model_config"], args.rank)
+        for name in systems:
+            time.sleep(0.2)  # let the previous worker's threads go idle
+            res = ask(name, "bench", {"order": order, "warmup": args.warmup})
+            if res["real_tokens"] != sum(lengths):
+                print(f"warning: {name} counted {res['real_tokens']} real tokens, expected {sum(lengths)}")
+            res["useful_flops"] = flops
+            res["examples_per_s"] = res["examples"] / res["seconds"]
+            res["real_tokens_per_s"] = res["real_tokens"] / res["seconds"]
+            res["padded_tokens_per_s"] = res["padded_tokens"] / res["seconds"]
+            res["flops_per_s"] = flops / res["seconds"]
+            res["mfu"] = res["flops_per_s"] / peak[peak_key]
+            rounds[name].append(res)
+            print(f"round {r + 1}/{args.rounds} {name:8s} {res['examples_per_s']:8.2f} ex/s "
+                  f"{res['real_tokens_per_s']:9.1f} real tok/s  ({res['seconds']:.1f}s)", flush=True)
+    peak_end = matmul_rate(device, torch.float32 if not amp else torch.bfloat16, mm_size)
+
+    accuracy = {}
+    if args.accuracy_epochs:
+        n_steps = (len(tokens["train"]) // args.batch_size) * args.accuracy_epochs
+        flat = batch_plan(len(tokens["train"]), args.batch_size, args.seed, n_steps)
+        per_epoch = (len(tokens["train"]) // args.batch_size) * args.batch_size
+        orders = [flat[i : i + per_epoch] for i in range(0, len(flat), per_epoch)]
+        for name in systems:
+            accuracy[name] = ask(name, "accuracy", {"orders": orders})
+            print(f"{name}: {args.accuracy_epochs} epoch(s) in {accuracy[name]['train_seconds']:.1f}s, "
+                  f"val accuracy {accuracy[name]['val_accuracy']:.4f}", flush=True)
+
+    profiles = {}
+    if args.profile_steps:
+        order = plan[: (args.profile_steps + 1) * args.batch_size]
+        for name in systems:
+            profiles[name] = ask(name, "profile", {"order": order})
+            print(f"\n--- torch.profiler, {name}, {args.profile_steps} steps ---\n{profiles[name]}", flush=True)
+
+    for name in systems:
+        info[name].update(ask(name, "stop"))
+        procs[name].join(timeout=30)
+
+    # ------------------------------------------------------------------ summary
+    summary = {}
+    for name in systems:
+        rs = rounds[name]
+        med = lambda key: statistics.median(x[key] for x in rs)  # noqa: E731
+        steps_all = [t for x in rs for t in x["step_seconds"]]
+        summary[name] = {
+            "examples_per_s": med("examples_per_s"),
+            "real_tokens_per_s": med("real_tokens_per_s"),
+            "padded_tokens_per_s": med("padded_tokens_per_s"),
+            "median_step_ms": statistics.median(steps_all) * 1000 if steps_all else None,
+            "useful_flops_per_s": med("flops_per_s"),
+            "mfu": med("mfu"),
+            "pad_fraction": 1 - sum(x["real_tokens"] for x in rs) / sum(x["padded_tokens"] for x in rs),
+            "trainable_params": info[name]["counts"]["trainable"],
+            "total_params": info[name]["counts"]["total"],
+            "rss_after_imports_mb": info[name]["rss_after_imports_mb"],
+            "rss_after_build_mb": info[name]["rss_after_trim_mb"],
+            "train_peak_rss_mb": max((x["train_peak_rss_mb"] or 0) for x in rs) or None,
+            "process_peak_rss_mb": info[name].get("process_peak_rss_mb"),
+            "gpu_peak_allocated_mb": max((x.get("gpu_peak_allocated_mb") or 0) for x in rs) or None,
+        }
+        if summary[name]["train_peak_rss_mb"] and summary[name]["rss_after_imports_mb"]:
+            summary[name]["train_peak_over_imports_mb"] = summary[name]["train_peak_rss_mb"] - summary[name]["rss_after_imports_mb"]
+        if name in accuracy:
+            summary[name].update(accuracy[name])
+
+    cols = [("trainable", "trainable_params", ",d"), ("ex/s", "examples_per_s", ",.2f"),
+            ("real tok/s", "real_tokens_per_s", ",.0f"), ("all tok/s", "padded_tokens_per_s", ",.0f"),
+            ("pad %", "pad_fraction", ".1%"), ("step ms", "median_step_ms", ",.0f"),
+            ("GFLOP/s", "useful_flops_per_s", None), ("MFU", "mfu", ".1%")]
+    if device.type == "cuda":
+        cols.append(("GPU peak MB", "gpu_peak_allocated_mb", ",.0f"))
+    else:
+        cols += [("RSS imports MB", "rss_after_imports_mb", ",.0f"), ("RSS built MB", "rss_after_build_mb", ",.0f"),
+                 ("train peak MB", "train_peak_rss_mb", ",.0f"),
+                 ("peak-imports MB", "train_peak_over_imports_mb", ",.0f"), ("proc peak MB", "process_peak_rss_mb", ",.0f")]
+    if accuracy:
+        cols.append(("val acc", "val_accuracy", ".4f"))
+
+    def cell(name, key, spec):
+        v = summary[name].get(key)
+        if key == "useful_flops_per_s" and v is not None:
+            return f"{v / 1e9:,.1f}"
+        return fmt(v, spec)
+
+    rows = [["system"] + [c[0] for c in cols]] + [[n] + [cell(n, k, s) for _, k, s in cols] for n in systems]
+    ratio_keys = {"examples_per_s", "real_tokens_per_s", "padded_tokens_per_s", "median_step_ms", "useful_flops_per_s",
+                  "mfu", "rss_after_build_mb", "train_peak_rss_mb", "train_peak_over_imports_mb", "process_peak_rss_mb", "gpu_peak_allocated_mb",
+                  "trainable_params"}
+    ratios = {}
+    ours = [s for s in systems if s.startswith("lora-cli")]
+    for mine, other in ((m, o) for m in ours for o in systems if o not in ours):
+            label = f"{mine}/{other}"
+            ratios[label] = {}
+            row = [label]
+            for _, key, _ in cols:
+                a, b = summary[mine].get(key), summary[other].get(key)
+                if key in ratio_keys and a and b:
+                    ratios[label][key] = a / b
+                    row.append(f"{a / b:.2f}x")
+                else:
+                    row.append("")
+            rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print()
+    print(f"{args.preset}, batch {args.batch_size}, LoRA r={args.rank} alpha={args.alpha:g}, {device}"
+          f"{' bf16 autocast' if amp else ' float32'}, {threads} threads, {args.steps} timed steps after "
+          f"{args.warmup} warm-up x {args.rounds} rounds (medians)")
+    print(f"{peak_key} torch.mm {mm_size}x{mm_size}: {peak[peak_key] / 1e9:,.1f} GFLOP/s at start, "
+          f"{peak_end / 1e9:,.1f} at end; MFU = useful FLOPs on real tokens / that rate")
+    for i, r in enumerate(rows):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+    out = {
+        "args": vars(args),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                    "cpu_count": os.cpu_count(), "threads": threads, "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "amp_bf16": amp,
+        "matmul_peak_flops": peak, "matmul_peak_flops_end": peak_end, "mfu_denominator": peak_key,
+        "model_config": ctx["model_config"],
+        "flops_formula": "per sequence of L real tokens: L*(4*N_lin + 6*P_lora) + n_layers*6*d*L^2, "
+                         "N_lin = 12*d^2*n_layers, P_lora = r*18*d*n_layers (lora-cli blocks targets)",
+        "systems": {n: {"summary": summary[n], "build": info[n], "rounds": rounds[n]} for n in systems},
+        "ratios": ratios,
+        "profiles": profiles,
+    }
+    Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"\nwrote {args.json_out}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
