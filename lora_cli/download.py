@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import os
@@ -15,6 +14,7 @@ from typing import Any
 
 from lora_cli import __version__
 from lora_cli.errors import LoraCliError
+from lora_cli.fileio import fsync_dir
 
 CHUNK = 1 << 20
 
@@ -94,7 +94,7 @@ def download_file(
     with open(part, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
 
 
@@ -196,10 +196,3 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return start, total
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -455,7 +455,6 @@ CLASSES = {"lora-cli": LoraCli, "lora-cli+bucket": LoraCliBucketed, "book": Book
 
 
 def _profile(system: System, order: list[int]) -> str:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if system.device.type == "cuda" else [])
