@@ -116,6 +116,7 @@ def init(
     preset: Annotated[str, typer.Option(help="gpt2-tiny, gpt2-small, gpt2-medium, gpt2-large or gpt2-xl.")] = "gpt2-tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 123,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write a randomly initialised GPT checkpoint, for tests, demos and benchmarks.
 
@@ -130,6 +131,9 @@ def init(
     state = init_checkpoint(PRESETS[preset], seed)
     save_base(out, state, PRESETS[preset])
     params = sum(v.numel() for v in state.values())
+    if as_json:
+        typer.echo(json.dumps({"path": str(out), "preset": preset, "parameters": params, "seed": seed}))
+        return
     typer.echo(f"wrote {out}: {preset}, {params:,} parameters, seed {seed}")
 
 
@@ -196,6 +200,7 @@ def data_sms_spam(
         Optional[str], typer.Option(help="SMSSpamCollection file, the UCI zip, or a URL. Default: download from UCI.")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Build the book's SMS spam data set: 747 ham + 747 spam, split 70/10/20 (1,045/149/300 rows).
 
@@ -208,6 +213,9 @@ def data_sms_spam(
     summary = sms_spam.prepare(out, source)
     if not summary["matches_uci_v1"]:
         echo("warning: the source differs from the UCI v.1 file, so the split differs from the book's")
+    if as_json:
+        typer.echo(json.dumps(summary | {"out": str(out)}))
+        return
     rows = summary["rows"]
     typer.echo(f"wrote {out}: train {rows['train']}, validation {rows['validation']}, test {rows['test']} rows (ham=0, spam=1)")
 
@@ -256,6 +264,7 @@ def train(
     dry_run: Annotated[bool, typer.Option(help="Build everything, print the config and parameter counts, exit.")] = False,
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe (YAML) and exit; loads nothing.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
     """Train a LoRA adapter for text classification.
 
@@ -330,6 +339,13 @@ def train(
     adapter_mb = result.adapter_path.stat().st_size / 1e6
     base_mb = s.base.path.stat().st_size / 1e6
     seen = last["examples_seen"]
+    if as_json:
+        typer.echo(json.dumps({
+            "run_dir": str(run_dir), "adapter": str(result.adapter_path), "seconds": result.seconds,
+            "examples_per_second": seen / result.seconds, "final": last, "best": best, "parameters": counts,
+            "adapter_bytes": result.adapter_path.stat().st_size, "base_bytes": s.base.path.stat().st_size,
+        }))
+        return
     typer.echo(
         f"done in {result.seconds:.1f}s ({seen / result.seconds:.0f} examples/s): validation accuracy "
         f"{last['val_accuracy']:.2%} after epoch {last['epoch']}, best {best['val_accuracy']:.2%} (epoch {best['epoch']})\n"

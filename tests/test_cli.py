@@ -334,3 +334,21 @@ def test_print_config_precedence(tmp_path: Path) -> None:
 
     resolved = yaml.safe_load(r.stdout)
     assert (resolved["rank"], resolved["epochs"], resolved["batch_size"]) == (4, 7, 8)
+
+
+def test_json_output_of_init_data_train(tmp_path: Path, sms_file: Path, micro_checkpoint: Path) -> None:
+    r = runner.invoke(app, ["init", "--preset", "gpt2-tiny", "--out", str(tmp_path / "t.safetensors"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"path": str(tmp_path / "t.safetensors"), "preset": "gpt2-tiny",
+                                    "parameters": 29_153_280, "seed": 123}
+    r = runner.invoke(app, ["data", "sms-spam", "--source", str(sms_file), "--out", str(tmp_path / "d"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["rows"] == {"train": 1045, "validation": 149, "test": 300} and summary["matches_uci_v1"]
+    r = runner.invoke(app, ["train", "--model", str(micro_checkpoint), "--data", str(tmp_path / "d"), "--max-steps", "3",
+                            "--out", str(tmp_path / "run"), "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["final"]["step"] == 3 and result["final"]["examples_seen"] == 24
+    assert result["adapter_bytes"] == (tmp_path / "run" / "adapter.safetensors").stat().st_size
+    assert result["parameters"]["trainable"] == result["parameters"]["lora"] + result["parameters"]["head"]
