@@ -8,10 +8,10 @@ import json
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
+from loopback import LoopbackServer
 import torch
 
 from lora_cli import gpt2, paths
@@ -76,7 +76,7 @@ IDS = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11, 50256, 0, 17, 42
 # --------------------------------------------------------------------------- a Range-aware server
 
 
-class FileServer:
+class FileServer(LoopbackServer):
     """Serves `files` (path -> bytes) on 127.0.0.1 with `Range: bytes=N-` support and fault injection.
 
     cut_first: on the first request for a path, promise the whole body, send only that many bytes, close.
@@ -136,23 +136,7 @@ class FileServer:
             def log_message(self, format: str, *args) -> None:
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> FileServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(5)
-
+        self.start_server(Handler)
 
 def model_files(hf_dir: Path) -> dict[str, bytes]:
     return {"/m/model.safetensors": (hf_dir / "model.safetensors").read_bytes(),

@@ -8,7 +8,6 @@ import io
 import json
 import random
 import socket
-import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from loopback import LoopbackServer
 
 from lora_cli import download, sms_spam
 from lora_cli.errors import LoraCliError
@@ -300,7 +300,7 @@ def test_missing_source(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- downloads from a local server
 
 
-class Server:
+class Server(LoopbackServer):
     """A threaded HTTP server on 127.0.0.1 serving fixed routes; each route is (status, headers, body, mode)."""
 
     def __init__(self, routes: dict[str, tuple]) -> None:
@@ -344,24 +344,7 @@ class Server:
             def log_message(self, format: str, *args) -> None:  # keep test output clean
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=10)
-        assert not self.thread.is_alive()
-
+        self.start_server(Handler)
 
 @pytest.fixture
 def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
