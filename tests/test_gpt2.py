@@ -138,6 +138,7 @@ class FileServer(LoopbackServer):
 
         self.start_server(Handler)
 
+
 def model_files(hf_dir: Path) -> dict[str, bytes]:
     return {"/m/model.safetensors": (hf_dir / "model.safetensors").read_bytes(),
             "/m/config.json": (hf_dir / "config.json").read_bytes()}
