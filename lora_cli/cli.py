@@ -261,6 +261,9 @@ def train(
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Also checkpoint every N steps (always: every epoch).")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep the newest K checkpoints. [3]")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this value (logged).")] = None,
+    tensorboard: Annotated[
+        Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Also log to RUN_DIR/tensorboard (needs tensorboard).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Build everything, print the config and parameter counts, exit.")] = False,
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe (YAML) and exit; loads nothing.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -283,7 +286,7 @@ def train(
         text_column=text_column, label_column=label_column, scaling=scaling, lora_dropout=lora_dropout, head_bias=head_bias,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, bucket_by_length=bucket_by_length, lr=lr, weight_decay=weight_decay, max_length=max_length, seed=seed,
         device=device, bpe_dir=bpe_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-        grad_clip=grad_clip,
+        grad_clip=grad_clip, tensorboard=tensorboard,
         label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
         targets=[t.strip() for t in targets.split(",")] if targets else None,
     )

@@ -45,6 +45,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 3
     grad_clip: float | None = None
+    tensorboard: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -174,6 +174,7 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
     """
     cfg, model, device = s.cfg, s.model, s.device
     run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir, cfg.tensorboard)  # fails before anything is written if tensorboard is missing
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     torch.manual_seed(cfg.seed)  # dropout draws, if any
@@ -184,14 +185,17 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
         write_text(run_dir / rd.CONFIG, to_yaml(cfg))
         write_text(run_dir / rd.METRICS, "")
     stop = _StopFlag()
-    with stop:
-        result = _loop(s, run_dir, optimizer, state, acc, stop, echo, progress)
+    try:
+        with stop:
+            result = _loop(s, run_dir, optimizer, state, acc, stop, log, echo, progress)
+    finally:
+        log.close()
     save_adapter(result.adapter_path, make_adapter(s))
     return result
 
 
 def _loop(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, state: Progress, acc: _Accumulator,
-          stop: _StopFlag, echo: Echo, progress: bool) -> RunResult:
+          stop: _StopFlag, log: MetricsLog, echo: Echo, progress: bool) -> RunResult:
     from tqdm import tqdm
 
     cfg, model, device = s.cfg, s.model, s.device
@@ -231,7 +235,7 @@ def _loop(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, state: Prog
                           "train_loss": loss_avg, "train_accuracy": acc_avg}
                 if cfg.grad_clip:
                     record["grad_norm"] = acc.grad_norm.item()
-                _append(run_dir / rd.METRICS, record)
+                log.write(record)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                 acc.check_finite()
                 checkpoint()
@@ -250,7 +254,7 @@ def _loop(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, state: Prog
                   "train_loss": train_loss, "train_accuracy": train_acc,
                   "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                   "epoch_seconds": seconds, "examples_per_second": acc.count / seconds}
-        _append(run_dir / rd.METRICS, record)
+        log.write(record)
         state.history.append(record)
         echo(f"epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc {train_acc:.2%} | "
              f"val loss {val['loss']:.4f} acc {val['accuracy']:.2%} | {seconds:.1f}s")
@@ -307,9 +311,31 @@ def make_adapter(s: Setup) -> Adapter:
     return adapter_from_model(s.model, s.spec, s.labels, s.base, s.cfg.to_dict() | recorded)
 
 
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """metrics.jsonl always; TensorBoard scalars too with --tensorboard (needs the tensorboard package)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.path = run_dir / rd.METRICS
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise LoraCliError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key not in ("event", "epoch", "step", "examples_seen") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["examples_seen"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def save_training_checkpoint(run_dir: Path, s: Setup, optimizer: torch.optim.Optimizer, state: Progress,

@@ -178,3 +178,50 @@ def test_bucket_by_length_trains(tmp_path: Path, micro_checkpoint: Path) -> None
     result = training.train(s, tmp_path / "run", echo=lambda _: None, progress=False)
     assert [r["examples_seen"] for r in result.history] == [200, 400]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_tensorboard_logging(tmp_path: Path, micro_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tensorboard sends every numeric metric to a SummaryWriter, keyed by examples seen."""
+    import sys
+    import types
+
+    calls: list[tuple] = []
+
+    class FakeWriter:
+        def __init__(self, log_dir: str) -> None:
+            calls.append(("init", log_dir))
+
+        def add_scalar(self, key: str, value: float, step: int) -> None:
+            calls.append((key, value, step))
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    write_task(tmp_path / "train.csv", 40, seed=7)
+    write_task(tmp_path / "val.csv", 16, seed=8)
+    cfg = TrainConfig(model=str(micro_checkpoint), data=None, train=str(tmp_path / "train.csv"),
+                      val=str(tmp_path / "val.csv"), epochs=1, batch_size=4, device="cpu", tensorboard=True, log_every=5)
+    s = training.setup(cfg, echo=lambda _: None)
+    training.train(s, tmp_path / "run", echo=lambda _: None, progress=False)
+    assert calls[0] == ("init", str(tmp_path / "run" / "tensorboard")) and calls[-1] == ("close",)
+    keys = {c[0] for c in calls[1:-1]}
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= keys
+    assert any(c[0] == "val_accuracy" and c[2] == 40 for c in calls)  # keyed by examples seen
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path: Path, micro_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    write_task(tmp_path / "train.csv", 16, seed=7)
+    write_task(tmp_path / "val.csv", 8, seed=8)
+    cfg = TrainConfig(model=str(micro_checkpoint), data=None, train=str(tmp_path / "train.csv"),
+                      val=str(tmp_path / "val.csv"), epochs=1, batch_size=4, device="cpu", tensorboard=True)
+    s = training.setup(cfg, echo=lambda _: None)
+    with pytest.raises(LoraCliError, match="pip install tensorboard"):
+        training.train(s, tmp_path / "run", echo=lambda _: None, progress=False)
+    assert not (tmp_path / "run" / "config.yaml").exists()
