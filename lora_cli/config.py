@@ -71,10 +71,6 @@ def model_config_from_arg(arg: str) -> ModelConfig:
         raise LoraCliError(
             f"--model-config {arg!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoraCliError(f"cannot read model config {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise LoraCliError(f"model config {path} must hold a JSON object")
-    return ModelConfig.from_dict(data)
+    from lora_cli.fileio import read_json_object
+
+    return ModelConfig.from_dict(read_json_object(path))

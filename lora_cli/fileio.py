@@ -45,6 +45,21 @@ def fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def read_json_object(path: str | os.PathLike[str]) -> dict:
+    """A JSON file that must hold an object; anything else is one clear `LoraCliError`."""
+    import json
+
+    from lora_cli.errors import LoraCliError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LoraCliError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise LoraCliError(f"{path} must hold a JSON object")
+    return data
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:

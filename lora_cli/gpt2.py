@@ -8,7 +8,6 @@ written with `lora_cli.checkpoint.save_base` (safetensors, config in the metadat
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import warnings
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from lora_cli.checkpoint import check_state, read_tensors, save_base
 from lora_cli.config import PRESETS, ModelConfig
 from lora_cli.download import download_file
 from lora_cli.errors import LoraCliError
+from lora_cli.fileio import read_json_object
 from lora_cli.hf_gpt2 import config_from_hf, hf_to_scratch, strip_prefix
 
 HF_BASE = "https://huggingface.co"
@@ -113,12 +113,7 @@ def read_hf_checkpoint(
         raise LoraCliError(f"{weights} is not a Hugging Face GPT-2 checkpoint (no wte.weight tensor).{hint}")
     hf_config = None
     if config_path is not None:
-        try:
-            hf_config = json.loads(Path(config_path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LoraCliError(f"cannot read {config_path}: {exc}") from exc
-        if not isinstance(hf_config, dict):
-            raise LoraCliError(f"{config_path} must hold a JSON object")
+        hf_config = read_json_object(config_path)
         model_type = hf_config.get("model_type", "gpt2")
         if model_type != "gpt2":
             raise LoraCliError(f"{config_path} describes a {model_type!r} model, not GPT-2")

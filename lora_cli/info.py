@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import LoraCliError
+from lora_cli.fileio import read_json_object
 
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
            "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -100,7 +101,7 @@ def _torch_file(path: Path) -> dict[str, Any]:
 
 
 def _peft_dir(path: Path) -> dict[str, Any]:
-    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_json_object(path / "adapter_config.json")
     out = {"kind": "PEFT adapter directory", "path": str(path), "peft_type": config.get("peft_type"),
            "r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
            "target_modules": config.get("target_modules"), "modules_to_save": config.get("modules_to_save")}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from lora_cli.config import PRESETS
 from lora_cli.errors import LoraCliError
+from lora_cli.fileio import read_json_object
 
 HOME_ENV = "LORA_CLI_HOME"
 
@@ -58,10 +58,7 @@ def resolve_data(data: str | None, train: str | None, val: str | None) -> tuple[
     names = None
     meta = directory / "dataset.json"
     if meta.is_file():
-        try:
-            names = json.loads(meta.read_text(encoding="utf-8")).get("label_names")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
-            raise LoraCliError(f"{meta} is not valid JSON ({exc})") from exc
+        names = read_json_object(meta).get("label_names")
     return found[0], found[1], names
 
 

@@ -45,7 +45,7 @@ from lora_cli.checkpoint import BaseCheckpoint
 from lora_cli.classifier import LoraSpec
 from lora_cli.data import LabelSet
 from lora_cli.errors import LoraCliError
-from lora_cli.fileio import atomic_path, write_text
+from lora_cli.fileio import atomic_path, read_json_object, write_text
 from lora_cli.hf_gpt2 import BLOCK_LINEARS
 from lora_cli.lora import lora_scale
 
@@ -218,16 +218,6 @@ def _pattern_value(patterns: dict, key: str, default: float) -> float:
     return default
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LoraCliError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise LoraCliError(f"{path} must hold a JSON object")
-    return data
-
-
 def _read_weights(in_dir: Path) -> dict[str, torch.Tensor]:
     st, binary = in_dir / ADAPTER_WEIGHTS, in_dir / "adapter_model.bin"
     if st.is_file():
@@ -278,7 +268,7 @@ def _check_config(cfg: dict, source: Path) -> None:
 def _labels(in_dir: Path, num_labels: int) -> tuple[LabelSet, dict]:
     meta_path, hf_path = in_dir / METADATA_FILE, in_dir / "config.json"
     if meta_path.is_file():
-        meta = _read_json(meta_path)
+        meta = read_json_object(meta_path)
         try:
             names = [str(n) for n in meta["labels"]["names"]]
             integer_ids = bool(meta["labels"].get("integer_ids", False))
@@ -289,7 +279,7 @@ def _labels(in_dir: Path, num_labels: int) -> tuple[LabelSet, dict]:
         training = meta.get("training_config") if isinstance(meta.get("training_config"), dict) else {}
         return LabelSet(names, integer_ids), dict(training)
     if hf_path.is_file():
-        id2label = _read_json(hf_path).get("id2label")
+        id2label = read_json_object(hf_path).get("id2label")
         if isinstance(id2label, dict) and len(id2label) == num_labels:
             try:
                 names = [str(id2label.get(str(i), id2label.get(i))) for i in range(num_labels)]
@@ -319,7 +309,7 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
     cfg_path = in_dir / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise LoraCliError(f"{in_dir} has no {ADAPTER_CONFIG}: not a PEFT adapter directory")
-    cfg = _read_json(cfg_path)
+    cfg = read_json_object(cfg_path)
     _check_config(cfg, cfg_path)
     state = _read_weights(in_dir)
     mc = base.config

@@ -352,3 +352,9 @@ def test_json_output_of_init_data_train(tmp_path: Path, sms_file: Path, micro_ch
     assert result["final"]["step"] == 3 and result["final"]["examples_seen"] == 24
     assert result["adapter_bytes"] == (tmp_path / "run" / "adapter.safetensors").stat().st_size
     assert result["parameters"]["trainable"] == result["parameters"]["lora"] + result["parameters"]["head"]
+
+
+def test_info_on_broken_peft_dir(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    r = runner.invoke(app, ["info", str(tmp_path)])
+    assert r.exit_code == 1 and r.output.startswith("error: cannot read") and "Traceback" not in r.output

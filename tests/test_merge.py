@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from adapters import random_adapter
 import torch
 from torch import nn
 
-from lora_cli.adapter import adapter_from_model, model_with_adapter
+from lora_cli.adapter import model_with_adapter
 from lora_cli.checkpoint import init_checkpoint, load_base, read_tensors, save_base
-from lora_cli.classifier import LoraSpec, build_classifier
 from lora_cli.config import ModelConfig
-from lora_cli.data import LabelSet
 from lora_cli.errors import LoraCliError
 from lora_cli.lora import LinearWithLoRA
 from lora_cli.merge import (
@@ -36,17 +35,7 @@ def base(tmp_path_factory):
 
 
 def trained_adapter(base, targets="blocks", head_bias=False, bias_value=0.0, labels=("neg", "pos")):
-    spec = LoraSpec(rank=4, alpha=8, target_spec=[targets], head_bias=head_bias)
-    model = build_classifier(base, len(labels), spec, seed=1)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora." in name or name == "out_head.weight":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-            elif name == "out_head.bias":
-                p.fill_(bias_value)
-    return adapter_from_model(model, spec, LabelSet(list(labels)), base, {})
-
+    return random_adapter(base, targets, head_bias=head_bias, bias_value=bias_value, labels=labels, scale=0.2)
 
 def tokens(seed=0):
     return torch.randint(0, 50256, (3, 11), generator=torch.Generator().manual_seed(seed))

@@ -12,13 +12,12 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from adapters import random_adapter  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from lora_cli.adapter import adapter_from_model, model_with_adapter  # noqa: E402
+from lora_cli.adapter import model_with_adapter  # noqa: E402
 from lora_cli.checkpoint import init_checkpoint, load_base, save_base  # noqa: E402
-from lora_cli.classifier import LoraSpec, build_classifier  # noqa: E402
 from lora_cli.config import ModelConfig  # noqa: E402
-from lora_cli.data import LabelSet  # noqa: E402
 from lora_cli.errors import LoraCliError  # noqa: E402
 from lora_cli.hf_gpt2 import config_to_hf  # noqa: E402
 from lora_cli.merge import hf_classifier_state  # noqa: E402
@@ -35,17 +34,8 @@ def base(tmp_path_factory):
 
 
 def trained_adapter(base, targets, *, scaling="alpha-over-rank", head_bias=False, bias_value=0.0, seed=1, labels=("a", "b")):
-    """An adapter with random nonzero LoRA factors and head, as if trained."""
-    spec = LoraSpec(rank=4, alpha=8, scaling=scaling, target_spec=[targets], head_bias=head_bias)
-    model = build_classifier(base, len(labels), spec, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora." in name or name == "out_head.weight":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            elif name == "out_head.bias":
-                p.fill_(bias_value)
-    return adapter_from_model(model, spec, LabelSet(list(labels)), base, {"epochs": 1})
+    return random_adapter(base, targets, scaling=scaling, head_bias=head_bias, bias_value=bias_value, seed=seed,
+                          labels=labels)
 
 
 def hf_base(base, num_labels):
