@@ -3,17 +3,52 @@
 Keys match `llms_from_scratch.ch04.GPTModel` exactly (`tok_emb`, `pos_emb`,
 `trf_blocks.N.att.W_query|W_key|W_value|out_proj`, `trf_blocks.N.ff.layers.0|2`,
 `norm1|norm2|final_norm.scale|shift`, `out_head`), so the book's checkpoints load as they are.
-The only departure is that attention runs through `scaled_dot_product_attention` and the
-book's `mask` buffer is not stored (it is a constant).
+The departures are all in how the numbers are computed, not in what they are: attention runs
+through `scaled_dot_product_attention` (the book's `mask` buffer is a constant and is not
+stored), and a classifier's forward pass skips padding (see `Packing`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.config import ModelConfig
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a right-padded batch are, so padding costs no matmul work.
+
+    Linear layers, norms and the MLP see only the N real tokens, as one (N, d) matrix; only
+    attention, which needs the (B, T) layout, scatters them back into a zero-padded grid.
+    Causal attention with right padding never lets a real token see a padded one, so the
+    result equals the padded computation up to float rounding.
+    """
+
+    batch: int
+    seq_len: int
+    token_index: torch.Tensor  # (N,) flat positions b * T + t of the real tokens, ascending
+    last_rows: torch.Tensor  # (B,) row of each sequence's last real token in the packed (N, d) matrix
+    key_mask: torch.Tensor  # (B, 1, 1, T) True where a key is a real token
+
+    @classmethod
+    def from_last_index(cls, last_index: torch.Tensor, seq_len: int, device: torch.device) -> Packing:
+        """Built where `last_index` lives (the CPU in the training loop, so no device sync), then moved."""
+        lengths = last_index.long() + 1
+        real = torch.arange(seq_len, device=last_index.device) < lengths[:, None]
+        plan = (real.flatten().nonzero().squeeze(1), lengths.cumsum(0) - 1, real[:, None, None, :])
+        if last_index.device != device:
+            plan = tuple(t.to(device, non_blocking=True) for t in plan)
+        return cls(len(lengths), seq_len, *plan)
+
+    def grid(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """(N, d) -> (B, heads, T, d / heads), zeros where the padding is."""
+        out = x.new_zeros(self.batch * self.seq_len, x.shape[-1]).index_copy(0, self.token_index, x)
+        return out.view(self.batch, self.seq_len, heads, -1).transpose(1, 2)
 
 
 class LayerNorm(nn.Module):
@@ -67,10 +102,24 @@ class MultiHeadAttention(nn.Module):
         q = self.W_query(x).view(shape).transpose(1, 2)
         k = self.W_key(x).view(shape).transpose(1, 2)
         v = self.W_value(x).view(shape).transpose(1, 2)
-        ctx = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self._dropout_p())
         return self.out_proj(ctx.transpose(1, 2).reshape(b, t, d))
+
+    def forward_packed(self, x: torch.Tensor, packing: Packing, last_only: bool = False) -> torch.Tensor:
+        """Attention over packed tokens (N, d); with `last_only`, queries only at each last token (B, d)."""
+        k = packing.grid(self.W_key(x), self.num_heads)
+        v = packing.grid(self.W_value(x), self.num_heads)
+        if last_only:  # the classifier reads one position: one query per sequence, padded keys masked
+            q = self.W_query(x[packing.last_rows]).view(packing.batch, self.num_heads, 1, self.head_dim)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask, dropout_p=self._dropout_p())
+            return self.out_proj(ctx.reshape(packing.batch, -1))
+        q = packing.grid(self.W_query(x), self.num_heads)
+        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self._dropout_p())
+        ctx = ctx.transpose(1, 2).reshape(packing.batch * packing.seq_len, -1)
+        return self.out_proj(ctx[packing.token_index])
+
+    def _dropout_p(self) -> float:
+        return self.dropout if self.training else 0.0
 
 
 class TransformerBlock(nn.Module):
@@ -84,6 +133,12 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_resid(self.att(self.norm1(x)))
+        return x + self.drop_resid(self.ff(self.norm2(x)))
+
+    def forward_packed(self, x: torch.Tensor, packing: Packing, last_only: bool = False) -> torch.Tensor:
+        """The block on packed tokens; `last_only` returns just each sequence's last token (B, d)."""
+        att = self.att.forward_packed(self.norm1(x), packing, last_only)
+        x = (x[packing.last_rows] if last_only else x) + self.drop_resid(att)
         return x + self.drop_resid(self.ff(self.norm2(x)))
 
 
@@ -100,19 +155,35 @@ class GPTModel(nn.Module):
         self.final_norm = LayerNorm(cfg.emb_dim)
         self.out_head = nn.Linear(cfg.emb_dim, out_dim or cfg.vocab_size, bias=out_bias)
 
-    def forward(self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True
+    ) -> torch.Tensor:
         """Logits for every position, or only at `last_index` (one position per row).
 
-        With `last_index`, the final norm and head run on one position per sequence: a
-        classifier reads the last real token, so right padding never reaches its output
-        (attention is causal).
+        With `last_index` (right padding: the last real token of each row), the logits are a
+        classifier's: by default the batch is packed (`Packing`), so no layer works on padding,
+        and the last block computes its query, MLP and head for the last token only. `last_index`
+        may stay on the CPU when the model is on a GPU, which keeps the step free of host syncs.
+        `packed=False` runs the plain padded computation, the reference the tests compare to.
         """
         seq_len = in_idx.shape[1]
         if seq_len > self.cfg.context_length:
             raise ValueError(f"sequence length {seq_len} exceeds the context length {self.cfg.context_length}")
+        if last_index is not None and packed:
+            return self._forward_packed(in_idx, Packing.from_last_index(last_index, seq_len, in_idx.device))
         pos = torch.arange(seq_len, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
         x = self.trf_blocks(x)
         if last_index is not None:
+            last_index = last_index.to(x.device)
             x = x[torch.arange(x.shape[0], device=x.device), last_index]
+        return self.out_head(self.final_norm(x))
+
+    def _forward_packed(self, in_idx: torch.Tensor, packing: Packing) -> torch.Tensor:
+        ids = in_idx.flatten()[packing.token_index]
+        x = self.drop_emb(self.tok_emb(ids) + self.pos_emb(packing.token_index % packing.seq_len))
+        *blocks, last = self.trf_blocks
+        for block in blocks:
+            x = block.forward_packed(x, packing)
+        x = last.forward_packed(x, packing, last_only=True)
         return self.out_head(self.final_norm(x))

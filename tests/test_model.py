@@ -276,3 +276,69 @@ def test_model_config_validation() -> None:
     with pytest.raises(LoraCliError, match="unknown keys"):
         ModelConfig.from_dict({**book_cfg(), "n_embd": 64})
     assert ModelConfig.from_dict(book_cfg()).to_dict() == book_cfg()
+
+
+def _ragged_batch(lengths: list[int], vocab: int, seed: int, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), max(lengths)), pad)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(0, vocab, (n,), generator=g)
+    return ids, torch.tensor(lengths) - 1
+
+
+def _lora_classifier(dtype: torch.dtype, seed: int) -> GPTModel:
+    from lora_cli.lora import apply_lora, resolve_targets
+
+    torch.manual_seed(seed)
+    model = GPTModel(ModelConfig.from_dict(book_cfg(n_layers=3)), out_dim=3, out_bias=True)
+    perturb_norms(model, seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.out_head.parameters():
+        p.requires_grad_(True)
+    apply_lora(model, resolve_targets(model, "blocks"), 4, 8, "alpha-over-rank")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".lora.B"):  # B starts at zero; make the update count
+                p.normal_(0, 0.2)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("lengths", [[5, 17, 1, 17, 9], [8, 8, 8], [1], [32, 2]])
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_packed_forward_and_gradients_equal_the_padded_path(lengths, dtype, atol) -> None:
+    """The fast path (no work on padding, last block on the last token only) changes no number."""
+    model = _lora_classifier(dtype, seed=len(lengths))
+    ids, last = _ragged_batch(lengths, 300, seed=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = model(ids, last)
+    slow = model(ids, last, packed=False)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=atol)
+    assert fast.abs().max() > 0.1  # real numbers, not an all-zero head
+    g_fast = torch.autograd.grad(fast.square().sum(), params)
+    g_slow = torch.autograd.grad(slow.square().sum(), params)
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-6 if dtype == torch.float64 else 1e-4, atol=atol * 10)
+    assert any(g.abs().max() > 1e-3 for g in g_fast)
+
+
+def test_packed_forward_equals_each_sequence_alone_in_the_book_model() -> None:
+    """Baseline: the book's GPTModel on each text alone, unpadded, read at its last position."""
+    cfg = book_cfg(n_layers=3)
+    book, ours = ours_from_book(cfg, seed=9)
+    lengths = [4, 30, 11, 1, 30]
+    ids, last = _ragged_batch(lengths, cfg["vocab_size"], seed=4, pad=cfg["vocab_size"] - 1)
+    with torch.no_grad():
+        got = ours(ids, last)
+        expected = torch.stack([book(ids[i : i + 1, :n])[0, -1] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_packed_forward_in_inference_mode_matches_no_grad() -> None:
+    model = _lora_classifier(torch.float32, seed=2).eval()
+    ids, last = _ragged_batch([3, 12, 7], 300, seed=8)
+    with torch.inference_mode():
+        a = model(ids, last)
+    with torch.no_grad():
+        b = model(ids, last, packed=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
