@@ -39,6 +39,11 @@ class BaseCheckpoint:
             return None
         return weight.float(), None if self.state.get("out_head.bias") is None else self.state["out_head.bias"].float()
 
+    def drop_lm_head(self) -> None:
+        """Free the vocabulary-sized LM head (154 MB in GPT-2 small): a classifier never uses it."""
+        if self.task_head() is None:
+            self.state = {k: v for k, v in self.state.items() if not k.startswith("out_head.")}
+
 
 def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and (for safetensors) header metadata of a checkpoint file, on the CPU."""

@@ -35,9 +35,15 @@ MFU = useful FLOPs / second / (this machine's dense matmul rate, measured here w
 of --mm-size square float32 matrices on the same device and thread count; bf16 when autocast
 is on). Padding work is not useful work, so a system that pads more scores lower.
 
+Inference ("predict ex/s"): the 300 test texts, batch 8, timed per system in alternating rounds:
+lora-cli as `lora-cli predict` runs it (LoRA merged into the weights, length-sorted packed
+batches, inference mode), the book's model with its LoRA layers unmerged through its own batched
+evaluation (ch06.calc_accuracy_loader: padded to the longest training text, last position), and
+PEFT unmerged with length-sorted batches and an attention mask.
+
 Usage:
-  python scripts/bench.py --preset gpt2-tiny --steps 10 --rounds 2
-  python scripts/bench.py                                  # gpt2-small, 40 steps x 3 rounds
+  python scripts/bench.py --quick                          # about 2 minutes on 2 cores
+  python scripts/bench.py                                  # gpt2-small, 20 steps x 3 rounds
   python scripts/bench.py --preset gpt2-tiny --accuracy-epochs 2
   python scripts/bench.py --device cuda                    # bf16 autocast for all three
 """
@@ -187,8 +193,9 @@ class LoraCli(System):
         from lora_cli.data import Encoded
 
         self.torch = torch
-        # Setup keeps `base` alive for the whole run (adapter metadata); so does this.
+        # Setup keeps `base` alive for the whole run (adapter metadata), without the LM head; so does this.
         self.base = load_base(ctx["checkpoint"])
+        self.base.drop_lm_head()
         self.train = Encoded(ctx["train_tokens"], ctx["train_labels"])
         self.val = Encoded(ctx["val_tokens"], ctx["val_labels"])
         self.build()
@@ -236,6 +243,21 @@ class LoraCli(System):
 
         logits = predict_logits(self.model, self.val, self.bs, self.device)
         return float((logits.argmax(-1) == self.torch.tensor(self.val.labels)).float().mean())
+
+    def predict(self) -> dict:
+        """`lora-cli predict`'s path: LoRA merged into the weights, length-sorted packed batches."""
+        from lora_cli.data import Encoded
+        from lora_cli.evaluation import predict_logits
+        from lora_cli.merge import merge_lora, unmerge_lora
+
+        texts = Encoded(self.ctx["test_tokens"], None)
+        t0 = time.perf_counter()
+        merge_lora(self.model)
+        predict_logits(self.model, texts, self.bs, self.device)
+        self.sync()
+        seconds = time.perf_counter() - t0
+        unmerge_lora(self.model)
+        return {"seconds": seconds, "examples": len(texts)}
 
 
 class LoraCliBucketed(LoraCli):
@@ -303,6 +325,7 @@ class Book(System):
         tokenizer = get_tokenizer(ctx["bpe_dir"])
         self.train_ds = SpamDataset(ctx["train_csv"], tokenizer, max_length=None, pad_token_id=PAD)
         self.val_ds = SpamDataset(ctx["val_csv"], tokenizer, max_length=self.train_ds.max_length, pad_token_id=PAD)
+        self.test_ds = SpamDataset(ctx["test_csv"], tokenizer, max_length=self.train_ds.max_length, pad_token_id=PAD)
         self.build()
 
     def build(self) -> None:
@@ -360,6 +383,21 @@ class Book(System):
                 correct += int((pred == y).sum())
                 n += len(y)
         return correct / n
+
+    def predict(self) -> dict:
+        """The book's batched inference (ch06.calc_accuracy_loader): LoRA unmerged, padded to the training maximum."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        self.model.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for x, _ in DataLoader(self.test_ds, batch_size=self.bs, shuffle=False):
+                with self.autocast():
+                    self.model(x.to(self.device))[:, -1, :].argmax(-1).cpu()
+        self.sync()
+        self.model.train()
+        return {"seconds": time.perf_counter() - t0, "examples": len(self.test_ds)}
 
 
 class Peft(System):
@@ -450,6 +488,23 @@ class Peft(System):
         self.model.train()
         return correct / len(order)
 
+    def predict(self) -> dict:
+        """PEFT unmerged, batches of similar length (sorted, as lora-cli does) with an attention mask."""
+        import torch
+
+        tokens = self.ctx["test_tokens"]
+        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+        self.model.eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, len(order), self.bs):
+                ids, mask = self.collate([tokens[i] for i in order[start : start + self.bs]])
+                with self.autocast():
+                    self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.argmax(-1).cpu()
+        self.sync()
+        self.model.train()
+        return {"seconds": time.perf_counter() - t0, "examples": len(tokens)}
+
 
 CLASSES = {"lora-cli": LoraCli, "lora-cli+bucket": LoraCliBucketed, "book": Book, "peft": Peft}
 
@@ -526,6 +581,8 @@ def worker(conn, name: str, ctx: dict) -> None:
                 system.sync()
                 seconds = time.perf_counter() - t0
                 conn.send(("ok", {"val_accuracy": system.evaluate(), "train_seconds": seconds}))
+            elif cmd == "predict":
+                conn.send(("ok", system.predict()))
             elif cmd == "profile":
                 conn.send(("ok", _profile(system, payload["order"])))
         except Exception:  # noqa: BLE001
@@ -581,9 +638,12 @@ def fmt(x, spec=",.1f") -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2-small", help="model shape (lora_cli.config.PRESETS); random weights")
-    p.add_argument("--steps", type=int, default=40, help="timed steps per system per round")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps before them, every round")
-    p.add_argument("--rounds", type=int, default=3, help="rounds; systems alternate A B C A B C ...")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per system per round [20; --quick 6]")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before them, every round [3; --quick 2]")
+    p.add_argument("--rounds", type=int, default=None, help="rounds; systems alternate A B C A B C ... [3; --quick 2]")
+    p.add_argument("--quick", action="store_true", help="fewer steps and rounds: about 2 minutes for gpt2-small on 2 cores")
+    p.add_argument("--predict-rounds", type=int, default=None,
+                   help="rounds of inference on the 300 test texts (lora-cli, book, peft) [3; --quick 1; 0: skip]")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
@@ -602,6 +662,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=0, help="also print a torch.profiler table of N steps each")
     p.add_argument("--json-out", default="bench.json")
     args = p.parse_args(argv)
+    for key, full, quick in (("steps", 20, 6), ("warmup", 3, 2), ("rounds", 3, 2), ("predict_rounds", 3, 1)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
 
     import multiprocessing as mp
 
@@ -630,7 +693,7 @@ def main(argv=None) -> int:
     sms_spam.prepare(tmpdir / "data", shared / "sms_spam" / "SMSSpamCollection")
     tokenizer = get_tokenizer(shared / "gpt2_bpe")
     os.environ.setdefault("LORA_CLI_BPE_DIR", str(shared / "gpt2_bpe"))
-    tables = {s: read_table(tmpdir / "data" / f"{s}.csv") for s in ("train", "validation")}
+    tables = {s: read_table(tmpdir / "data" / f"{s}.csv") for s in ("train", "validation", "test")}
     tokens = {s: encode_texts(tokenizer, t.texts, cfg.context_length)[0] for s, t in tables.items()}
     labels = {s: [int(x) for x in t.labels] for s, t in tables.items()}
     ckpt = tmpdir / "base.safetensors"
@@ -649,6 +712,7 @@ def main(argv=None) -> int:
         "alpha": args.alpha, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
         "checkpoint": str(ckpt), "model_config": cfg.to_dict(), "bpe_dir": str(shared / "gpt2_bpe"),
         "train_csv": str(tmpdir / "data" / "train.csv"), "val_csv": str(tmpdir / "data" / "validation.csv"),
+        "test_csv": str(tmpdir / "data" / "test.csv"), "test_tokens": tokens["test"],
         "train_tokens": tokens["train"], "train_labels": labels["train"],
         "val_tokens": tokens["validation"], "val_labels": labels["validation"],
     }
@@ -695,6 +759,16 @@ def main(argv=None) -> int:
             rounds[name].append(res)
             print(f"round {r + 1}/{args.rounds} {name:8s} {res['examples_per_s']:8.2f} ex/s "
                   f"{res['real_tokens_per_s']:9.1f} real tok/s  ({res['seconds']:.1f}s)", flush=True)
+    predict_systems = [s for s in systems if s != "lora-cli+bucket"]  # it predicts exactly as lora-cli
+    predictions: dict[str, list[dict]] = {s: [] for s in predict_systems}
+    for r in range(args.predict_rounds):
+        for name in predict_systems:
+            time.sleep(0.2)
+            res = ask(name, "predict")
+            res["examples_per_s"] = res["examples"] / res["seconds"]
+            predictions[name].append(res)
+            print(f"predict {r + 1}/{args.predict_rounds} {name:8s} {res['examples_per_s']:8.2f} ex/s "
+                  f"({res['examples']} texts, {res['seconds']:.1f}s)", flush=True)
     peak_end = matmul_rate(device, torch.float32 if not amp else torch.bfloat16, mm_size)
 
     accuracy = {}
@@ -745,6 +819,10 @@ def main(argv=None) -> int:
             summary[name]["train_peak_over_imports_mb"] = summary[name]["train_peak_rss_mb"] - summary[name]["rss_after_imports_mb"]
         if name in accuracy:
             summary[name].update(accuracy[name])
+        if predictions.get(name):
+            summary[name]["predict_examples_per_s"] = statistics.median(x["examples_per_s"] for x in predictions[name])
+        elif name == "lora-cli+bucket" and predictions.get("lora-cli"):
+            summary[name]["predict_examples_per_s"] = summary["lora-cli"]["predict_examples_per_s"]
 
     cols = [("trainable", "trainable_params", ",d"), ("ex/s", "examples_per_s", ",.2f"),
             ("real tok/s", "real_tokens_per_s", ",.0f"), ("all tok/s", "padded_tokens_per_s", ",.0f"),
@@ -756,6 +834,8 @@ def main(argv=None) -> int:
         cols += [("RSS imports MB", "rss_after_imports_mb", ",.0f"), ("RSS built MB", "rss_after_build_mb", ",.0f"),
                  ("train peak MB", "train_peak_rss_mb", ",.0f"),
                  ("peak-imports MB", "train_peak_over_imports_mb", ",.0f"), ("proc peak MB", "process_peak_rss_mb", ",.0f")]
+    if args.predict_rounds:
+        cols.append(("predict ex/s", "predict_examples_per_s", ",.1f"))
     if accuracy:
         cols.append(("val acc", "val_accuracy", ".4f"))
 
@@ -767,7 +847,7 @@ def main(argv=None) -> int:
 
     rows = [["system"] + [c[0] for c in cols]] + [[n] + [cell(n, k, s) for _, k, s in cols] for n in systems]
     ratio_keys = {"examples_per_s", "real_tokens_per_s", "padded_tokens_per_s", "median_step_ms", "useful_flops_per_s",
-                  "mfu", "rss_after_build_mb", "train_peak_rss_mb", "train_peak_over_imports_mb", "process_peak_rss_mb", "gpu_peak_allocated_mb",
+                  "mfu", "predict_examples_per_s", "rss_after_build_mb", "train_peak_rss_mb", "train_peak_over_imports_mb", "process_peak_rss_mb", "gpu_peak_allocated_mb",
                   "trainable_params"}
     ratios = {}
     ours = [s for s in systems if s.startswith("lora-cli")]
@@ -805,7 +885,8 @@ def main(argv=None) -> int:
         "model_config": ctx["model_config"],
         "flops_formula": "per sequence of L real tokens: L*(4*N_lin + 6*P_lora) + n_layers*6*d*L^2, "
                          "N_lin = 12*d^2*n_layers, P_lora = r*18*d*n_layers (lora-cli blocks targets)",
-        "systems": {n: {"summary": summary[n], "build": info[n], "rounds": rounds[n]} for n in systems},
+        "systems": {n: {"summary": summary[n], "build": info[n], "rounds": rounds[n], "predict": predictions.get(n, [])}
+                    for n in systems},
         "ratios": ratios,
         "profiles": profiles,
     }
