@@ -35,7 +35,7 @@ MFU = useful FLOPs / second / (this machine's dense matmul rate, measured here w
 of --mm-size square float32 matrices on the same device and thread count; bf16 when autocast
 is on). Padding work is not useful work, so a system that pads more scores lower.
 
-Inference ("predict ex/s"): the 300 test texts, batch 8, timed per system in alternating rounds:
+Inference ("predict ex/s"): the first --predict-texts test texts, batch 8, timed per system in alternating rounds:
 lora-cli as `lora-cli predict` runs it (LoRA merged into the weights, length-sorted packed
 batches, inference mode), the book's model with its LoRA layers unmerged through its own batched
 evaluation (ch06.calc_accuracy_loader: padded to the longest training text, last position), and
@@ -250,7 +250,7 @@ class LoraCli(System):
         from lora_cli.evaluation import predict_logits
         from lora_cli.merge import merge_lora, unmerge_lora
 
-        texts = Encoded(self.ctx["test_tokens"], None)
+        texts = Encoded(self.ctx["test_tokens"][: self.ctx["predict_texts"]], None)
         t0 = time.perf_counter()
         merge_lora(self.model)
         predict_logits(self.model, texts, self.bs, self.device)
@@ -387,17 +387,18 @@ class Book(System):
     def predict(self) -> dict:
         """The book's batched inference (ch06.calc_accuracy_loader): LoRA unmerged, padded to the training maximum."""
         import torch
-        from torch.utils.data import DataLoader
+        from torch.utils.data import DataLoader, Subset
 
         self.model.eval()
         t0 = time.perf_counter()
         with torch.no_grad():
-            for x, _ in DataLoader(self.test_ds, batch_size=self.bs, shuffle=False):
+            texts = Subset(self.test_ds, range(self.ctx["predict_texts"]))
+            for x, _ in DataLoader(texts, batch_size=self.bs, shuffle=False):
                 with self.autocast():
                     self.model(x.to(self.device))[:, -1, :].argmax(-1).cpu()
         self.sync()
         self.model.train()
-        return {"seconds": time.perf_counter() - t0, "examples": len(self.test_ds)}
+        return {"seconds": time.perf_counter() - t0, "examples": len(texts)}
 
 
 class Peft(System):
@@ -492,7 +493,7 @@ class Peft(System):
         """PEFT unmerged, batches of similar length (sorted, as lora-cli does) with an attention mask."""
         import torch
 
-        tokens = self.ctx["test_tokens"]
+        tokens = self.ctx["test_tokens"][: self.ctx["predict_texts"]]
         order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
         self.model.eval()
         t0 = time.perf_counter()
@@ -643,7 +644,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="rounds; systems alternate A B C A B C ... [3; --quick 2]")
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds: about 2 minutes for gpt2-small on 2 cores")
     p.add_argument("--predict-rounds", type=int, default=None,
-                   help="rounds of inference on the 300 test texts (lora-cli, book, peft) [3; --quick 1; 0: skip]")
+                   help="rounds of inference on the test texts (lora-cli, book, peft) [3; --quick 1; 0: skip]")
+    p.add_argument("--predict-texts", type=int, default=None, help="test texts per inference round [300; --quick 64]")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
@@ -662,7 +664,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=0, help="also print a torch.profiler table of N steps each")
     p.add_argument("--json-out", default="bench.json")
     args = p.parse_args(argv)
-    for key, full, quick in (("steps", 20, 6), ("warmup", 3, 2), ("rounds", 3, 2), ("predict_rounds", 3, 1)):
+    for key, full, quick in (("steps", 20, 6), ("warmup", 3, 2), ("rounds", 3, 2), ("predict_rounds", 3, 1),
+                             ("predict_texts", 300, 64)):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
 
@@ -713,6 +716,7 @@ def main(argv=None) -> int:
         "checkpoint": str(ckpt), "model_config": cfg.to_dict(), "bpe_dir": str(shared / "gpt2_bpe"),
         "train_csv": str(tmpdir / "data" / "train.csv"), "val_csv": str(tmpdir / "data" / "validation.csv"),
         "test_csv": str(tmpdir / "data" / "test.csv"), "test_tokens": tokens["test"],
+        "predict_texts": min(args.predict_texts, len(tokens["test"])),
         "train_tokens": tokens["train"], "train_labels": labels["train"],
         "val_tokens": tokens["validation"], "val_labels": labels["validation"],
     }
