@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +20,15 @@ import typer
 from lora_cli import __version__
 from lora_cli.errors import LoraCliError
 
-EXIT_CODES = "Exit codes: 0 success, 1 error (the message says why), 2 bad usage, 130 interrupted (Ctrl-C)."
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 error (one `error: ...` line on stderr says why); 2 bad usage (unknown option, "
+    "missing argument, no command); 130 interrupted (Ctrl-C, SIGINT); 143 terminated (SIGTERM)."
+)
+TRAIN_EXIT = "On SIGINT or SIGTERM, train finishes the current step and writes a checkpoint first; resume with --resume RUN_DIR."
 
 app = typer.Typer(
     name="lora-cli",
-    help="Fine-tune GPT-style models (the book's from-scratch GPTModel, GPT-2) with LoRA.\n\n" + EXIT_CODES,
+    help="Fine-tune GPT-style models (the book's from-scratch GPTModel, GPT-2) with LoRA.\n\n" + EXIT_CODES + " " + TRAIN_EXIT,
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -96,14 +101,22 @@ def refuse_overwrite(path: Path, overwrite: bool) -> None:
         raise LoraCliError(f"{path} exists; pass --overwrite to replace it")
 
 
-def print_table(headers: list[str], rows: list[list[Any]]) -> None:
-    cells = [[str(c) for c in headers]] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(headers))]
-    for n, row in enumerate(cells):
-        typer.echo("  ".join(c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
-        if n == 0:
-            typer.echo("  ".join("-" * w for w in widths))
+def print_json(obj: Any) -> None:
+    """`--json`: one JSON object (or array) on stdout; progress and warnings stay on stderr."""
+    typer.echo(json.dumps(obj, indent=2))
+
+
+def written(*paths: Path) -> list[dict[str, Any]]:
+    """The files a command wrote, with their sizes, for --json."""
+    return [{"path": str(p), "bytes": p.stat().st_size} for p in paths]
+
+
+def weights_summary(path: Path) -> dict[str, Any]:
+    """Tensor and parameter counts of a safetensors file, from its header (no torch needed)."""
+    from lora_cli.info import read_safetensors_header
+
+    tensors, _ = read_safetensors_header(path)
+    return {"tensors": len(tensors), "parameters": sum(math.prod(t["shape"] or [1]) for t in tensors.values())}
 
 
 # ---------------------------------------------------------------- init
@@ -149,11 +162,13 @@ def download(
         Optional[str], typer.Option(help="URL of a model.safetensors, or a local Hugging Face directory/file (offline).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Download and convert again even if the file exists.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Fetch OpenAI's GPT-2 weights from Hugging Face, verify them and convert them to the book's layout.
 
     The download resumes where it stopped, is checked against the published size and SHA-256,
     and lands in the cache ($LORA_CLI_HOME, else ~/.cache/lora-cli), so `--model gpt2-small` works.
+    A checkpoint already there is kept (no network) unless --force.
 
     Examples:
       lora-cli download gpt2-small
@@ -161,14 +176,25 @@ def download(
     """
     import warnings
 
-    from lora_cli.gpt2 import download_gpt2
+    from lora_cli.gpt2 import GPT2_FILES, download_gpt2
+    from lora_cli.info import describe
+    from lora_cli.paths import cached_model_path
 
+    dest = out if out is not None else cached_model_path(name)
+    cached = dest.exists() and not force
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path = download_gpt2(name, out=out, source=source, progress=sys.stderr.isatty(), force=force)
     for warning in caught:
         echo(f"warning: {warning.message}")
-    typer.echo(f"{name}: {path}")
+    if as_json:
+        desc = describe(path)
+        origin = source if source is not None else GPT2_FILES[name].model_url
+        print_json({"name": name, "path": str(path), "bytes": desc["bytes"], "cached": cached,
+                    "source": None if cached else origin, "tensors": desc["tensors"],
+                    "parameters": desc["parameters"], "model_config": desc.get("model_config")})
+        return
+    typer.echo(f"{name}: {path}" + (" (already there; --force downloads again)" if cached else ""))
 
 
 @app.command()
@@ -177,6 +203,7 @@ def convert(
     source: Annotated[Path, typer.Argument(help="Hugging Face GPT-2 directory (model.safetensors or pytorch_model.bin) or file.")],
     out: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors) in the book's layout.")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Convert a local Hugging Face GPT-2 checkpoint to the from-scratch GPTModel layout.
 
@@ -186,6 +213,10 @@ def convert(
 
     refuse_overwrite(out, overwrite)
     path, cfg = convert_hf(source, out)
+    if as_json:
+        print_json({"source": str(source), "path": str(path), "bytes": path.stat().st_size, "format": "lora-cli-base"}
+                   | weights_summary(path) | {"model_config": cfg.to_dict()})
+        return
     typer.echo(f"wrote {path}: {cfg.n_layers} layers, width {cfg.emb_dim}, {cfg.n_heads} heads, context {cfg.context_length}")
 
 
@@ -226,6 +257,7 @@ def data_sms_spam(
 @app.command()
 @handle_errors
 def train(
+    command: typer.Context,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank r. [recipe: 16]")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha. [recipe: 16]")] = None,
     model: Annotated[Optional[str], typer.Option(help="Base checkpoint (.safetensors/.pth) or cached GPT-2 name. [recipe: gpt2-small]")] = None,
@@ -253,6 +285,10 @@ def train(
     max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens. [model context]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="[recipe: 123]")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps. [auto]")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (CUDA). [auto]")] = None,
+    base_dtype: Annotated[Optional[str], typer.Option(
+        help="float32, bfloat16 or float16: store the frozen base in 16 bits (with --precision bf16/fp16). [float32]")] = None,
     bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's encoder.json and vocab.bpe (offline).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML recipe; flags override its values.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory. [runs/NAME]")] = None,
@@ -264,6 +300,16 @@ def train(
     tensorboard: Annotated[
         Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Also log to RUN_DIR/tensorboard (needs tensorboard).")
     ] = None,
+    grad_accum_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (gradient accumulation). [1]")] = None,
+    global_batch_size: Annotated[
+        Optional[int], typer.Option(help="Examples per optimizer step over all processes; sets the accumulation steps. [batch size x processes]")
+    ] = None,
+    nproc_per_node: Annotated[
+        Optional[int], typer.Option(help="Train data-parallel on N processes of this machine (one per GPU, or CPU processes), through torchrun.")
+    ] = None,
+    nnodes: Annotated[Optional[str], typer.Option(help="Machines in the run (with --rdzv-endpoint); start the same command on each. [1]")] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT where the machines of a multi-node run meet (torchrun's c10d rendezvous).")] = None,
+    rdzv_id: Annotated[Optional[str], typer.Option(help="Job id shared by the machines of one multi-node run. [lora-cli]")] = None,
     dry_run: Annotated[bool, typer.Option(help="Build everything, print the config and parameter counts, exit.")] = False,
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe (YAML) and exit; loads nothing.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -278,6 +324,7 @@ def train(
       lora-cli train --rank 16 --alpha 16
       lora-cli train --model tiny.safetensors --data data/sms --epochs 2 --out runs/tiny
       lora-cli train --resume runs/tiny
+      lora-cli train --model tiny.safetensors --data data/sms --nproc-per-node 2 --out runs/ddp
     """
     from lora_cli import recipe
 
@@ -286,7 +333,8 @@ def train(
         text_column=text_column, label_column=label_column, scaling=scaling, lora_dropout=lora_dropout, head_bias=head_bias,
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, bucket_by_length=bucket_by_length, lr=lr, weight_decay=weight_decay, max_length=max_length, seed=seed,
         device=device, bpe_dir=bpe_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-        grad_clip=grad_clip, tensorboard=tensorboard,
+        grad_clip=grad_clip, tensorboard=tensorboard, grad_accum_steps=grad_accum_steps, global_batch_size=global_batch_size,
+        precision=precision, base_dtype=base_dtype,
         label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
         targets=[t.strip() for t in targets.split(",")] if targets else None,
     )
@@ -309,28 +357,81 @@ def train(
         if not dry_run and (run_dir / "config.yaml").exists() and not overwrite:
             raise LoraCliError(f"run directory {run_dir} already holds a run; pass --resume {run_dir}, --overwrite or another --out")
 
-    from lora_cli import training
+    from lora_cli import distributed
 
-    s = training.setup(cfg, echo)
+    if nproc_per_node is not None and nproc_per_node < 1:
+        raise LoraCliError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
+    if (nproc_per_node or 1) > 1 or nnodes or rdzv_endpoint:
+        if not dry_run and not distributed.under_torchrun():  # re-run this command on every process
+            if (nnodes or "1").isdigit():
+                cfg.accumulation_steps((nproc_per_node or 1) * int(nnodes or 1))  # a bad global batch fails here, once
+            from lora_cli.paths import resolve_data
+
+            resolve_data(cfg.data, cfg.train, cfg.val)  # prepares the built-in data set once, not on every rank
+            code = distributed.launch(_relaunch_args(command, run_dir if out is None and resume is None else None), nproc_per_node or 1, nnodes, rdzv_endpoint, rdzv_id, _state["debug"])
+            if code:
+                raise typer.Exit(code)
+            return
+    ctx = distributed.init(cfg.device)
+    with distributed.report_failures(ctx):
+        _train_rank(cfg, run_dir, ctx, resume is not None, overwrite, dry_run, quiet, as_json)
+    distributed.shutdown(ctx)
+
+
+def _relaunch_args(command: typer.Context, run_dir: Optional[Path]) -> list[str]:
+    """This `train` command line for the ranks: the options given, without the launch options.
+
+    `run_dir`: the run directory the launcher chose, so that every rank agrees on it.
+    """
+    args = (["--debug"] if _state["debug"] else []) + [command.info_name or "train"]
+    for param in command.command.params:
+        source = command.get_parameter_source(param.name)
+        if param.name in LAUNCH_OPTIONS or source is None or source.name == "DEFAULT":
+            continue
+        value = command.params[param.name]
+        if getattr(param, "is_flag", False):
+            if value or param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif value is not None:
+            args += [param.opts[0], str(value)]
+    return args + (["--out", str(run_dir)] if run_dir is not None else [])
+
+
+LAUNCH_OPTIONS = {"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id"}
+
+
+def _train_rank(cfg: Any, run_dir: Path, ctx: Any, resume: bool, overwrite: bool, dry_run: bool, quiet: bool,
+                as_json: bool) -> None:
+    """Train in this process: the whole run, or one rank of a multi-process one (rank 0 prints and writes)."""
+    from lora_cli import recipe, training
+
+    say = echo if ctx.is_main else (lambda _: None)
+    s = training.setup(cfg, say, ctx)
     counts = s.counts()
-    echo(f"model: {s.base.path} ({s.base.config_source}), device {s.device}")
-    echo(f"data: {len(s.train)} train / {len(s.val)} validation rows, classes {', '.join(s.labels.names)}")
-    echo(
+    say(f"model: {s.base.path} ({s.base.config_source}), device {s.device}")
+    say(f"data: {len(s.train)} train / {len(s.val)} validation rows, classes {', '.join(s.labels.names)}")
+    say(
         f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
         f"({counts['lora']:,} LoRA + {counts['head']:,} head) in {len(s.spec.targets)} LoRA layers"
     )
+    if ctx.enabled or s.grad_accum > 1:
+        say(f"global batch: {s.global_batch} = --batch-size {cfg.batch_size} x {s.grad_accum} accumulation steps x "
+            f"{ctx.world} processes" + (f" ({ctx.backend})" if ctx.enabled else ""))
     if dry_run:
-        typer.echo(recipe.to_yaml(cfg), nl=False)
-        typer.echo(json.dumps({"parameters": counts, "lora_layers": len(s.spec.targets)}))
+        if ctx.is_main:
+            typer.echo(recipe.to_yaml(cfg), nl=False)
+            typer.echo(json.dumps({"parameters": counts, "lora_layers": len(s.spec.targets)}))
         return
-    if overwrite:
+    if overwrite and ctx.is_main:
         training.clear_run(run_dir)
     try:
-        result = training.train(s, run_dir, echo, progress=not quiet and sys.stderr.isatty(), resume=resume is not None)
+        result = training.train(s, run_dir, say, progress=not quiet and sys.stderr.isatty() and ctx.is_main, resume=resume)
     except training.TrainingInterrupted as exc:
-        echo(f"stopped at step {exc.step}; checkpoint {exc.checkpoint}")
-        echo(f"resume with: lora-cli train --resume {run_dir}")
+        say(f"stopped at step {exc.step}; checkpoint {exc.checkpoint}")
+        say(f"resume with: lora-cli train --resume {run_dir}" + distributed_hint(ctx))
         raise typer.Exit(128 + exc.signum) from None
+    if not ctx.is_main:
+        return
     from lora_cli import plots
 
     if plots.have_matplotlib():
@@ -354,6 +455,16 @@ def train(
         f"{last['val_accuracy']:.2%} after epoch {last['epoch']}, best {best['val_accuracy']:.2%} (epoch {best['epoch']})\n"
         f"adapter {result.adapter_path}: {adapter_mb:.1f} MB, {adapter_mb / base_mb:.1%} of the base checkpoint ({base_mb:.0f} MB)"
     )
+
+
+def distributed_hint(ctx: Any) -> str:
+    """The launch options that resume a multi-process run with the same process count."""
+    if not ctx.enabled:
+        return ""
+    import os
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world))
+    return f" --nproc-per-node {local}" + (f" --nnodes {ctx.world // local} --rdzv-endpoint ..." if ctx.world > local else "")
 
 
 def _run_name(cfg: Any) -> str:
@@ -429,13 +540,11 @@ def evaluate(
 
         plot_confusion(report.confusion, report.names, plot, f"{data.name}: accuracy {report.accuracy:.2%}")
     if as_json:
-        typer.echo(json.dumps(report.to_dict() | {"data": str(data)}, indent=2))
+        print_json(report.to_dict() | {"data": str(data)} | ({"plot": str(plot)} if plot is not None else {}))
         return
-    typer.echo(f"{data}: {len(labels)} examples, loss {report.loss:.4f}, accuracy {report.accuracy:.2%}\n")
-    print_table(["class", "precision", "recall", "f1", "support"],
-                [[n, m["precision"], m["recall"], m["f1"], m["support"]] for n, m in zip(report.names, report.per_class)])
-    typer.echo("\nconfusion matrix (rows: true, columns: predicted)")
-    print_table(["true \\ pred"] + report.names, [[n] + row for n, row in zip(report.names, report.confusion)])
+    from lora_cli.output import eval_tables, print_tables
+
+    print_tables(*eval_tables(report.to_dict(), str(data)))
 
 
 @app.command()
@@ -452,7 +561,9 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")] = None,
     force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
-    merge: Annotated[bool, typer.Option(help="Fold LoRA into the base weights first: no LoRA cost per token.")] = False,
+    merge: Annotated[bool, typer.Option(
+        help="Fold LoRA into the base weights first (no LoRA cost per token); --no-merge runs the two branches.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="The same as --format json.")] = False,
 ) -> None:
     """Label and probability for each text.
 
@@ -468,6 +579,10 @@ def predict(
 
     if output_format not in ("table", "json", "csv"):
         raise LoraCliError(f"--format must be table, json or csv, got {output_format!r}")
+    if as_json:
+        if output_format == "csv":
+            raise LoraCliError("--json and --format csv disagree; pass one of them")
+        output_format = "json"
     items = list(texts or [])
     if file is not None:
         items += read_table(file, text_column, require_labels=False).texts
@@ -492,8 +607,9 @@ def predict(
         writer.writerow(["text", "label", "probability"])
         writer.writerows([r["text"], r["label"], f"{r['probability']:.6f}"] for r in rows)
     else:
-        print_table(["label", "probability", "text"],
-                    [[r["label"], r["probability"], r["text"] if len(r["text"]) <= 70 else r["text"][:67] + "..."] for r in rows])
+        from lora_cli.output import predict_table, print_tables
+
+        print_tables(predict_table(rows))
 
 
 # ---------------------------------------------------------------- export
@@ -507,6 +623,7 @@ def export_adapter(
     output_format: Annotated[str, typer.Option("--format", help="native (lora-cli) or peft (Hugging Face PEFT, GPT-2).")] = "native",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Write a standalone adapter: LoRA factors and the task head, with metadata.
 
@@ -524,15 +641,25 @@ def export_adapter(
         raise LoraCliError(f"--format must be native or peft, got {output_format!r}")
     adapter = load_adapter(source)
     params = sum(t.numel() for t in adapter.tensors.values())
+    result = {"source": str(source), "out": str(out), "format": output_format, "dtype": dtype,
+              "lora_layers": len(adapter.spec.targets), "rank": adapter.spec.rank, "classes": adapter.labels.names}
     if output_format == "peft":
-        from lora_cli.peft_format import ADAPTER_WEIGHTS, export_peft
+        from lora_cli.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE, export_peft
 
         refuse_overwrite(out / ADAPTER_WEIGHTS, overwrite)
         export_peft(adapter, out, dtype)
-        typer.echo(f"wrote {out}/: PEFT LoRA adapter for GPT2ForSequenceClassification, {dtype}")
+        files = written(out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG, out / METADATA_FILE)
+        if as_json:
+            print_json(result | weights_summary(out / ADAPTER_WEIGHTS) | {"files": files})
+            return
+        typer.echo(f"wrote {out}/: PEFT LoRA adapter for GPT2ForSequenceClassification, {dtype}, "
+                   f"{sum(f['bytes'] for f in files) / 1e6:.2f} MB")
         return
     refuse_overwrite(out, overwrite)
     save_adapter(out, adapter, dtype)
+    if as_json:
+        print_json(result | {"tensors": len(adapter.tensors), "parameters": params, "files": written(out)})
+        return
     typer.echo(f"wrote {out}: {len(adapter.tensors)} tensors, {params:,} parameters, {dtype}, {out.stat().st_size / 1e6:.2f} MB")
 
 
@@ -544,6 +671,7 @@ def import_adapter(
     out: Annotated[Path, typer.Option(help="lora-cli adapter file to write (.safetensors).")],
     model_config: Annotated[Optional[str], typer.Option(help="Preset or JSON file, when the checkpoint does not say.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Turn a PEFT LoRA adapter for GPT-2 sequence classification into a lora-cli adapter (exact mappings only).
 
@@ -558,6 +686,12 @@ def import_adapter(
     adapter = import_peft(source, load_base(resolve_model(model), model_config))
     adapter.training_config = adapter.training_config | {"model": str(resolve_model(model).resolve())}
     save_adapter(out, adapter)
+    if as_json:
+        print_json({"source": str(source), "model": adapter.training_config["model"], "out": str(out),
+                    "format": "native", "lora_layers": len(adapter.spec.targets), "rank": adapter.spec.rank,
+                    "classes": adapter.labels.names, "tensors": len(adapter.tensors),
+                    "parameters": sum(t.numel() for t in adapter.tensors.values()), "files": written(out)})
+        return
     typer.echo(f"wrote {out}: {len(adapter.spec.targets)} LoRA layers, classes {', '.join(adapter.labels.names)}")
 
 
@@ -572,6 +706,7 @@ def merge(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (the merge itself is float32).")] = "float32",
     force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Fold W + scale * (A @ B)^T into every adapted layer and write a full classifier checkpoint.
 
@@ -584,7 +719,15 @@ def merge(
 
     refuse_overwrite(out / "model.safetensors" if output_format == "hf" else out, overwrite)
     ad = load_adapter(adapter)
-    save_merged(out, _base_for(ad, model, model_config), ad, format=output_format, dtype=dtype, force=force)
+    base = _base_for(ad, model, model_config)
+    save_merged(out, base, ad, format=output_format, dtype=dtype, force=force)
+    if as_json:
+        weights = out / "model.safetensors" if output_format == "hf" else out
+        files = written(weights, out / "config.json") if output_format == "hf" else written(out)
+        print_json({"adapter": str(adapter), "model": str(base.path), "out": str(out), "format": output_format,
+                    "dtype": dtype, "lora_layers": len(ad.spec.targets), "classes": ad.labels.names}
+                   | weights_summary(weights) | {"files": files})
+        return
     typer.echo(f"wrote {out}: merged {len(ad.spec.targets)} LoRA layers ({output_format}, {dtype})")
 
 
@@ -593,14 +736,24 @@ def merge(
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run directories to overlay.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("curves.png"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Training and validation loss and accuracy over examples seen, one or more runs overlaid.
 
     Example: lora-cli plot runs/tiny runs/small --out compare.png
     """
-    from lora_cli.plots import plot_runs
+    from lora_cli.plots import plot_runs, read_metrics
 
     plot_runs(runs, out)
+    if as_json:
+        summaries = []
+        for run in runs:
+            records = read_metrics(run)
+            epochs = [r for r in records if r.get("event") == "epoch"]
+            summaries.append({"run_dir": str(run), "train_points": sum(r.get("event") == "train" for r in records),
+                              "epochs": len(epochs), "final_val_accuracy": epochs[-1]["val_accuracy"] if epochs else None})
+        print_json({"out": str(out), "format": "png", "bytes": out.stat().st_size, "runs": summaries})
+        return
     typer.echo(f"wrote {out}")
 
 
@@ -622,17 +775,17 @@ def info(
     if tensors and listing is not None:
         data["tensor_list"] = listing
     if as_json:
-        typer.echo(json.dumps(data, indent=2))
+        print_json(data)
         return
-    for key, value in data.items():
-        if key == "tensor_list":
-            continue
-        if key == "lora" and isinstance(value, dict) and isinstance(value.get("targets"), list):
-            value = value | {"targets": f"{len(value['targets'])} layers"}
-        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-        typer.echo(f"{key:>16}: {text if key != 'parameters' else f'{value:,}'}")
-    if tensors and listing is not None:
-        print_table(["tensor", "dtype", "shape"], [[k, d, "x".join(map(str, s)) or "scalar"] for k, (d, s) in listing.items()])
+    from lora_cli.output import info_tables, print_tables
+
+    print_tables(*info_tables({k: v for k, v in data.items() if k != "tensor_list"}, data.get("tensor_list")))
+
+
+# Every command's --help ends with the exit codes (the top-level --help says them too).
+for _command in [*app.registered_commands, *data_app.registered_commands]:
+    _train = (_command.name or getattr(_command.callback, "__name__", "")) == "train"
+    _command.epilog = _command.epilog or (EXIT_CODES + (" " + TRAIN_EXIT if _train else ""))
 
 
 def main() -> None:

@@ -9,17 +9,21 @@ import torch.nn.functional as F
 
 from lora_cli.data import Encoded, batches
 from lora_cli.model import GPTModel
+from lora_cli.precision import autocast
 
 
 @torch.inference_mode()
-def predict_logits(model: GPTModel, data: Encoded, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict_logits(
+    model: GPTModel, data: Encoded, batch_size: int, device: torch.device, precision: str = "fp32"
+) -> torch.Tensor:
     """Logits (N, classes) in data order; batches are formed by length so padding stays small."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.tokens[i]))
     out = torch.empty(len(data), model.out_head.out_features)
     for batch in batches(Encoded(data.tokens, None), batch_size, order):
-        logits = model(batch.input_ids.to(device), batch.last_index.to(device))
+        with autocast(device, precision):  # last_index stays on the CPU: packing is planned there
+            logits = model(batch.input_ids.to(device, non_blocking=True), batch.last_index)
         out[batch.indices] = logits.float().cpu()
     model.train(was_training)
     return out
@@ -33,12 +37,19 @@ class Report:
     per_class: list[dict[str, float]]  # precision, recall, f1, support per class
     names: list[str]
 
+    def macro_avg(self) -> dict[str, float]:
+        """Unweighted mean of precision, recall and F1 over the classes that occur (as true or predicted labels)."""
+        seen = [m for c, m in enumerate(self.per_class)
+                if m["support"] or any(row[c] for row in self.confusion)] or self.per_class
+        return {k: sum(m[k] for m in seen) / len(seen) for k in ("precision", "recall", "f1")}
+
     def to_dict(self) -> dict:
         return {
             "loss": self.loss,
             "accuracy": self.accuracy,
             "n": sum(map(sum, self.confusion)),
             "per_class": {n: m for n, m in zip(self.names, self.per_class)},
+            "macro_avg": self.macro_avg(),
             "confusion_matrix": {"labels": self.names, "rows_true_columns_predicted": self.confusion},
         }
 

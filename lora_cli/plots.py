@@ -24,8 +24,10 @@ def _pyplot() -> Any:
 
 
 def have_matplotlib() -> bool:
+    import importlib
+
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         return False
     return True

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from lora_cli.errors import LoraCliError
+from lora_cli.recipe import BASE_DTYPES as BASE_DTYPE_NAMES
+from lora_cli.recipe import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASE_DTYPES = dict(zip(BASE_DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -11,6 +11,8 @@ from typing import Any
 from lora_cli.errors import LoraCliError
 
 DEFAULT_RECIPE = "sms-spam-gpt2-small.yaml"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BASE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -35,6 +37,8 @@ class TrainConfig:
     epochs: int = 5
     max_steps: int | None = None
     batch_size: int = 8
+    grad_accum_steps: int | None = None  # micro-batches per optimizer step on each process [1]
+    global_batch_size: int | None = None  # examples per optimizer step over all processes [batch_size x accum x world]
     bucket_by_length: bool = False
     lr: float = 8e-4
     weight_decay: float = 0.1
@@ -46,6 +50,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     grad_clip: float | None = None
     tensorboard: bool = False
+    precision: str = "auto"
+    base_dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -67,12 +73,43 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.grad_clip is None or self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.grad_accum_steps is None or self.grad_accum_steps >= 1,
+             f"--grad-accum-steps must be >= 1, got {self.grad_accum_steps}"),
+            (self.global_batch_size is None or self.global_batch_size >= 1,
+             f"--global-batch-size must be >= 1, got {self.global_batch_size}"),
+            (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.base_dtype in BASE_DTYPES, f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise LoraCliError(message)
+        if self.global_batch_size is not None and self.global_batch_size % (self.batch_size * (self.grad_accum_steps or 1)):
+            flags = f"--batch-size {self.batch_size}" + (
+                f" x --grad-accum-steps {self.grad_accum_steps}" if self.grad_accum_steps else "")
+            raise LoraCliError(f"--global-batch-size {self.global_batch_size} is not a multiple of {flags}")
         if (self.train is None) != (self.val is None):
             raise LoraCliError("pass both --train and --val, or --data DIR")
+
+
+    def accumulation_steps(self, world: int = 1) -> int:
+        """Micro-batches of `batch_size` per optimizer step on each of `world` processes.
+
+        The global batch is batch_size x steps x world; `global_batch_size` fixes it, and then the
+        steps follow from the number of processes.
+        """
+        if self.global_batch_size is None:
+            return self.grad_accum_steps or 1
+        per_round = self.batch_size * world
+        processes = f"{world} process{'es' if world > 1 else ''}"
+        if self.global_batch_size % per_round:
+            raise LoraCliError(f"--global-batch-size {self.global_batch_size} is not a multiple of --batch-size "
+                               f"{self.batch_size} x {processes} = {per_round}")
+        steps = self.global_batch_size // per_round
+        if self.grad_accum_steps is not None and self.grad_accum_steps != steps:
+            raise LoraCliError(f"--grad-accum-steps {self.grad_accum_steps} disagrees with --global-batch-size "
+                               f"{self.global_batch_size} (= --batch-size {self.batch_size} x {steps} steps x "
+                               f"{processes}); pass only one of them")
+        return steps
 
 
 def builtin_recipe_text() -> str:

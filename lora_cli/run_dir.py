@@ -52,9 +52,13 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:09d}.pt"
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
     """Write `checkpoints/step-NNNNNNNNN.pt` atomically, then delete all but the newest `keep`."""
-    path = Path(run_dir) / CHECKPOINTS / f"step-{step:09d}.pt"
+    path = checkpoint_path(run_dir, step)
     with atomic_path(path) as tmp:
         torch.save(state | {"tool_version": __version__}, tmp)
     for old in checkpoint_paths(run_dir)[:-keep]:

@@ -1,11 +1,18 @@
-"""The training loop: AdamW on the LoRA factors and the head, validation after every epoch."""
+"""The training loop: AdamW on the LoRA factors and the head, validation after every epoch.
+
+One optimizer step takes a global batch of `batch_size x accumulation steps x processes` examples:
+the epoch's order is cut into global batches, and each process (rank) runs its share of every global
+batch as `accumulation steps` micro-batches. With one process and no accumulation this is the plain
+loop. Only rank 0 writes to the run directory; metrics are all-reduced so every rank agrees.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,16 +20,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lora_cli import distributed
 from lora_cli import run_dir as rd
 from lora_cli.adapter import Adapter, adapter_from_model, save_adapter
 from lora_cli.checkpoint import BaseCheckpoint, load_base
 from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
-from lora_cli.data import Encoded, LabelSet, batches, bucketed_order, encode_texts, epoch_order, read_table
+from lora_cli.data import Batch, Encoded, LabelSet, batches, bucketed_order, encode_texts, epoch_order, read_table
 from lora_cli.device import resolve_device
 from lora_cli.errors import LoraCliError
 from lora_cli.evaluation import classification_report, predict_logits
 from lora_cli.fileio import write_text
 from lora_cli.model import GPTModel
+from lora_cli.precision import autocast, cast_frozen_base, configure_matmuls, grad_scaler, resolve_precision
 from lora_cli.paths import resolve_data, resolve_model
 from lora_cli.recipe import TrainConfig, to_yaml
 from lora_cli.tokenizer import get_tokenizer
@@ -43,6 +52,15 @@ class Setup:
     spec: LoraSpec
     model: GPTModel
     max_length: int
+    dist: distributed.Context = distributed.SINGLE
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank
+    precision: str = "fp32"  # resolved --precision: fp32, bf16 or fp16
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step, over all ranks."""
+        return self.cfg.batch_size * self.grad_accum * self.dist.world
 
     def counts(self) -> dict[str, int]:
         trainable, total, lora, head = count_parameters(self.model)
@@ -62,7 +80,7 @@ class Progress:
     """Where training stands; saved in every checkpoint so a resumed run continues bit for bit."""
 
     epoch: int = 1  # the epoch in progress (1-based)
-    batch: int = 0  # batches finished in this epoch
+    batch: int = 0  # global batches (optimizer steps) finished in this epoch
     step: int = 0  # optimizer steps in all
     seen: int = 0  # training examples seen in all
     seconds: float = 0.0  # training time before this process
@@ -77,13 +95,14 @@ class TrainingInterrupted(Exception):
         self.signum, self.checkpoint, self.step = signum, checkpoint, step
 
 
-def setup(cfg: TrainConfig, echo: Echo) -> Setup:
-    """Load the base, read and tokenise the data, and build the LoRA classifier."""
+def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.SINGLE) -> Setup:
+    """Load the base, read and tokenise the data, and build the LoRA classifier (on this rank's device)."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    grad_accum = cfg.accumulation_steps(dist.world)
+    device = dist.device if dist.enabled else resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     base = load_base(resolve_model(cfg.model), cfg.model_config)
-    if base.task_head() is None:  # the vocabulary-sized LM head is never used by a classifier: free it
-        base.state = {k: v for k, v in base.state.items() if not k.startswith("out_head.")}
+    base.drop_lm_head()
     train_path, val_path, dataset_names = resolve_data(cfg.data, cfg.train, cfg.val)
     train_table = read_table(train_path, cfg.text_column, cfg.label_column)
     val_table = read_table(val_path, cfg.text_column, cfg.label_column)
@@ -99,21 +118,44 @@ def setup(cfg: TrainConfig, echo: Echo) -> Setup:
     train, val = encoded
     if len(train) < cfg.batch_size:
         raise LoraCliError(f"{train_path} has {len(train)} rows, fewer than one batch of {cfg.batch_size}; lower --batch-size")
+    global_batch = cfg.batch_size * grad_accum * dist.world
+    if len(train) < global_batch:
+        raise LoraCliError(f"{train_path} has {len(train)} rows, fewer than one global batch of {global_batch} "
+                           f"(--batch-size {cfg.batch_size} x {grad_accum} accumulation steps x {dist.world} processes); "
+                           "lower --batch-size, --grad-accum-steps or --global-batch-size")
     spec = LoraSpec(cfg.rank, cfg.alpha, cfg.scaling, list(cfg.targets), [], cfg.lora_dropout, cfg.head_bias)
     model = build_classifier(base, len(labels.names), spec, cfg.seed, device)
+    cast_frozen_base(model, cfg.base_dtype, precision)
+    configure_matmuls(device)
     if base.task_head() is not None:
         echo(f"the base has a {base.task_head()[0].shape[0]}-class head; "
              + ("training starts from it" if base.task_head()[0].shape[0] == len(labels.names) else "a new head replaces it"))
-    return Setup(cfg, device, base, labels, train, val, spec, model, max_length)
+    return Setup(cfg, device, base, labels, train, val, spec, model, max_length, dist, grad_accum, precision,
+                 grad_scaler(device, precision))
 
 
-def evaluate_split(model: GPTModel, data: Encoded, labels: LabelSet, batch_size: int, device: torch.device) -> dict:
-    report = classification_report(predict_logits(model, data, batch_size, device), data.labels, labels.names)
-    return {"loss": report.loss, "accuracy": report.accuracy}
+def evaluate_split(model: GPTModel, data: Encoded, labels: LabelSet, batch_size: int, device: torch.device,
+                   dist: distributed.Context = distributed.SINGLE, precision: str = "fp32") -> dict:
+    """Loss and accuracy; in a multi-process run each rank scores its shard and the sums are all-reduced."""
+    if not dist.enabled:
+        logits = predict_logits(model, data, batch_size, device, precision)
+        report = classification_report(logits, data.labels, labels.names)
+        return {"loss": report.loss, "accuracy": report.accuracy}
+    shard = Encoded(data.tokens[dist.rank::dist.world], data.labels[dist.rank::dist.world])
+    logits = predict_logits(model, shard, batch_size, device, precision)
+    y = torch.tensor(shard.labels, dtype=torch.long)
+    sums = torch.tensor([F.cross_entropy(logits, y, reduction="sum").item() if len(y) else 0.0,
+                         (logits.argmax(-1) == y).sum().item(), len(y)], dtype=torch.float64, device=device)
+    loss, correct, count = distributed.all_reduce(dist, sums).tolist()
+    return {"loss": loss / count, "accuracy": correct / count}
 
 
 class _Accumulator:
-    """Running loss/accuracy kept on the device: no host sync per step."""
+    """Running loss/accuracy kept on the device: no host sync per step.
+
+    In a multi-process run each rank sums its own micro-batches; the readers (`summary`, `take_window`,
+    `state`, `check_finite`) all-reduce, so every rank gets the same numbers, and must be called by all ranks.
+    """
 
     def __init__(self, device: torch.device, state: dict | None = None) -> None:
         zero = lambda dtype: torch.zeros((), device=device, dtype=dtype)  # noqa: E731
@@ -140,7 +182,11 @@ class _Accumulator:
         bad = ~torch.isfinite(loss.detach())
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
 
-    def check_finite(self) -> None:
+    def check_finite(self, dist: distributed.Context = distributed.SINGLE) -> None:
+        if dist.enabled:  # the earliest step at which any rank saw a bad loss
+            never = torch.iinfo(torch.long).max
+            first = distributed.all_reduce(dist, torch.where(self.first_bad < 0, never, self.first_bad), "min")
+            self.first_bad = torch.where(first == never, -1, first)
         first_bad = int(self.first_bad.item())
         if first_bad >= 0:
             raise LoraCliError(
@@ -148,20 +194,44 @@ class _Accumulator:
                 "(or --grad-clip 1.0); the last good checkpoint is kept in the run directory"
             )
 
-    def state(self) -> dict:
+    def _global(self, dist: distributed.Context, *values: torch.Tensor | int) -> list[float]:
+        """Sums over all ranks, in float64."""
+        sums = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.loss.device) for v in values])
+        return distributed.all_reduce(dist, sums).tolist()
+
+    def drop_sums(self) -> None:
+        """Zero the loss/accuracy sums, keeping the rest (a resumed rank other than 0: rank 0 carries the sums)."""
+        fresh = _Accumulator(self.loss.device)
+        self.loss, self.correct, self.count, self.window = fresh.loss, fresh.correct, fresh.count, fresh.window
+
+    def state(self, dist: distributed.Context = distributed.SINGLE) -> dict:
+        if dist.enabled:  # the sums over all ranks, which rank 0 saves and alone resumes from
+            loss, correct, count, w_loss, w_correct, w_count = self._global(
+                dist, self.loss, self.correct, self.count, *self.window)
+            return {"loss": torch.tensor(loss, dtype=torch.float32), "correct": torch.tensor(int(correct)),
+                    "count": int(count), "grad_norm": self.grad_norm.cpu(), "first_bad": self.first_bad.cpu(),
+                    "window_loss": torch.tensor(w_loss, dtype=torch.float32),
+                    "window_correct": torch.tensor(int(w_correct)), "window_count": int(w_count)}
         return {"loss": self.loss.cpu(), "correct": self.correct.cpu(), "count": self.count,
                 "grad_norm": self.grad_norm.cpu(), "first_bad": self.first_bad.cpu(),
                 "window_loss": self.window[0].cpu(), "window_correct": self.window[1].cpu(),
                 "window_count": self.window[2]}
 
-    def summary(self) -> tuple[float, float]:
-        """Loss and accuracy over the epoch so far."""
-        return self.loss.item() / self.count, self.correct.item() / self.count
+    def summary(self, dist: distributed.Context = distributed.SINGLE) -> tuple[float, float, int]:
+        """Loss, accuracy and examples over the epoch so far."""
+        if dist.enabled:
+            loss, correct, count = self._global(dist, self.loss, self.correct, self.count)
+            return loss / count, correct / count, int(count)
+        return self.loss.item() / self.count, self.correct.item() / self.count, self.count
 
-    def take_window(self) -> tuple[float, float]:
+    def take_window(self, dist: distributed.Context = distributed.SINGLE) -> tuple[float, float]:
         """Loss and accuracy since the previous call."""
         loss, correct, count = self.window
-        result = loss.item() / count, correct.item() / count
+        if dist.enabled:
+            total_loss, total_correct, total = self._global(dist, loss, correct, count)
+            result = total_loss / total, total_correct / total
+        else:
+            result = loss.item() / count, correct.item() / count
         self.window = [torch.zeros_like(loss), torch.zeros_like(correct), 0]
         return result
 
@@ -171,35 +241,42 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
 
     With `resume`, continue from the newest checkpoint in `run_dir` exactly where it stopped.
     SIGINT/SIGTERM finish the current step, write a checkpoint and raise `TrainingInterrupted`.
+    In a multi-process run every rank calls this; only rank 0 writes to `run_dir`.
     """
-    cfg, model, device = s.cfg, s.model, s.device
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir, cfg.tensorboard)  # fails before anything is written if tensorboard is missing
+    cfg, model, main = s.cfg, s.model, s.dist.is_main
+    log = None
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(run_dir, cfg.tensorboard)  # fails before anything is written if tensorboard is missing
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    torch.manual_seed(cfg.seed)  # dropout draws, if any
-    state, acc = Progress(), _Accumulator(device)
+    torch.manual_seed(cfg.seed + s.dist.rank)  # dropout draws, if any
+    state, acc = Progress(), _Accumulator(s.device)
+    distributed.barrier(s.dist)  # every rank has checked the run directory before rank 0 writes to it
     if resume:
         state, acc = _restore(s, run_dir, optimizer, echo)
-    else:
+    elif main:
         write_text(run_dir / rd.CONFIG, to_yaml(cfg))
         write_text(run_dir / rd.METRICS, "")
+    net = distributed.wrap(s.dist, model)
     stop = _StopFlag()
     try:
         with stop:
-            result = _loop(s, run_dir, optimizer, state, acc, stop, log, echo, progress)
+            result = _loop(s, net, run_dir, optimizer, state, acc, stop, log, echo, progress and main)
     finally:
-        log.close()
-    save_adapter(result.adapter_path, make_adapter(s))
+        if log is not None:
+            log.close()
+    if main:
+        save_adapter(result.adapter_path, make_adapter(s))
     return result
 
 
-def _loop(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, state: Progress, acc: _Accumulator,
-          stop: _StopFlag, log: MetricsLog, echo: Echo, progress: bool) -> RunResult:
+def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.Optimizer, state: Progress,
+          acc: _Accumulator, stop: _StopFlag, log: MetricsLog | None, echo: Echo, progress: bool) -> RunResult:
     from tqdm import tqdm
 
-    cfg, model, device = s.cfg, s.model, s.device
-    steps_per_epoch = len(s.train) // cfg.batch_size  # the last partial batch is dropped, as in the book
+    cfg, model, device, dist = s.cfg, s.model, s.device, s.dist
+    steps_per_epoch = len(s.train) // s.global_batch  # the last partial (global) batch is dropped, as in the book
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
     started = time.perf_counter() - state.seconds
     epoch_started = time.perf_counter()
@@ -210,61 +287,106 @@ def _loop(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, state: Prog
 
     while state.epoch <= cfg.epochs and state.step < total_steps:
         model.train()
-        order = training_order(s, state.epoch)
-        remaining = order[state.batch * cfg.batch_size:]
-        bar = tqdm(batches(s.train, cfg.batch_size, remaining, drop_last=True),
+        mine = rank_share(s, training_order(s, state.epoch), state.batch, steps_per_epoch)
+        micro_batches = batches(s.train, cfg.batch_size, mine, drop_last=True)
+        bar = tqdm(_groups(micro_batches, s.grad_accum),
                    total=min(steps_per_epoch - state.batch, total_steps - state.step),
                    desc=f"epoch {state.epoch}/{cfg.epochs}", disable=not progress, leave=False)
-        for batch in bar:
-            ids, last, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.last_index, batch.labels))
-            logits = model(ids, last)
-            loss = F.cross_entropy(logits, y)
+        for group in bar:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for k, batch in enumerate(group):
+                ids, y = (_to_device(t, device) for t in (batch.input_ids, batch.labels))
+                with distributed.no_sync(net, skip=k < len(group) - 1):  # one gradient all-reduce per step
+                    with autocast(device, s.precision):
+                        # last_index stays on the CPU: the model plans its packing there, with no device sync
+                        logits = net(ids, batch.last_index).float()
+                    loss = F.cross_entropy(logits, y)
+                    # the mean over the rank's micro-batches; DDP averages over ranks: the mean over the global batch
+                    scaled = loss / s.grad_accum if s.grad_accum > 1 else loss
+                    (s.scaler.scale(scaled) if s.scaler else scaled).backward()
+                acc.add(loss, logits, y, state.step + 1, None)
+            if s.scaler and cfg.grad_clip:
+                s.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-            optimizer.step()
+            if s.scaler:
+                s.scaler.step(optimizer)
+                s.scaler.update()
+            else:
+                optimizer.step()
             state.step += 1
             state.batch += 1
-            state.seen += len(y)
-            acc.add(loss, logits, y, state.step, grad_norm)
+            state.seen += s.global_batch
+            if grad_norm is not None:
+                acc.grad_norm = grad_norm.detach().float()
+            distributed.injected_failure(dist, state.step)
+            signum = distributed.agree_max(dist, stop.signum or 0)  # every rank stops at the same step
             if state.step % cfg.log_every == 0:  # the only host syncs inside an epoch
-                acc.check_finite()
-                loss_avg, acc_avg = acc.take_window()
+                acc.check_finite(dist)
+                loss_avg, acc_avg = acc.take_window(dist)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc_avg:.3f}")
                 record = {"event": "train", "epoch": state.epoch, "step": state.step, "examples_seen": state.seen,
                           "train_loss": loss_avg, "train_accuracy": acc_avg}
                 if cfg.grad_clip:
                     record["grad_norm"] = acc.grad_norm.item()
-                log.write(record)
+                if log is not None:
+                    log.write(record)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                acc.check_finite()
+                acc.check_finite(dist)
                 checkpoint()
-            if stop.signum is not None:
+            if signum:
                 bar.close()
-                acc.check_finite()
-                raise TrainingInterrupted(stop.signum, checkpoint(), state.step)
+                acc.check_finite(dist)
+                raise TrainingInterrupted(signum, checkpoint(), state.step)
             if state.step >= total_steps:
                 break
         bar.close()
-        acc.check_finite()
-        train_loss, train_acc = acc.summary()
-        val = evaluate_split(model, s.val, s.labels, cfg.batch_size, device)
+        acc.check_finite(dist)
+        train_loss, train_acc, count = acc.summary(dist)
+        val = evaluate_split(model, s.val, s.labels, cfg.batch_size, device, dist, s.precision)
         seconds = time.perf_counter() - epoch_started
         record = {"event": "epoch", "epoch": state.epoch, "step": state.step, "examples_seen": state.seen,
                   "train_loss": train_loss, "train_accuracy": train_acc,
                   "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                  "epoch_seconds": seconds, "examples_per_second": acc.count / seconds}
-        log.write(record)
+                  "epoch_seconds": seconds, "examples_per_second": count / seconds}
+        if log is not None:
+            log.write(record)
         state.history.append(record)
         echo(f"epoch {state.epoch}/{cfg.epochs}: train loss {train_loss:.4f} acc {train_acc:.2%} | "
              f"val loss {val['loss']:.4f} acc {val['accuracy']:.2%} | {seconds:.1f}s")
         state.epoch, state.batch = state.epoch + 1, 0
         acc = _Accumulator(device)
         epoch_started = time.perf_counter()
-        checkpoint()
-        if stop.signum is not None:
-            raise TrainingInterrupted(stop.signum, rd.latest_checkpoint(run_dir), state.step)
+        path = checkpoint()
+        signum = distributed.agree_max(dist, stop.signum or 0)
+        if signum:
+            raise TrainingInterrupted(signum, path, state.step)
     return RunResult(run_dir, run_dir / rd.ADAPTER, state.history, time.perf_counter() - started)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned host memory makes the copy asynchronous on CUDA; on the CPU this is a no-op."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _groups(micro_batches: Iterator[Batch], size: int) -> Iterator[list[Batch]]:
+    """The micro-batches of one optimizer step at a time."""
+    while group := list(itertools.islice(micro_batches, size)):
+        yield group
+
+
+def rank_share(s: Setup, order: list[int], start: int, steps: int) -> list[int]:
+    """This rank's examples of global batches `start..steps-1`: a contiguous slice of each global batch.
+
+    Global batch i is order[i*G:(i+1)*G]; rank r takes batch_size x accumulation steps examples of it,
+    so the ranks together see exactly what one process with the same global batch sees (the
+    DistributedSampler of this loop: the order depends only on the seed and the epoch).
+    """
+    share, G = s.cfg.batch_size * s.grad_accum, s.global_batch
+    if s.dist.world == 1:
+        return order[start * G:steps * G]
+    return [i for b in range(start, steps) for i in order[b * G + s.dist.rank * share:b * G + (s.dist.rank + 1) * share]]
 
 
 class _StopFlag:
@@ -293,9 +415,9 @@ class _StopFlag:
 
 
 def training_order(s: Setup, epoch: int) -> list[int]:
-    """The epoch's example order: shuffled, and length-bucketed with --bucket-by-length."""
+    """The epoch's example order: shuffled, and length-bucketed (by global batch) with --bucket-by-length."""
     if s.cfg.bucket_by_length:
-        return bucketed_order([len(t) for t in s.train.tokens], s.cfg.batch_size, s.cfg.seed, epoch)
+        return bucketed_order([len(t) for t in s.train.tokens], s.global_batch, s.cfg.seed, epoch)
     return epoch_order(len(s.train), s.cfg.seed, epoch)
 
 
@@ -340,18 +462,35 @@ class MetricsLog:
 
 def save_training_checkpoint(run_dir: Path, s: Setup, optimizer: torch.optim.Optimizer, state: Progress,
                              acc: _Accumulator, keep: int) -> Path:
-    """Adapter, optimizer, RNG and loop state in a file `torch.load(weights_only=True)` reads."""
+    """Adapter, optimizer, RNG and loop state in a file `torch.load(weights_only=True)` reads.
+
+    Every rank calls this (the metric sums and RNG states are gathered); rank 0 writes the file.
+    """
+    dist = s.dist
+    accumulator = acc.state(dist)
+    rng = rd.rng_state()
+    # each rank's own sums and RNG state, so that a resumed run with as many ranks continues bit for bit
+    ranks = distributed.gather_objects(dist, {"accumulator": acc.state(), "rng": rng}) if dist.enabled else None
+    if not dist.is_main:
+        distributed.barrier(dist)  # rank 0 has written the file
+        return rd.checkpoint_path(run_dir, state.step)
     adapter = make_adapter(s)
     payload = {
         "adapter_tensors": {k: v.contiguous() for k, v in adapter.tensors.items()},
         "adapter_metadata": adapter.metadata(),
         "optimizer": optimizer.state_dict(),
+        **({"grad_scaler": s.scaler.state_dict()} if s.scaler else {}),
         "progress": {k: v for k, v in vars(state).items()},
-        "accumulator": acc.state(),
-        "rng": rd.rng_state(),
+        "accumulator": accumulator,
+        "rng": rng,
         "data_order": training_order(s, state.epoch),
+        "global_batch": s.global_batch,
     }
-    return rd.save_checkpoint(run_dir, payload, state.step, keep)
+    if ranks is not None:
+        payload["ranks"] = ranks
+    path = rd.save_checkpoint(run_dir, payload, state.step, keep)
+    distributed.barrier(dist)
+    return path
 
 
 def _restore(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, echo: Echo) -> tuple[Progress, _Accumulator]:
@@ -366,12 +505,27 @@ def _restore(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, echo: Ec
         params = dict(s.model.named_parameters())
         for name, value in ckpt["adapter_tensors"].items():
             params[name].copy_(value)
+    global_batch = ckpt.get("global_batch", s.cfg.batch_size)
+    if global_batch != s.global_batch:
+        raise LoraCliError(f"{path} was written with a global batch of {global_batch} examples, this run has "
+                           f"{s.global_batch} ({s.dist.world} processes); resume with the same number of processes")
     optimizer.load_state_dict(ckpt["optimizer"])
-    rd.set_rng_state(ckpt["rng"])
+    if s.scaler and "grad_scaler" in ckpt:
+        s.scaler.load_state_dict(ckpt["grad_scaler"])
     state = Progress(**ckpt["progress"])
-    _truncate_metrics(run_dir / rd.METRICS, state.step)
-    echo(f"resuming {run_dir} from {path.name}: epoch {state.epoch}, step {state.step}")
-    return state, _Accumulator(s.device, ckpt.get("accumulator"))
+    ranks = ckpt.get("ranks")
+    if s.dist.enabled and ranks and len(ranks) == s.dist.world:  # as many ranks as before: each its own state
+        rd.set_rng_state(ranks[s.dist.rank]["rng"])
+        acc = _Accumulator(s.device, ranks[s.dist.rank]["accumulator"])
+    else:
+        rd.set_rng_state(ckpt["rng"])
+        acc = _Accumulator(s.device, ckpt.get("accumulator"))  # the sums over all ranks of the saving run
+        if not s.dist.is_main:
+            acc.drop_sums()  # rank 0 carries them on
+    if s.dist.is_main:
+        _truncate_metrics(run_dir / rd.METRICS, state.step)
+        echo(f"resuming {run_dir} from {path.name}: epoch {state.epoch}, step {state.step}")
+    return state, acc
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

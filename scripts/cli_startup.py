@@ -44,6 +44,7 @@ def main() -> None:
     print(f"  python -c pass          {python * 1000:7.0f} ms (interpreter floor)")
     print(f"  lora-cli --help         {timed([*base, '--help'], args.runs) * 1000:7.0f} ms")
     print(f"  lora-cli info FILE      {timed([*base, 'info', str(target)], args.runs) * 1000:7.0f} ms  ({target})")
+    print(f"  lora-cli info FILE --json {timed([*base, 'info', str(target), '--json'], args.runs) * 1000:5.0f} ms  (no table: rich not imported)")
 
 
 if __name__ == "__main__":

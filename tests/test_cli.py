@@ -78,7 +78,9 @@ def test_adapter_holds_only_lora_and_head(workspace: Path) -> None:
 def test_eval_table_and_json(workspace: Path) -> None:
     r = cli("eval", "--adapter", "runs/t/adapter.safetensors", "--data", "data/test.csv", cwd=workspace)
     assert r.returncode == 0, r.stderr
-    assert "300 examples" in r.stdout and "confusion matrix" in r.stdout and "spam" in r.stdout
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert ["examples", "300"] in lines and "confusion matrix" in r.stdout
+    assert [row[0] for row in lines if len(row) == 5 and row[0] in ("ham", "spam")] == ["ham", "spam"]  # per-class rows
     r = cli("eval", "--adapter", "runs/t", "--data", "data", "--json", cwd=workspace)
     report = json.loads(r.stdout)
     assert report["n"] == 300
@@ -268,8 +270,8 @@ def test_merge_and_predict_merge(workspace: Path) -> None:
     assert merged.task_head() is not None and not any(".lora." in k for k in merged.state)
     texts = ["Free entry in a weekly competition! Text WIN now", "ok see you soon"]
     args = ["predict", "--adapter", str(workspace / "runs" / "t"), *texts, "--format", "json"]
-    plain = json.loads(runner.invoke(app, args).stdout)
-    fused = json.loads(runner.invoke(app, [*args, "--merge"]).stdout)
+    plain = json.loads(runner.invoke(app, [*args, "--no-merge"]).stdout)
+    fused = json.loads(runner.invoke(app, args).stdout)  # merged is the default
     for p, f in zip(plain, fused):
         assert p["label"] == f["label"] and abs(p["probability"] - f["probability"]) < 1e-4
     r = runner.invoke(app, ["merge", "--adapter", str(workspace / "runs" / "t"), "--out", str(native)])

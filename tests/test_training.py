@@ -225,3 +225,35 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path: Path, micro_checkpoint: 
     with pytest.raises(LoraCliError, match="pip install tensorboard"):
         training.train(s, tmp_path / "run", echo=lambda _: None, progress=False)
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_bf16_precision_with_a_bfloat16_base_learns(tmp_path: Path, micro_checkpoint: Path) -> None:
+    """The GPU recipe (bf16 autocast, 16-bit frozen base) runs on the CPU too; the adapter stays float32."""
+    write_task(tmp_path / "train.csv", 400, seed=5)
+    write_task(tmp_path / "val.csv", 100, seed=6)
+    cfg = TrainConfig(model=str(micro_checkpoint), data=None, train=str(tmp_path / "train.csv"),
+                      val=str(tmp_path / "val.csv"), rank=8, alpha=16, epochs=5, batch_size=16, lr=3e-3,
+                      weight_decay=0.0, device="cpu", precision="bf16", base_dtype="bfloat16")
+    s = training.setup(cfg, echo=lambda _: None)
+    assert s.precision == "bf16" and s.scaler is None
+    assert s.model.trf_blocks[0].att.W_query.linear.weight.dtype == torch.bfloat16
+    result = training.train(s, tmp_path / "run", echo=lambda _: None, progress=False)
+    assert result.history[-1]["val_accuracy"] >= 0.85, result.history
+    loaded = adapter_io.load_adapter(result.adapter_path)
+    assert all(t.dtype == torch.float32 for t in loaded.tensors.values())
+    assert loaded.training_config["precision"] == "bf16" and loaded.training_config["base_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"precision": "fp16"}, "needs a CUDA device"),
+    ({"base_dtype": "bfloat16"}, "needs 16-bit compute"),
+    ({"precision": "half"}, "--precision must be one of"),
+    ({"base_dtype": "int8"}, "--base-dtype must be one of"),
+])
+def test_precision_refusals_name_the_flag(tmp_path: Path, micro_checkpoint: Path, overrides: dict, message: str) -> None:
+    write_task(tmp_path / "train.csv", 40, seed=5)
+    write_task(tmp_path / "val.csv", 10, seed=6)
+    cfg = TrainConfig(model=str(micro_checkpoint), data=None, train=str(tmp_path / "train.csv"),
+                      val=str(tmp_path / "val.csv"), device="cpu", **overrides)
+    with pytest.raises(LoraCliError, match=message):
+        training.setup(cfg, echo=lambda _: None)
