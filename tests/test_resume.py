@@ -88,10 +88,12 @@ def test_sigkill_then_resume_is_bit_identical(task: Path, micro_checkpoint: Path
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "adapter.safetensors").exists()
-    assert len(list((out / "checkpoints").glob("step-*.pt"))) <= 2  # --keep-checkpoints 2
+    # --keep-checkpoints 2; a kill between writing the newest and pruning the oldest leaves one more
+    assert len(list((out / "checkpoints").glob("step-*.pt"))) <= 3
     r = run(["train", "--resume", str(out), "--quiet"])
     assert r.returncode == 0, (kill_after, r.stderr)
     assert "resuming" in r.stderr
+    assert len(list((out / "checkpoints").glob("step-*.pt"))) <= 2  # the next save pruned it
     assert_same_run(reference, out)
 
 
