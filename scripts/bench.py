@@ -46,6 +46,8 @@ Usage:
   python scripts/bench.py                                  # gpt2-small, 20 steps x 3 rounds
   python scripts/bench.py --preset gpt2-tiny --accuracy-epochs 2
   python scripts/bench.py --device cuda                    # bf16 autocast for all three
+  python scripts/bench.py --device cuda --accuracy-epochs 5 --systems lora-cli,book   # the book's 5-epoch recipe, timed
+  python scripts/bench.py --device cuda --preset gpt2-xl --seq-len 1024 --systems lora-cli,peft
 """
 
 from __future__ import annotations
@@ -221,10 +223,10 @@ class LoraCli(System):
         model, optimizer, device = self.model, self.optimizer, self.device
         model.train()
         for batch in batches(self.train, self.bs, order, drop_last=True):
-            ids, last, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.last_index, batch.labels))
-            with self.autocast():
-                logits = model(ids, last)
-                loss = F.cross_entropy(logits, y)
+            ids, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.labels))
+            with self.autocast():  # last_index stays on the CPU, as in lora_cli.training: no device sync
+                logits = model(ids, batch.last_index).float()
+            loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -662,6 +664,8 @@ def main(argv=None) -> int:
     p.add_argument("--mm-size", type=int, default=None, help="matmul size for the peak rate (2048 CPU, 8192 CUDA)")
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train N epochs each, report val accuracy")
     p.add_argument("--profile-steps", type=int, default=0, help="also print a torch.profiler table of N steps each")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="replace the texts by random token ids of exactly this length (lora-cli and peft only)")
     p.add_argument("--json-out", default="bench.json")
     args = p.parse_args(argv)
     for key, full, quick in (("steps", 20, 6), ("warmup", 3, 2), ("rounds", 3, 2), ("predict_rounds", 3, 1),
@@ -683,6 +687,8 @@ def main(argv=None) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not systems or any(s not in SYSTEMS for s in systems):
         p.error(f"--systems: choose among {', '.join(SYSTEMS)}")
+    if args.seq_len and "book" in systems:
+        p.error("--seq-len: the book's pipeline reads the SMS texts themselves; use --systems lora-cli,peft")
     device = resolve_device(args.device)
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     threads = args.threads or torch.get_num_threads()
@@ -698,6 +704,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("LORA_CLI_BPE_DIR", str(shared / "gpt2_bpe"))
     tables = {s: read_table(tmpdir / "data" / f"{s}.csv") for s in ("train", "validation", "test")}
     tokens = {s: encode_texts(tokenizer, t.texts, cfg.context_length)[0] for s, t in tables.items()}
+    if args.seq_len:  # long-input throughput (e.g. gpt2-xl at 1,024 tokens): random ids, every text that long
+        g = torch.Generator().manual_seed(args.seed)
+        tokens = {s: torch.randint(0, PAD, (len(t), args.seq_len), generator=g).tolist() for s, t in tokens.items()}
     labels = {s: [int(x) for x in t.labels] for s, t in tables.items()}
     ckpt = tmpdir / "base.safetensors"
     save_base(ckpt, init_checkpoint(cfg, args.seed), cfg)
