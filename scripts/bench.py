@@ -43,7 +43,7 @@ PEFT unmerged with length-sorted batches and an attention mask.
 
 Usage:
   python scripts/bench.py --quick                          # about 2 minutes on 2 cores
-  python scripts/bench.py                                  # gpt2-small, 20 steps x 3 rounds
+  python scripts/bench.py                                  # gpt2-small, 15 steps x 3 rounds, about 7 minutes
   python scripts/bench.py --preset gpt2-tiny --accuracy-epochs 2
   python scripts/bench.py --device cuda                    # bf16 autocast for all three
   python scripts/bench.py --device cuda --accuracy-epochs 5 --systems lora-cli,book   # the book's 5-epoch recipe, timed
@@ -641,13 +641,13 @@ def fmt(x, spec=",.1f") -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2-small", help="model shape (lora_cli.config.PRESETS); random weights")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per system per round [20; --quick 6]")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per system per round [15; --quick 5]")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them, every round [3; --quick 2]")
     p.add_argument("--rounds", type=int, default=None, help="rounds; systems alternate A B C A B C ... [3; --quick 2]")
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds: about 2 minutes for gpt2-small on 2 cores")
     p.add_argument("--predict-rounds", type=int, default=None,
                    help="rounds of inference on the test texts (lora-cli, book, peft) [3; --quick 1; 0: skip]")
-    p.add_argument("--predict-texts", type=int, default=None, help="test texts per inference round [300; --quick 64]")
+    p.add_argument("--predict-texts", type=int, default=None, help="test texts per inference round [150; --quick 48]")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
@@ -668,8 +668,8 @@ def main(argv=None) -> int:
                    help="replace the texts by random token ids of exactly this length (lora-cli and peft only)")
     p.add_argument("--json-out", default="bench.json")
     args = p.parse_args(argv)
-    for key, full, quick in (("steps", 20, 6), ("warmup", 3, 2), ("rounds", 3, 2), ("predict_rounds", 3, 1),
-                             ("predict_texts", 300, 64)):
+    for key, full, quick in (("steps", 15, 5), ("warmup", 3, 2), ("rounds", 3, 2), ("predict_rounds", 3, 1),
+                             ("predict_texts", 150, 48)):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
 
