@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.errors import LoraCliError
@@ -69,6 +70,54 @@ class LinearWithLoRA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.lora(x)
+
+    def forward_after_gelu(self, u: torch.Tensor) -> torch.Tensor:
+        """`self(gelu(u))` (tanh GELU), the MLP's output layer.
+
+        In float32 training this keeps `u` (which GELU's backward needs anyway) instead of
+        also keeping `gelu(u)` for A's gradient, and recomputes `gelu(u)` in the backward pass:
+        the MLP's 4*d-wide activation is stored once instead of twice, a quarter of the
+        activation memory of a block, for one extra GELU.
+        """
+        fusable = (
+            torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(u.device.type)
+            and not self.linear.weight.requires_grad
+            and (self.linear.bias is None or not self.linear.bias.requires_grad)
+            and isinstance(self.lora.dropout, nn.Identity)
+            and type(self) is LinearWithLoRA  # not a merged layer (lora_cli.merge)
+        )
+        if not fusable:
+            return self(F.gelu(u, approximate="tanh"))
+        return _GeluLinearLoRA.apply(u, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale)
+
+
+class _GeluLinearLoRA(torch.autograd.Function):
+    """out = gelu(u) W^T + b + scale * (gelu(u) A) B, saving u and the rank-r product only."""
+
+    @staticmethod
+    def forward(ctx, u, weight, bias, A, B, scale):  # noqa: ANN001, ANN205 (autograd signature)
+        g = F.gelu(u, approximate="tanh")
+        h = (g @ A) * scale
+        ctx.save_for_backward(u, weight, A, B, h)
+        ctx.scale = scale
+        return F.linear(g, weight, bias) + h @ B
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        u, weight, A, B, h = ctx.saved_tensors
+        flat = grad.reshape(-1, grad.shape[-1])
+        grad_B = h.reshape(-1, h.shape[-1]).t() @ flat if ctx.needs_input_grad[4] else None
+        grad_gA = (grad @ B.t()) * ctx.scale  # the gradient of g @ A
+        grad_A = None
+        if ctx.needs_input_grad[3]:
+            g = F.gelu(u, approximate="tanh")
+            grad_A = g.reshape(-1, g.shape[-1]).t() @ grad_gA.reshape(-1, grad_gA.shape[-1])
+        grad_u = None
+        if ctx.needs_input_grad[0]:
+            grad_g = grad @ weight + grad_gA @ A.t()
+            grad_u = torch.ops.aten.gelu_backward(grad_g, u, approximate="tanh")
+        return grad_u, None, None, grad_A, grad_B, None
 
 
 def resolve_targets(model: nn.Module, spec: str | Sequence[str]) -> list[str]:

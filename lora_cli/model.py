@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.config import ModelConfig
+from lora_cli.lora import LinearWithLoRA
 
 
 @dataclass
@@ -79,6 +80,9 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, gelu, down = self.layers
+        if isinstance(down, LinearWithLoRA) and isinstance(gelu, GELU):  # keeps one 4*d activation, not two
+            return down.forward_after_gelu(up(x))
         return self.layers(x)
 
 

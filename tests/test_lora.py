@@ -340,3 +340,57 @@ def test_state_dict_names_match_book_replace_linear_with_lora(target_spec: list[
     assert any(".lora.A" in k for k in ours_state)
     # a LoRA state_dict from one loads strictly into the other
     book.load_state_dict({**ours.state_dict(), **{k: v for k, v in book.state_dict().items() if k.endswith(".att.mask")}})
+
+
+@pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_after_gelu_equals_layer_of_gelu_with_less_saved(shape: tuple[int, ...], bias: bool) -> None:
+    """The MLP output layer's memory-saving backward gives autograd's numbers (float64, exact to rounding)."""
+    import torch.nn.functional as F
+
+    from lora_cli.lora import LinearWithLoRA
+
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(torch.nn.Linear(12, 6, bias=bias), rank=3, scale=1.7).double()
+    layer.linear.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    u = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    fused = layer.forward_after_gelu(u)
+    plain = layer(F.gelu(u, approximate="tanh"))
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
+    w = torch.randn_like(plain)
+    params = [u, layer.lora.A, layer.lora.B]
+    for a, b in zip(torch.autograd.grad((fused * w).sum(), params), torch.autograd.grad((plain * w).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, A, B: LinearWithLoRA.forward_after_gelu(_with_factors(layer, A, B), x),
+        (u.detach()[..., :].clone().requires_grad_(), layer.lora.A.detach().clone().requires_grad_(),
+         layer.lora.B.detach().clone().requires_grad_()))
+
+
+def _with_factors(layer, A, B):
+    """The layer with its factors replaced by the given tensors (for gradcheck)."""
+    import copy
+
+    twin = copy.copy(layer)
+    twin.lora = copy.copy(layer.lora)
+    twin.lora._parameters = dict(layer.lora._parameters, A=A, B=B)
+    return twin
+
+
+def test_forward_after_gelu_falls_back_when_not_training_float32() -> None:
+    import torch.nn.functional as F
+
+    from lora_cli.lora import LinearWithLoRA
+
+    layer = LinearWithLoRA(torch.nn.Linear(8, 4), rank=2, scale=1.0)
+    layer.linear.requires_grad_(False)
+    u = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.forward_after_gelu(u), layer(F.gelu(u, approximate="tanh")))
+    out = layer.forward_after_gelu(u.requires_grad_())
+    assert "GeluLinearLoRA" in type(out.grad_fn).__name__
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer.forward_after_gelu(u)
+    assert "GeluLinearLoRA" not in type(out.grad_fn).__name__
