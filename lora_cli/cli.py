@@ -498,6 +498,13 @@ def _load_for_inference(adapter_path: Path, model: Optional[str], model_config: 
     return adapter, model_with_adapter(base, adapter, dev, force=force), dev
 
 
+def _inference_precision(precision: str, dev: Any) -> str:
+    from lora_cli.precision import configure_matmuls, resolve_precision
+
+    configure_matmuls(dev)
+    return resolve_precision(precision, dev)
+
+
 def _max_length(adapter: Any, model: Any) -> int:
     return int(adapter.training_config.get("max_length") or model.cfg.context_length)
 
@@ -513,6 +520,7 @@ def evaluate(
     label_column: Annotated[Optional[str], typer.Option(help="Label column. [auto: label]")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (CUDA).")] = "auto",
     bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")] = None,
     force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -534,7 +542,7 @@ def evaluate(
     if truncated:
         echo(f"warning: {truncated} texts truncated to {_max_length(ad, net)} tokens")
     labels = ad.labels.encode(table.labels, str(data))
-    report = classification_report(predict_logits(net, Encoded(tokens, None), batch_size, dev), labels, ad.labels.names)
+    report = classification_report(predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev)), labels, ad.labels.names)
     if plot is not None:
         from lora_cli.plots import plot_confusion
 
@@ -559,6 +567,7 @@ def predict(
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (CUDA).")] = "auto",
     bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")] = None,
     force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
     merge: Annotated[bool, typer.Option(
@@ -596,7 +605,7 @@ def predict(
 
         merge_lora(net)
     tokens, _ = encode_texts(get_tokenizer(bpe_dir), items, _max_length(ad, net))
-    probs = torch.softmax(predict_logits(net, Encoded(tokens, None), batch_size, dev), dim=-1)
+    probs = torch.softmax(predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev)), dim=-1)
     best = probs.argmax(-1).tolist()
     rows = [{"text": t, "label": ad.labels.names[b], "probability": probs[i, b].item(),
              "probabilities": dict(zip(ad.labels.names, probs[i].tolist()))} for i, (t, b) in enumerate(zip(items, best))]

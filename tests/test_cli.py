@@ -360,3 +360,14 @@ def test_info_on_broken_peft_dir(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text("{not json")
     r = runner.invoke(app, ["info", str(tmp_path)])
     assert r.exit_code == 1 and r.output.startswith("error: cannot read") and "Traceback" not in r.output
+
+
+def test_eval_precision_bf16_is_close_and_fp16_needs_cuda(workspace: Path) -> None:
+    args = ["eval", "--adapter", str(workspace / "runs" / "t"), "--data", str(workspace / "data" / "validation.csv"), "--json"]
+    full = json.loads(runner.invoke(app, [*args, "--precision", "fp32"]).stdout)
+    half = json.loads(runner.invoke(app, [*args, "--precision", "bf16"]).stdout)
+    assert abs(full["loss"] - half["loss"]) < 0.02 and abs(full["accuracy"] - half["accuracy"]) <= 3 / 149
+    r = runner.invoke(app, [*args, "--precision", "fp16"])
+    assert r.exit_code == 1 and "needs a CUDA device" in r.output
+    r = runner.invoke(app, ["predict", "--adapter", str(workspace / "runs" / "t"), "hello", "--precision", "fp16"])
+    assert r.exit_code == 1 and "needs a CUDA device" in r.output
