@@ -1,13 +1,44 @@
-"""Adapters with random nonzero factors, as if trained: for equivalence tests of export and merge."""
+"""Models and adapters with random nonzero LoRA factors, as if trained: for equivalence tests."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from lora_cli.adapter import Adapter, adapter_from_model
-from lora_cli.checkpoint import BaseCheckpoint
+from lora_cli.checkpoint import BaseCheckpoint, init_checkpoint, load_base, save_base
 from lora_cli.classifier import LoraSpec, build_classifier
+from lora_cli.config import ModelConfig
 from lora_cli.data import LabelSet
+from lora_cli.lora import apply_lora, resolve_targets
+from lora_cli.model import GPTModel
+
+# GPT-2's vocabulary (so transformers and PEFT take it as GPT-2) at width 64 with 2 layers
+NARROW_GPT2 = ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)
+
+
+def narrow_gpt2_base(directory: Path) -> BaseCheckpoint:
+    """A random NARROW_GPT2 checkpoint written to `directory` and loaded back."""
+    path = directory / "base.safetensors"
+    save_base(path, init_checkpoint(NARROW_GPT2, seed=0), NARROW_GPT2)
+    return load_base(path)
+
+
+def lora_classifier(cfg: ModelConfig, classes: int, seed: int) -> GPTModel:
+    """A random GPTModel classifier: base frozen, head trainable, LoRA (r 4, alpha 8) with B ~ N(0, 0.2^2)."""
+    torch.manual_seed(seed)
+    model = GPTModel(cfg, out_dim=classes, out_bias=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.out_head.parameters():
+        p.requires_grad_(True)
+    apply_lora(model, resolve_targets(model, "blocks"), 4, 8, "alpha-over-rank")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".lora.B"):  # B starts at zero; make the update count
+                p.normal_(0, 0.2)
+    return model
 
 
 def random_adapter(base: BaseCheckpoint, targets: str = "blocks", *, scaling: str = "alpha-over-rank",

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from adapters import random_adapter
+from adapters import NARROW_GPT2, narrow_gpt2_base, random_adapter
 import torch
 from torch import nn
 
 from lora_cli.adapter import model_with_adapter
-from lora_cli.checkpoint import init_checkpoint, load_base, read_tensors, save_base
-from lora_cli.config import ModelConfig
+from lora_cli.checkpoint import load_base, read_tensors
 from lora_cli.errors import LoraCliError
 from lora_cli.lora import LinearWithLoRA
 from lora_cli.merge import (
@@ -24,14 +23,12 @@ from lora_cli.merge import (
 )
 from lora_cli.model import GPTModel
 
-CFG = ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)
+CFG = NARROW_GPT2
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("merge-base") / "base.safetensors"
-    save_base(path, init_checkpoint(CFG, seed=0), CFG)
-    return load_base(path)
+    return narrow_gpt2_base(tmp_path_factory.mktemp("merge-base"))
 
 
 def trained_adapter(base, targets="blocks", head_bias=False, bias_value=0.0, labels=("neg", "pos")):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from adapters import lora_classifier
 from llms_from_scratch import ch04
 from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 
@@ -287,20 +288,8 @@ def _ragged_batch(lengths: list[int], vocab: int, seed: int, pad: int = 0) -> tu
 
 
 def _lora_classifier(dtype: torch.dtype, seed: int) -> GPTModel:
-    from lora_cli.lora import apply_lora, resolve_targets
-
-    torch.manual_seed(seed)
-    model = GPTModel(ModelConfig.from_dict(book_cfg(n_layers=3)), out_dim=3, out_bias=True)
+    model = lora_classifier(ModelConfig.from_dict(book_cfg(n_layers=3)), 3, seed)
     perturb_norms(model, seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.out_head.parameters():
-        p.requires_grad_(True)
-    apply_lora(model, resolve_targets(model, "blocks"), 4, 8, "alpha-over-rank")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".lora.B"):  # B starts at zero; make the update count
-                p.normal_(0, 0.2)
     return model.to(dtype)
 
 

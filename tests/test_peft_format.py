@@ -12,25 +12,21 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from adapters import random_adapter  # noqa: E402
+from adapters import NARROW_GPT2, narrow_gpt2_base, random_adapter  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from lora_cli.adapter import model_with_adapter  # noqa: E402
-from lora_cli.checkpoint import init_checkpoint, load_base, save_base  # noqa: E402
-from lora_cli.config import ModelConfig  # noqa: E402
 from lora_cli.errors import LoraCliError  # noqa: E402
 from lora_cli.hf_gpt2 import config_to_hf  # noqa: E402
 from lora_cli.merge import hf_classifier_state  # noqa: E402
 from lora_cli.peft_format import export_peft, import_peft  # noqa: E402
 
-CFG = ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)
+CFG = NARROW_GPT2
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("peft-base") / "base.safetensors"
-    save_base(path, init_checkpoint(CFG, seed=0), CFG)
-    return load_base(path)
+    return narrow_gpt2_base(tmp_path_factory.mktemp("peft-base"))
 
 
 def trained_adapter(base, targets, *, scaling="alpha-over-rank", head_bias=False, bias_value=0.0, seed=1, labels=("a", "b")):

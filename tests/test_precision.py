@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from adapters import lora_classifier
 
 from lora_cli.config import ModelConfig
 from lora_cli.errors import LoraCliError
-from lora_cli.lora import apply_lora, resolve_targets
 from lora_cli.model import GPTModel
 from lora_cli.precision import autocast, cast_frozen_base, grad_scaler, resolve_precision
 
@@ -17,18 +17,7 @@ CFG = ModelConfig(vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_la
 
 
 def classifier(seed: int = 0) -> GPTModel:
-    torch.manual_seed(seed)
-    model = GPTModel(CFG, out_dim=2, out_bias=True)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.out_head.parameters():
-        p.requires_grad_(True)
-    apply_lora(model, resolve_targets(model, "blocks"), 4, 8, "alpha-over-rank")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".lora.B"):
-                p.normal_(0, 0.2)
-    return model
+    return lora_classifier(CFG, 2, seed)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
