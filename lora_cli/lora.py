@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.errors import LoraCliError
+from lora_cli.gelu import gelu, gelu_tanh, gelu_tanh_backward
 
 SCALINGS = ("alpha-over-rank", "alpha", "rslora")
 TARGET_PRESETS = ("blocks", "all-linear")
@@ -69,7 +70,9 @@ class LinearWithLoRA(nn.Module):
         return self.linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x) + self.lora(x)
+        if not self._fusable(x):
+            return self.linear(x) + self.lora(x)
+        return _LinearLoRA.apply(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale)
 
     def forward_after_gelu(self, u: torch.Tensor) -> torch.Tensor:
         """`self(gelu(u))` (tanh GELU), the MLP's output layer.
@@ -79,44 +82,87 @@ class LinearWithLoRA(nn.Module):
         the MLP's 4*d-wide activation is stored once instead of twice, a quarter of the
         activation memory of a block, for one extra GELU.
         """
-        fusable = (
-            torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(u.device.type)
-            and not self.linear.weight.requires_grad
-            and (self.linear.bias is None or not self.linear.bias.requires_grad)
-            and isinstance(self.lora.dropout, nn.Identity)
-            and type(self) is LinearWithLoRA  # not a merged layer (lora_cli.merge)
-        )
-        if not fusable:
-            return self(F.gelu(u, approximate="tanh"))
+        if not self._fusable(u):
+            return self(gelu(u))
         return _GeluLinearLoRA.apply(u, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale)
 
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether the hand-written autograd functions below apply: one dtype, no autocast,
+        a frozen base (they return no base gradients) or no autograd, and no LoRA dropout."""
+        frozen = not self.linear.weight.requires_grad and (self.linear.bias is None or not self.linear.bias.requires_grad)
+        return (
+            x.dtype == self.linear.weight.dtype == self.lora.A.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and (frozen or not torch.is_grad_enabled())
+            and (isinstance(self.lora.dropout, nn.Identity) or not self.training)
+            and type(self) is LinearWithLoRA  # not a merged layer (lora_cli.merge)
+        )
 
-class _GeluLinearLoRA(torch.autograd.Function):
-    """out = gelu(u) W^T + b + scale * (gelu(u) A) B, saving u and the rank-r product only."""
+
+def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                 B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x W^T + b + scale * (x A) B`, and `x A` as a 2-D matrix: the LoRA update is accumulated into
+    the base product in place (one GEMM with beta = 1), with no separate add or scaling pass.
+    The base product is `F.linear`'s, bit for bit, so a zero B leaves the base model's output."""
+    out = F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    h = x2 @ A
+    out.view(-1, out.shape[-1]).addmm_(h, B, alpha=scale)
+    return out, h
+
+
+def _lora_linear_grads(ctx, grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
+                       B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+    """For `_lora_linear`'s 2-D `grad`: the gradient of `x A` (unscaled; A's gradient is
+    `scale * x^T` times it), and those of x and B where needed."""
+    scale = ctx.scale
+    gh = grad @ B.t()
+    grad_B = (h.t() @ grad).mul_(scale) if ctx.needs_input_grad[4] else None
+    grad_x = (grad @ weight).addmm_(gh, A.t(), alpha=scale) if ctx.needs_input_grad[0] else None
+    return gh, grad_x, grad_B
+
+
+class _LinearLoRA(torch.autograd.Function):
+    """`LinearWithLoRA` in one node: the float32 training path without autograd's extra passes
+    (a separate scale on `x A`, a separate add of the two branches, in each direction)."""
 
     @staticmethod
-    def forward(ctx, u, weight, bias, A, B, scale):  # noqa: ANN001, ANN205 (autograd signature)
-        g = F.gelu(u, approximate="tanh")
-        h = (g @ A) * scale
-        ctx.save_for_backward(u, weight, A, B, h)
-        ctx.scale = scale
-        return F.linear(g, weight, bias) + h @ B
+    def forward(ctx, x, weight, bias, A, B, scale):  # noqa: ANN001, ANN205 (autograd signature)
+        out, h = _lora_linear(x, weight, bias, A, B, scale)
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]), weight, A, B, h)
+        ctx.scale, ctx.input_shape = scale, x.shape
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        u, weight, A, B, h = ctx.saved_tensors
-        flat = grad.reshape(-1, grad.shape[-1])
-        grad_B = h.reshape(-1, h.shape[-1]).t() @ flat if ctx.needs_input_grad[4] else None
-        grad_gA = (grad @ B.t()) * ctx.scale  # the gradient of g @ A
-        grad_A = None
-        if ctx.needs_input_grad[3]:
-            g = F.gelu(u, approximate="tanh")
-            grad_A = g.reshape(-1, g.shape[-1]).t() @ grad_gA.reshape(-1, grad_gA.shape[-1])
+        x2, weight, A, B, h = ctx.saved_tensors
+        gh, grad_x, grad_B = _lora_linear_grads(ctx, grad.reshape(-1, grad.shape[-1]), h, weight, A, B)
+        grad_A = (x2.t() @ gh).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
+        return None if grad_x is None else grad_x.view(ctx.input_shape), None, None, grad_A, grad_B, None
+
+
+class _GeluLinearLoRA(torch.autograd.Function):
+    """`_LinearLoRA` of gelu(u), saving u and the rank-r product only: the backward pass
+    recomputes gelu(u) for A's gradient, together with GELU's own derivative."""
+
+    @staticmethod
+    def forward(ctx, u, weight, bias, A, B, scale):  # noqa: ANN001, ANN205 (autograd signature)
+        out, h = _lora_linear(gelu_tanh(u), weight, bias, A, B, scale)
+        ctx.save_for_backward(u.reshape(-1, u.shape[-1]), weight, A, B, h)
+        ctx.scale, ctx.input_shape = scale, u.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        u2, weight, A, B, h = ctx.saved_tensors
+        gh, grad_g, grad_B = _lora_linear_grads(ctx, grad.reshape(-1, grad.shape[-1]), h, weight, A, B)
         grad_u = None
-        if ctx.needs_input_grad[0]:
-            grad_g = grad @ weight + grad_gA @ A.t()
-            grad_u = torch.ops.aten.gelu_backward(grad_g, u, approximate="tanh")
+        if grad_g is not None:
+            g, grad_u = gelu_tanh_backward(grad_g, u2)
+            grad_u = grad_u.view(ctx.input_shape)
+        elif ctx.needs_input_grad[3]:
+            g = gelu_tanh(u2)
+        grad_A = (g.t() @ gh).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
         return grad_u, None, None, grad_A, grad_B, None
 
 

@@ -17,17 +17,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.config import ModelConfig
+from lora_cli.gelu import gelu
 from lora_cli.lora import LinearWithLoRA
+
+
+ATTENTION_LAYOUTS = ("auto", "per-sequence", "grid")
 
 
 @dataclass
 class Packing:
     """Where the real tokens of a right-padded batch are, so padding costs no matmul work.
 
-    Linear layers, norms and the MLP see only the N real tokens, as one (N, d) matrix; only
-    attention, which needs the (B, T) layout, scatters them back into a zero-padded grid.
-    Causal attention with right padding never lets a real token see a padded one, so the
-    result equals the padded computation up to float rounding.
+    Linear layers, norms and the MLP see only the N real tokens, as one (N, d) matrix. Attention
+    needs each sequence's tokens together; two layouts give the same numbers up to rounding:
+    - per sequence (`lengths` set; the default on the CPU): one attention call per sequence on
+      slices of the packed matrix, so attention does no work on padding either;
+    - grid (`lengths` None; the default on GPUs, where one large kernel beats many small ones):
+      tokens are scattered into a zero-padded (B, T) grid. Causal attention with right padding
+      never lets a real token see a padded one.
     """
 
     batch: int
@@ -35,16 +42,22 @@ class Packing:
     token_index: torch.Tensor  # (N,) flat positions b * T + t of the real tokens, ascending
     last_rows: torch.Tensor  # (B,) row of each sequence's last real token in the packed (N, d) matrix
     key_mask: torch.Tensor  # (B, 1, 1, T) True where a key is a real token
+    lengths: list[int] | None  # each sequence's real tokens, for per-sequence attention
 
     @classmethod
-    def from_last_index(cls, last_index: torch.Tensor, seq_len: int, device: torch.device) -> Packing:
+    def from_last_index(
+        cls, last_index: torch.Tensor, seq_len: int, device: torch.device, attention: str = "auto"
+    ) -> Packing:
         """Built where `last_index` lives (the CPU in the training loop, so no device sync), then moved."""
+        if attention not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention layout {attention!r}; choose one of {', '.join(ATTENTION_LAYOUTS)}")
         lengths = last_index.long() + 1
         real = torch.arange(seq_len, device=last_index.device) < lengths[:, None]
         plan = (real.flatten().nonzero().squeeze(1), lengths.cumsum(0) - 1, real[:, None, None, :])
         if last_index.device != device:
             plan = tuple(t.to(device, non_blocking=True) for t in plan)
-        return cls(len(lengths), seq_len, *plan)
+        per_sequence = attention == "per-sequence" or (attention == "auto" and device.type == "cpu")
+        return cls(len(lengths), seq_len, *plan, lengths.tolist() if per_sequence else None)
 
     def grid(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """(N, d) -> (B, heads, T, d / heads), zeros where the padding is."""
@@ -69,7 +82,7 @@ class GELU(nn.Module):
     """GELU with the tanh approximation, as GPT-2 and the book use."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate="tanh")
+        return gelu(x)
 
 
 class FeedForward(nn.Module):
@@ -111,6 +124,8 @@ class MultiHeadAttention(nn.Module):
 
     def forward_packed(self, x: torch.Tensor, packing: Packing, last_only: bool = False) -> torch.Tensor:
         """Attention over packed tokens (N, d); with `last_only`, queries only at each last token (B, d)."""
+        if packing.lengths is not None:
+            return self._per_sequence(x, packing, last_only)
         k = packing.grid(self.W_key(x), self.num_heads)
         v = packing.grid(self.W_value(x), self.num_heads)
         if last_only:  # the classifier reads one position: one query per sequence, padded keys masked
@@ -121,6 +136,25 @@ class MultiHeadAttention(nn.Module):
         ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self._dropout_p())
         ctx = ctx.transpose(1, 2).reshape(packing.batch * packing.seq_len, -1)
         return self.out_proj(ctx[packing.token_index])
+
+    def _per_sequence(self, x: torch.Tensor, packing: Packing, last_only: bool) -> torch.Tensor:
+        """One attention call per sequence on its rows of the packed matrix: no padding anywhere."""
+        lengths = packing.lengths
+        keys, values = self.W_key(x).split(lengths), self.W_value(x).split(lengths)
+        # A lone query is the sequence's last position, which sees every key: no causal mask then.
+        # Batched 4-D views: SDPA's fused CPU kernel takes 4-D inputs only (3-D falls back to math).
+        queries = self.W_query(x[packing.last_rows]).split(1) if last_only else self.W_query(x).split(lengths)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (n, d) -> (1, heads, n, head_dim), a view
+            return t.view(1, t.shape[0], self.num_heads, self.head_dim).transpose(1, 2)
+
+        ctx = [
+            F.scaled_dot_product_attention(
+                heads(q), heads(k), heads(v), is_causal=not last_only, dropout_p=self._dropout_p()
+            ).transpose(1, 2).reshape(q.shape[0], -1)
+            for q, k, v in zip(queries, keys, values)
+        ]
+        return self.out_proj(torch.cat(ctx))
 
     def _dropout_p(self) -> float:
         return self.dropout if self.training else 0.0
@@ -160,7 +194,8 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, out_dim or cfg.vocab_size, bias=out_bias)
 
     def forward(
-        self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True
+        self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True,
+        attention: str = "auto",
     ) -> torch.Tensor:
         """Logits for every position, or only at `last_index` (one position per row).
 
@@ -169,12 +204,14 @@ class GPTModel(nn.Module):
         and the last block computes its query, MLP and head for the last token only. `last_index`
         may stay on the CPU when the model is on a GPU, which keeps the step free of host syncs.
         `packed=False` runs the plain padded computation, the reference the tests compare to.
+        `attention` picks the packed attention layout (`Packing`); both give the same numbers.
         """
         seq_len = in_idx.shape[1]
         if seq_len > self.cfg.context_length:
             raise ValueError(f"sequence length {seq_len} exceeds the context length {self.cfg.context_length}")
         if last_index is not None and packed:
-            return self._forward_packed(in_idx, Packing.from_last_index(last_index, seq_len, in_idx.device))
+            packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
+            return self._forward_packed(in_idx, packing)
         pos = torch.arange(seq_len, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
         x = self.trf_blocks(x)

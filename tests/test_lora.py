@@ -342,12 +342,14 @@ def test_state_dict_names_match_book_replace_linear_with_lora(target_spec: list[
     book.load_state_dict({**ours.state_dict(), **{k: v for k, v in book.state_dict().items() if k.endswith(".att.mask")}})
 
 
-@pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_forward_after_gelu_equals_layer_of_gelu_with_less_saved(shape: tuple[int, ...], bias: bool) -> None:
-    """The MLP output layer's memory-saving backward gives autograd's numbers (float64, exact to rounding)."""
+def _unfused(layer, x: torch.Tensor) -> torch.Tensor:
+    """`LinearWithLoRA` written out with plain autograd ops: the reference for the fused functions."""
     import torch.nn.functional as F
 
+    return F.linear(x, layer.linear.weight, layer.linear.bias) + ((x @ layer.lora.A) * layer.lora.scale) @ layer.lora.B
+
+
+def _float64_layer(bias: bool):
     from lora_cli.lora import LinearWithLoRA
 
     torch.manual_seed(0)
@@ -355,18 +357,45 @@ def test_forward_after_gelu_equals_layer_of_gelu_with_less_saved(shape: tuple[in
     layer.linear.requires_grad_(False)
     with torch.no_grad():
         layer.lora.B.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("gelu", [False, True], ids=["linear", "gelu-linear"])
+@pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_lora_layer_equals_autograd(gelu: bool, shape: tuple[int, ...], bias: bool) -> None:
+    """The hand-written forward/backward (`forward`, and `forward_after_gelu` with its smaller saved
+    state) give autograd's numbers in float64, exact to rounding, and pass gradcheck."""
+    import torch.nn.functional as F
+
+    from lora_cli.lora import LinearWithLoRA
+
+    layer = _float64_layer(bias)
     u = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    fused = layer.forward_after_gelu(u)
-    plain = layer(F.gelu(u, approximate="tanh"))
+    fused = layer.forward_after_gelu(u) if gelu else layer(u)
+    assert ("GeluLinearLoRA" if gelu else "_LinearLoRA") in type(fused.grad_fn).__name__
+    plain = _unfused(layer, F.gelu(u, approximate="tanh") if gelu else u)
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
     w = torch.randn_like(plain)
     params = [u, layer.lora.A, layer.lora.B]
     for a, b in zip(torch.autograd.grad((fused * w).sum(), params), torch.autograd.grad((plain * w).sum(), params)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    run = LinearWithLoRA.forward_after_gelu if gelu else LinearWithLoRA.forward
     assert torch.autograd.gradcheck(
-        lambda x, A, B: LinearWithLoRA.forward_after_gelu(_with_factors(layer, A, B), x),
-        (u.detach()[..., :].clone().requires_grad_(), layer.lora.A.detach().clone().requires_grad_(),
+        lambda x, A, B: run(_with_factors(layer, A, B), x),
+        (u.detach().clone().requires_grad_(), layer.lora.A.detach().clone().requires_grad_(),
          layer.lora.B.detach().clone().requires_grad_()))
+
+
+def test_fused_lora_layer_skips_the_input_gradient_nobody_needs() -> None:
+    """An input that needs no gradient (the first block's, whose embeddings are frozen) gets none,
+    and the factors' gradients are still autograd's."""
+    layer = _float64_layer(bias=True)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    fused, plain = layer(x), _unfused(layer, x)
+    params = [layer.lora.A, layer.lora.B]
+    for a, b in zip(torch.autograd.grad(fused.sum(), params), torch.autograd.grad(plain.sum(), params)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def _with_factors(layer, A, B):
@@ -379,7 +408,8 @@ def _with_factors(layer, A, B):
     return twin
 
 
-def test_forward_after_gelu_falls_back_when_not_training_float32() -> None:
+def test_fused_lora_layer_falls_back_where_its_backward_does_not_apply() -> None:
+    """Autocast, LoRA dropout in training and a trainable base take autograd's path, with the same numbers."""
     import torch.nn.functional as F
 
     from lora_cli.lora import LinearWithLoRA
@@ -388,9 +418,18 @@ def test_forward_after_gelu_falls_back_when_not_training_float32() -> None:
     layer.linear.requires_grad_(False)
     u = torch.randn(5, 8)
     with torch.no_grad():
-        torch.testing.assert_close(layer.forward_after_gelu(u), layer(F.gelu(u, approximate="tanh")))
+        torch.testing.assert_close(layer.forward_after_gelu(u), _unfused(layer, F.gelu(u, approximate="tanh")))
+        torch.testing.assert_close(layer(u), _unfused(layer, u))
     out = layer.forward_after_gelu(u.requires_grad_())
     assert "GeluLinearLoRA" in type(out.grad_fn).__name__
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layer.forward_after_gelu(u)
-    assert "GeluLinearLoRA" not in type(out.grad_fn).__name__
+        assert "LinearLoRA" not in type(layer.forward_after_gelu(u).grad_fn).__name__
+        assert "LinearLoRA" not in type(layer(u).grad_fn).__name__
+    layer.linear.weight.requires_grad_(True)
+    assert "LinearLoRA" not in type(layer(u).grad_fn).__name__
+    layer.linear.weight.requires_grad_(False)
+    dropped = LinearWithLoRA(torch.nn.Linear(8, 4), rank=2, scale=1.0, dropout=0.5)
+    dropped.linear.requires_grad_(False)
+    assert "LinearLoRA" not in type(dropped(u).grad_fn).__name__
+    dropped.eval()  # dropout is the identity in eval mode
+    assert "_LinearLoRA" in type(dropped(u).grad_fn).__name__

@@ -293,14 +293,16 @@ def _lora_classifier(dtype: torch.dtype, seed: int) -> GPTModel:
     return model.to(dtype)
 
 
+@pytest.mark.parametrize("attention", ["per-sequence", "grid"])
 @pytest.mark.parametrize("lengths", [[5, 17, 1, 17, 9], [8, 8, 8], [1], [32, 2]])
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_packed_forward_and_gradients_equal_the_padded_path(lengths, dtype, atol) -> None:
-    """The fast path (no work on padding, last block on the last token only) changes no number."""
+def test_packed_forward_and_gradients_equal_the_padded_path(lengths, dtype, atol, attention) -> None:
+    """The fast path (no work on padding, last block on the last token only) changes no number,
+    with either attention layout (per sequence, the CPU's default; padded grid, the GPU's)."""
     model = _lora_classifier(dtype, seed=len(lengths))
     ids, last = _ragged_batch(lengths, 300, seed=3)
     params = [p for p in model.parameters() if p.requires_grad]
-    fast = model(ids, last)
+    fast = model(ids, last, attention=attention)
     slow = model(ids, last, packed=False)
     torch.testing.assert_close(fast, slow, rtol=0, atol=atol)
     assert fast.abs().max() > 0.1  # real numbers, not an all-zero head
@@ -311,14 +313,15 @@ def test_packed_forward_and_gradients_equal_the_padded_path(lengths, dtype, atol
     assert any(g.abs().max() > 1e-3 for g in g_fast)
 
 
-def test_packed_forward_equals_each_sequence_alone_in_the_book_model() -> None:
+@pytest.mark.parametrize("attention", ["per-sequence", "grid"])
+def test_packed_forward_equals_each_sequence_alone_in_the_book_model(attention: str) -> None:
     """Baseline: the book's GPTModel on each text alone, unpadded, read at its last position."""
     cfg = book_cfg(n_layers=3)
     book, ours = ours_from_book(cfg, seed=9)
     lengths = [4, 30, 11, 1, 30]
     ids, last = _ragged_batch(lengths, cfg["vocab_size"], seed=4, pad=cfg["vocab_size"] - 1)
     with torch.no_grad():
-        got = ours(ids, last)
+        got = ours(ids, last, attention=attention)
         expected = torch.stack([book(ids[i : i + 1, :n])[0, -1] for i, n in enumerate(lengths)])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
@@ -326,6 +329,8 @@ def test_packed_forward_equals_each_sequence_alone_in_the_book_model() -> None:
 def test_packed_forward_in_inference_mode_matches_no_grad() -> None:
     model = _lora_classifier(torch.float32, seed=2).eval()
     ids, last = _ragged_batch([3, 12, 7], 300, seed=8)
+    with pytest.raises(ValueError, match="attention layout"):
+        model(ids, last, attention="flat")
     with torch.inference_mode():
         a = model(ids, last)
     with torch.no_grad():
