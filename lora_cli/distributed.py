@@ -123,8 +123,10 @@ def wrap(ctx: Context, model: torch.nn.Module) -> torch.nn.Module:
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p.data, 0)
-    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, **options)
+    # device_ids=None: DDP leaves the inputs where they are. The training loop has already put
+    # the batch on the GPU and keeps `last_index` on the CPU, which plans the packed batch
+    # without a host sync; given device_ids, DDP would move `last_index` to the GPU too.
+    return DistributedDataParallel(model, device_ids=None, **options)
 
 
 def no_sync(net: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
@@ -234,6 +236,17 @@ def first_failure(directory: Path) -> dict | None:
 # ---------------------------------------------------------------- launcher
 
 
+def worker_threads(cores: int, nproc: int, environ: dict[str, str]) -> str | None:
+    """OMP_NUM_THREADS for each of `nproc` local workers, or None where the user set it.
+
+    torchrun sets 1 when it is unset, which leaves most of a many-core CPU idle in CPU (gloo)
+    training; an even share of the cores keeps them all busy without oversubscribing them.
+    """
+    if "OMP_NUM_THREADS" in environ:
+        return None
+    return str(max(1, cores // nproc))
+
+
 def launch(worker_args: list[str], nproc: int, nnodes: str | None, rdzv_endpoint: str | None,
            rdzv_id: str | None, debug: bool = False) -> int:
     """Run `python -m lora_cli WORKER_ARGS` on `nproc` processes here (and on the other nodes) via torchrun.
@@ -259,9 +272,12 @@ def launch(worker_args: list[str], nproc: int, nnodes: str | None, rdzv_endpoint
     if not debug:  # the agent's warnings ("closing signal SIGTERM", ...) would bury the one error line
         for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    threads = worker_threads(torch.get_num_threads(), nproc, dict(os.environ))  # torch's default: physical cores
     with tempfile.TemporaryDirectory(prefix="lora-cli-ranks-") as errors:
         previous = os.environ.get(ERROR_DIR_ENV)
-        os.environ[ERROR_DIR_ENV] = errors  # the workers inherit it
+        os.environ[ERROR_DIR_ENV] = errors  # the workers inherit it, and the thread count
+        if threads is not None:
+            os.environ["OMP_NUM_THREADS"] = threads
         try:
             run(get_args_parser().parse_args(argv))
             return 0
@@ -289,3 +305,5 @@ def launch(worker_args: list[str], nproc: int, nnodes: str | None, rdzv_endpoint
                 os.environ.pop(ERROR_DIR_ENV, None)
             else:
                 os.environ[ERROR_DIR_ENV] = previous
+            if threads is not None:
+                os.environ.pop("OMP_NUM_THREADS", None)

@@ -225,3 +225,12 @@ def _processes_using(path: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_workers_share_the_cores_unless_the_user_set_threads() -> None:
+    from lora_cli.distributed import worker_threads
+
+    assert worker_threads(16, 2, {}) == "8"  # torchrun alone would give each rank 1 thread
+    assert worker_threads(16, 3, {"PATH": "/bin"}) == "5"
+    assert worker_threads(2, 4, {}) == "1"
+    assert worker_threads(16, 2, {"OMP_NUM_THREADS": "3"}) is None
