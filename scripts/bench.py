@@ -668,6 +668,7 @@ def main(argv=None) -> int:
                    help="replace the texts by random token ids of exactly this length (lora-cli and peft only)")
     p.add_argument("--json-out", default="bench.json")
     args = p.parse_args(argv)
+    started = time.perf_counter()
     for key, full, quick in (("steps", 15, 5), ("warmup", 3, 2), ("rounds", 3, 2), ("predict_rounds", 3, 1),
                              ("predict_texts", 150, 48)):
         if getattr(args, key) is None:
@@ -877,6 +878,13 @@ def main(argv=None) -> int:
                     row.append("")
             rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    # The targets are medians of ratios: each round's ratio cancels drift of the machine's speed.
+    round_ratios = {}
+    for label in ratios:
+        mine, other = label.split("/")
+        per_round = [a["examples"] / a["seconds"] / (b["examples"] / b["seconds"])
+                     for a, b in zip(rounds[mine], rounds[other])]
+        round_ratios[label] = {"per_round": per_round, "median": statistics.median(per_round)}
     print()
     print(f"{args.preset}, batch {args.batch_size}, LoRA r={args.rank} alpha={args.alpha:g}, {device}"
           f"{' bf16 autocast' if amp else ' float32'}, {threads} threads, {args.steps} timed steps after "
@@ -887,6 +895,9 @@ def main(argv=None) -> int:
         print("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    print("\ntraining examples/s ratio, round by round:")
+    for label, rr in round_ratios.items():
+        print(f"  {label:22s} " + "  ".join(f"{x:.2f}x" for x in rr["per_round"]) + f"   median {rr['median']:.2f}x")
 
     out = {
         "args": vars(args),
@@ -901,10 +912,12 @@ def main(argv=None) -> int:
         "systems": {n: {"summary": summary[n], "build": info[n], "rounds": rounds[n], "predict": predictions.get(n, [])}
                     for n in systems},
         "ratios": ratios,
+        "round_ratios": round_ratios,
         "profiles": profiles,
+        "seconds": time.perf_counter() - started,
     }
     Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(f"\nwrote {args.json_out}")
+    print(f"\nwrote {args.json_out}; the benchmark took {out['seconds'] / 60:.1f} minutes")
     tmp.cleanup()
     return 0
 
