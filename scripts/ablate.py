@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Ablation of lora-cli's CPU training speed-ups: each one switched off in turn, same process.
+
+`scripts/bench.py` compares lora-cli with the book and PEFT; this script answers "does each
+optimisation still pay?" It builds lora-cli's gpt2-small-shaped classifier once (random weights,
+SMS-spam batches, batch 8, r=16, as bench.py), then times training steps with every speed-up on
+("all") and with one of them off, alternating the variants round by round (A B C ... A B C) so
+drift of the machine's speed cancels out, and prints the median examples/s of each and its
+ratio to "all", in wall time and in process CPU time. The switches are the library's own fallbacks, patched in for the run:
+
+  packing          GPTModel(..., packed=False): every layer on the padded batch
+  per-sequence     attention on the padded grid (the GPU layout) instead of one call per sequence
+  fused-lora       LinearWithLoRA through plain autograd (no `_LinearLoRA`/`_GeluLinearLoRA`)
+  sigmoid-gelu     ATen's tanh GELU and its backward instead of `lora_cli.gelu`
+
+Usage:
+  python scripts/ablate.py                 # 12 steps x 6 rounds, about 7 minutes on 2 cores
+  python scripts/ablate.py --rounds 3 --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (the same system, data preparation and batch plan)
+
+
+def switches():  # noqa: ANN201
+    """name -> a context manager that turns that speed-up off."""
+    import torch
+    import torch.nn.functional as F
+
+    from lora_cli import lora, model
+
+    @contextlib.contextmanager
+    def patched(obj, name: str, value):  # noqa: ANN001, ANN202
+        old = getattr(obj, name)
+        setattr(obj, name, value)
+        try:
+            yield
+        finally:
+            setattr(obj, name, old)
+
+    forward = model.GPTModel.forward
+    plan = model.Packing.from_last_index.__func__
+    aten_gelu = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
+    aten_gelu_backward = lambda g, x: (aten_gelu(x), torch.ops.aten.gelu_backward(g, x, approximate="tanh"))  # noqa: E731
+    return {
+        "all": contextlib.nullcontext,
+        "packing": lambda: patched(model.GPTModel, "forward",
+                                   lambda self, ids, last=None, packed=True, attention="auto": forward(self, ids, last, False)),
+        "per-sequence": lambda: patched(model.Packing, "from_last_index",
+                                        classmethod(lambda cls, li, t, dev, attention="auto": plan(cls, li, t, dev, "grid"))),
+        "fused-lora": lambda: patched(lora.LinearWithLoRA, "_fusable", lambda self, x: False),
+        "sigmoid-gelu": lambda: _both(
+            patched(lora, "gelu_tanh", aten_gelu), patched(lora, "gelu_tanh_backward", aten_gelu_backward),
+            patched(model, "gelu", aten_gelu)),
+    }
+
+
+@contextlib.contextmanager
+def _both(*managers):  # noqa: ANN001, ANN202
+    with contextlib.ExitStack() as stack:
+        for m in managers:
+            stack.enter_context(m)
+        yield
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2-small")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--shared", default=str(bench.REPO.parent / "shared" / "data"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    from lora_cli import sms_spam
+    from lora_cli.checkpoint import init_checkpoint, save_base
+    from lora_cli.config import PRESETS
+    from lora_cli.data import encode_texts, read_table
+    from lora_cli.tokenizer import get_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, shared = PRESETS[args.preset], Path(args.shared)
+    with tempfile.TemporaryDirectory(prefix="lora-ablate-") as tmp:
+        sms_spam.prepare(Path(tmp) / "data", shared / "sms_spam" / "SMSSpamCollection")
+        tokenizer = get_tokenizer(shared / "gpt2_bpe")
+        tables = {s: read_table(Path(tmp) / "data" / f"{s}.csv") for s in ("train", "validation")}
+        tokens = {s: encode_texts(tokenizer, t.texts, cfg.context_length)[0] for s, t in tables.items()}
+        labels = {s: [int(x) for x in t.labels] for s, t in tables.items()}
+        ckpt = Path(tmp) / "base.safetensors"
+        save_base(ckpt, init_checkpoint(cfg, 123), cfg)
+        ctx = {"device": "cpu", "amp": False, "batch_size": 8, "rank": 16, "alpha": 16.0, "lr": 8e-4,
+               "weight_decay": 0.1, "seed": 123, "checkpoint": str(ckpt),
+               "train_tokens": tokens["train"], "train_labels": labels["train"],
+               "val_tokens": tokens["validation"], "val_labels": labels["validation"]}
+        system = bench.LoraCli(ctx)
+        variants = switches()
+        per_round = args.warmup + args.steps
+        plan = bench.batch_plan(len(tokens["train"]), 8, 123, per_round * args.rounds)
+        speeds: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, list[float]] = {name: [] for name in variants}  # process CPU s per example
+        started = time.perf_counter()
+        for r in range(args.rounds):
+            order = plan[r * per_round * 8 : (r + 1) * per_round * 8]  # every variant gets the same batches
+            for name, off in variants.items():
+                with off():
+                    before = time.process_time()
+                    res = system.run(order, args.warmup)
+                    cpu[name].append((time.process_time() - before) / (res["examples"] * per_round / args.steps))
+                speeds[name].append(res["examples"] / res["seconds"])
+            print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {v[-1]:.2f}" for n, v in speeds.items()), flush=True)
+    print(f"\n{args.preset}, batch 8, r=16, cpu float32, {torch.get_num_threads()} threads, {args.steps} steps x "
+          f"{args.rounds} rounds, {(time.perf_counter() - started) / 60:.1f} minutes")
+    base = speeds["all"]
+    # CPU time per example is the steadier measure where other tenants share the machine (wall
+    # time counts their interference; CPU time mostly does not).
+    print(f"{'switched off':14s} {'ex/s':>7s} {'all/this ex/s':>14s} {'CPU ms/example':>15s} {'this/all CPU':>13s}")
+    for name, v in speeds.items():
+        ratio = statistics.median(a / b for a, b in zip(base, v))
+        cpu_ratio = statistics.median(b / a for a, b in zip(cpu["all"], cpu[name]))
+        print(f"{'(nothing)' if name == 'all' else name:14s} {statistics.median(v):7.2f} {ratio:13.2f}x "
+              f"{statistics.median(cpu[name]) * 1e3:15.0f} {cpu_ratio:12.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
