@@ -42,7 +42,7 @@ evaluation (ch06.calc_accuracy_loader: padded to the longest training text, last
 PEFT unmerged with length-sorted batches and an attention mask.
 
 Usage:
-  python scripts/bench.py --quick                          # about 2 minutes on 2 cores
+  python scripts/bench.py --quick                          # under 2 minutes on 2 cores
   python scripts/bench.py                                  # gpt2-small, 15 steps x 3 rounds, about 7 minutes
   python scripts/bench.py --preset gpt2-tiny --accuracy-epochs 2
   python scripts/bench.py --device cuda                    # bf16 autocast for all three
@@ -642,12 +642,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2-small", help="model shape (lora_cli.config.PRESETS); random weights")
     p.add_argument("--steps", type=int, default=None, help="timed steps per system per round [15; --quick 5]")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps before them, every round [3; --quick 2]")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before them, every round [3; --quick 1]")
     p.add_argument("--rounds", type=int, default=None, help="rounds; systems alternate A B C A B C ... [3; --quick 2]")
-    p.add_argument("--quick", action="store_true", help="fewer steps and rounds: about 2 minutes for gpt2-small on 2 cores")
+    p.add_argument("--quick", action="store_true", help="fewer steps and rounds: under 2 minutes for gpt2-small on 2 cores")
     p.add_argument("--predict-rounds", type=int, default=None,
                    help="rounds of inference on the test texts (lora-cli, book, peft) [3; --quick 1; 0: skip]")
-    p.add_argument("--predict-texts", type=int, default=None, help="test texts per inference round [150; --quick 48]")
+    p.add_argument("--predict-texts", type=int, default=None, help="test texts per inference round [150; --quick 32]")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
@@ -669,8 +669,8 @@ def main(argv=None) -> int:
     p.add_argument("--json-out", default="bench.json")
     args = p.parse_args(argv)
     started = time.perf_counter()
-    for key, full, quick in (("steps", 15, 5), ("warmup", 3, 2), ("rounds", 3, 2), ("predict_rounds", 3, 1),
-                             ("predict_texts", 150, 48)):
+    for key, full, quick in (("steps", 15, 5), ("warmup", 3, 1), ("rounds", 3, 2), ("predict_rounds", 3, 1),
+                             ("predict_texts", 150, 32)):
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
 
