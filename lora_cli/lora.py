@@ -72,7 +72,7 @@ class LinearWithLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fusable(x):
             return self.linear(x) + self.lora(x)
-        return _LinearLoRA.apply(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale)
+        return _LinearLoRA.apply(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale, False)
 
     def forward_after_gelu(self, u: torch.Tensor) -> torch.Tensor:
         """`self(gelu(u))` (tanh GELU), the MLP's output layer.
@@ -84,11 +84,11 @@ class LinearWithLoRA(nn.Module):
         """
         if not self._fusable(u):
             return self(gelu(u))
-        return _GeluLinearLoRA.apply(u, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale)
+        return _LinearLoRA.apply(u, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale, True)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """Whether the hand-written autograd functions below apply: one dtype, no autocast,
-        a frozen base (they return no base gradients) or no autograd, and no LoRA dropout."""
+        """Whether the hand-written autograd function below applies: one dtype, no autocast,
+        a frozen base (it returns no base gradients) or no autograd, and no LoRA dropout."""
         frozen = not self.linear.weight.requires_grad and (self.linear.bias is None or not self.linear.bias.requires_grad)
         return (
             x.dtype == self.linear.weight.dtype == self.lora.A.dtype
@@ -111,59 +111,39 @@ def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out, h
 
 
-def _lora_linear_grads(ctx, grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
-                       B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
-    """For `_lora_linear`'s 2-D `grad`: the gradient of `x A` (unscaled; A's gradient is
-    `scale * x^T` times it), and those of x and B where needed."""
-    scale = ctx.scale
-    gh = grad @ B.t()
-    grad_B = (h.t() @ grad).mul_(scale) if ctx.needs_input_grad[4] else None
-    grad_x = (grad @ weight).addmm_(gh, A.t(), alpha=scale) if ctx.needs_input_grad[0] else None
-    return gh, grad_x, grad_B
-
-
 class _LinearLoRA(torch.autograd.Function):
-    """`LinearWithLoRA` in one node: the float32 training path without autograd's extra passes
-    (a separate scale on `x A`, a separate add of the two branches, in each direction)."""
+    """`LinearWithLoRA` (of `gelu(x)` with `gelu_first`) in one autograd node.
+
+    The float32 training path without autograd's extra passes (a separate scale on `x A`, a
+    separate add of the two branches, in each direction). It saves `x` and the rank-r product
+    only: with `gelu_first` the backward pass recomputes gelu(x) for A's gradient together with
+    GELU's own derivative, so the MLP's 4*d-wide activation is stored once, not twice.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale):  # noqa: ANN001, ANN205 (autograd signature)
-        out, h = _lora_linear(x, weight, bias, A, B, scale)
+    def forward(ctx, x, weight, bias, A, B, scale, gelu_first):  # noqa: ANN001, ANN205 (autograd signature)
+        out, h = _lora_linear(gelu_tanh(x) if gelu_first else x, weight, bias, A, B, scale)
         ctx.save_for_backward(x.reshape(-1, x.shape[-1]), weight, A, B, h)
-        ctx.scale, ctx.input_shape = scale, x.shape
+        ctx.scale, ctx.input_shape, ctx.gelu_first = scale, x.shape, gelu_first
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x2, weight, A, B, h = ctx.saved_tensors
-        gh, grad_x, grad_B = _lora_linear_grads(ctx, grad.reshape(-1, grad.shape[-1]), h, weight, A, B)
-        grad_A = (x2.t() @ gh).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
-        return None if grad_x is None else grad_x.view(ctx.input_shape), None, None, grad_A, grad_B, None
-
-
-class _GeluLinearLoRA(torch.autograd.Function):
-    """`_LinearLoRA` of gelu(u), saving u and the rank-r product only: the backward pass
-    recomputes gelu(u) for A's gradient, together with GELU's own derivative."""
-
-    @staticmethod
-    def forward(ctx, u, weight, bias, A, B, scale):  # noqa: ANN001, ANN205 (autograd signature)
-        out, h = _lora_linear(gelu_tanh(u), weight, bias, A, B, scale)
-        ctx.save_for_backward(u.reshape(-1, u.shape[-1]), weight, A, B, h)
-        ctx.scale, ctx.input_shape = scale, u.shape
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        u2, weight, A, B, h = ctx.saved_tensors
-        gh, grad_g, grad_B = _lora_linear_grads(ctx, grad.reshape(-1, grad.shape[-1]), h, weight, A, B)
-        grad_u = None
-        if grad_g is not None:
-            g, grad_u = gelu_tanh_backward(grad_g, u2)
-            grad_u = grad_u.view(ctx.input_shape)
-        elif ctx.needs_input_grad[3]:
-            g = gelu_tanh(u2)
-        grad_A = (g.t() @ gh).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
-        return grad_u, None, None, grad_A, grad_B, None
+        x, weight, A, B, h = ctx.saved_tensors
+        needs_x, needs_A, needs_B = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+        scale, grad = ctx.scale, grad.reshape(-1, grad.shape[-1])
+        gh = grad @ B.t()  # the gradient of `inp A`, before the scale
+        grad_B = (h.t() @ grad).mul_(scale) if needs_B else None
+        grad_inp = (grad @ weight).addmm_(gh, A.t(), alpha=scale) if needs_x else None
+        inp, grad_x = x, grad_inp
+        if ctx.gelu_first:
+            if needs_x:
+                inp, grad_x = gelu_tanh_backward(grad_inp, x)
+            else:
+                inp = gelu_tanh(x) if needs_A else None
+        grad_A = (inp.t() @ gh).mul_(scale) if needs_A else None
+        grad_x = None if grad_x is None else grad_x.view(ctx.input_shape)
+        return grad_x, None, None, grad_A, grad_B, None, None
 
 
 def resolve_targets(model: nn.Module, spec: str | Sequence[str]) -> list[str]:

@@ -10,7 +10,7 @@ ratio to "all", in wall time and in process CPU time. The switches are the libra
 
   packing          GPTModel(..., packed=False): every layer on the padded batch
   per-sequence     attention on the padded grid (the GPU layout) instead of one call per sequence
-  fused-lora       LinearWithLoRA through plain autograd (no `_LinearLoRA`/`_GeluLinearLoRA`)
+  fused-lora       LinearWithLoRA through plain autograd (no `_LinearLoRA` node)
   sigmoid-gelu     ATen's tanh GELU and its backward instead of `lora_cli.gelu`
 
 Usage:
