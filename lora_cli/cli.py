@@ -50,8 +50,12 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+# Optional packages a command may import, and how to get them.
+OPTIONAL_PACKAGES = {"matplotlib": "pip install 'lora-cli[plot]'", "tensorboard": "pip install tensorboard"}
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """One clear message and a non-zero exit code for every error a user can cause."""
+    """One clear message and a non-zero exit code for every error, never a traceback (unless --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -59,25 +63,40 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except LoraCliError as exc:
-            if _state["debug"]:
-                raise
-            raise fail(str(exc)) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
-        except OSError as exc:  # the disk, permissions, a vanished file: the environment, not a bug
+        except Exception as exc:
             if _state["debug"]:
                 raise
-            where = f" ({exc.filename})" if exc.filename else ""
-            if exc.errno == errno.ENOSPC:
-                raise fail(f"the disk is full{where}; free some space and run again (earlier outputs are intact)") from None
-            raise fail(f"{exc.strerror or exc}{where}") from None
-        except Exception as exc:  # out of memory is the one runtime error a user can fix by flags
-            if "out of memory" in str(exc).lower() and not _state["debug"]:
-                raise fail("out of memory: lower --batch-size or --max-length, or use a smaller model") from None
-            raise
+            raise fail(error_message(exc)) from None
 
     return wrapper
+
+
+def error_message(exc: BaseException) -> str:
+    """The one line a user sees for an exception: its own message for errors a user can cause, else a bug report hint."""
+    if isinstance(exc, LoraCliError):
+        return str(exc)
+    if isinstance(exc, ImportError):  # an optional package, or a broken install
+        name = (exc.name or "").split(".")[0]
+        fix = OPTIONAL_PACKAGES.get(name, f"pip install {name}" if name else "reinstall lora-cli")
+        return f"this needs the Python package {name or '?'!r}, which is not installed or broken ({exc}); {fix}"
+    if isinstance(exc, OSError):  # the disk, permissions, a vanished file: the environment, not a bug
+        where = f" ({exc.filename})" if exc.filename else ""
+        if exc.errno == errno.ENOSPC:
+            return f"the disk is full{where}; free some space and run again (earlier outputs are intact)"
+        if exc.errno == errno.ENOMEM:
+            return OUT_OF_MEMORY
+        return f"{exc.strerror or exc}{where}"
+    text = str(exc).lower()
+    if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        return OUT_OF_MEMORY
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return (f"unexpected {type(exc).__name__}{': ' + first if first else ''} (a bug in lora-cli: rerun with "
+            "--debug for the traceback and please report it)")
+
+
+OUT_OF_MEMORY = "out of memory: lower --batch-size or --max-length, or use a smaller model"
 
 
 def version_callback(value: bool) -> None:
@@ -798,4 +817,7 @@ for _command in [*app.registered_commands, *data_app.registered_commands]:
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # text the terminal's encoding cannot show is escaped, not fatal
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     app()
