@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,14 @@ from lora_cli.classifier import LoraSpec, adapter_tensors, build_classifier
 from lora_cli.config import ModelConfig
 from lora_cli.data import LabelSet
 from lora_cli.errors import LoraCliError
-from lora_cli.fileio import atomic_path
+from lora_cli.fileio import save_safetensors
+from lora_cli.metadata import ADAPTER_FORMAT, ADAPTER_VERSION, read_adapter_metadata
 from lora_cli.model import GPTModel
+from lora_cli.schema import MapOf, Tensor, check
 
-ADAPTER_FORMAT = "lora-cli-adapter"
-ADAPTER_VERSION = 1
+# LoRA factors and the head are weights: any float dtype is cast to float32 when loaded, an integer
+# or bool tensor (a file written by something else) is refused
+ADAPTER_TENSORS = MapOf(Tensor(floating=True))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,13 +59,10 @@ def adapter_from_model(
 
 def save_adapter(path: str | Path, adapter: Adapter, dtype: str = "float32") -> None:
     """Write the adapter atomically, optionally cast to a smaller float type."""
-    from safetensors.torch import save_file
-
     if dtype not in DTYPES:
         raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in adapter.tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=adapter.metadata())
+    save_safetensors(path, tensors, adapter.metadata())
 
 
 def load_adapter(path: str | Path) -> Adapter:
@@ -99,81 +100,13 @@ def _from_training_checkpoint(path: Path) -> Adapter:
 
 
 def adapter_from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str) -> Adapter:
-    """Validate metadata and tensors read from an adapter or a training checkpoint."""
-    if not isinstance(meta, dict):
-        raise LoraCliError(f"{source} is not a lora-cli adapter (no metadata mapping)")
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise LoraCliError(f"{source} is not a lora-cli adapter (metadata format={meta.get('format')!r})")
-    if meta.get("format_version") != str(ADAPTER_VERSION):
-        raise LoraCliError(
-            f"{source} has adapter format version {meta.get('format_version')!r}; this lora-cli "
-            f"({__version__}) reads version {ADAPTER_VERSION}"
-        )
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
-        raise LoraCliError(f"{source}: damaged adapter (its tensors are not a mapping of names to tensors)")
-    try:
-        lora = _json_object(meta, "lora")
-        spec = LoraSpec(**lora)
-        _check_spec(spec)
-        label_meta = _json_object(meta, "labels")
-        names, integer_ids = label_meta["names"], label_meta["integer_ids"]
-        if not isinstance(names, list) or not isinstance(integer_ids, bool):
-            raise ValueError("labels must hold a list of names and a boolean integer_ids")
-        labels = LabelSet(list(names), integer_ids)
-        cfg_meta = _json_object(meta, "model_config")
-        if not isinstance(cfg_meta.get("drop_rate", 0.0), (int, float)) or isinstance(cfg_meta.get("drop_rate"), bool):
-            raise ValueError(f"model_config drop_rate must be a number, got {cfg_meta.get('drop_rate')!r}")
-        if not isinstance(cfg_meta.get("qkv_bias", True), bool):
-            raise ValueError(f"model_config qkv_bias must be true or false, got {cfg_meta.get('qkv_bias')!r}")
-        cfg = ModelConfig.from_dict(cfg_meta)
-        training = _json_object(meta, "training_config", "{}")
-        if not isinstance(training.get("max_length"), (int, type(None))) or isinstance(training.get("max_length"), bool):
-            raise ValueError(f"training_config max_length must be an integer, got {training.get('max_length')!r}")
-        if not isinstance(training.get("model"), (str, type(None))):
-            raise ValueError(f"training_config model must be a path, got {training.get('model')!r}")
-        fp = meta["base_fingerprint"]
-        if not isinstance(fp, str):
-            raise ValueError(f"base_fingerprint must be a string, got {fp!r}")
-    except (KeyError, TypeError, ValueError, RecursionError) as exc:
-        raise LoraCliError(f"{source}: damaged adapter metadata ({exc!r})") from exc
-    if len(labels.names) < 2 or not all(isinstance(x, str) for x in labels.names):
-        raise LoraCliError(f"{source}: damaged adapter metadata (labels must be a list of 2+ names)")
-    if len(set(labels.names)) != len(labels.names):
-        raise LoraCliError(f"{source}: damaged adapter metadata (duplicate label names {labels.names})")
-    return Adapter(tensors, spec, labels, cfg, fp, training, str(meta.get("tool_version", "?")))
-
-
-def _json_object(meta: dict, key: str, default: str | None = None) -> dict[str, Any]:
-    """A metadata entry that holds a JSON object (KeyError when missing, ValueError when not an object)."""
-    raw = meta[key] if default is None else meta.get(key, default)
-    value = json.loads(raw)
-    if not isinstance(value, dict):
-        raise ValueError(f"{key} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _check_spec(spec: LoraSpec) -> None:
-    """The types LoRA needs; stored metadata is not trusted (a JSON edit can put anything there)."""
-    import math
-
-    from lora_cli.lora import SCALINGS
-
-    if not isinstance(spec.rank, int) or isinstance(spec.rank, bool) or spec.rank < 1:
-        raise ValueError(f"lora rank must be a positive integer, got {spec.rank!r}")
-    for name in ("alpha", "dropout"):
-        value = getattr(spec, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"lora {name} must be a number, got {value!r}")
-    if spec.alpha <= 0 or not 0 <= spec.dropout < 1:
-        raise ValueError(f"lora alpha {spec.alpha!r} or dropout {spec.dropout!r} out of range")
-    if spec.scaling not in SCALINGS:
-        raise ValueError(f"lora scaling must be one of {', '.join(SCALINGS)}, got {spec.scaling!r}")
-    for name in ("target_spec", "targets"):
-        value = getattr(spec, name)
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            raise ValueError(f"lora {name} must be a list of module names, got {value!r}")
-    if not isinstance(spec.head_bias, bool):
-        raise ValueError(f"lora head_bias must be true or false, got {spec.head_bias!r}")
+    """Validate metadata (`metadata.ADAPTER_METADATA`) and tensors read from an adapter or a training checkpoint."""
+    checked = read_adapter_metadata(meta, source)
+    tensors = check(tensors, ADAPTER_TENSORS, source, "damaged adapter tensors")
+    return Adapter(
+        tensors, LoraSpec(**checked["lora"]), LabelSet(**checked["labels"]), ModelConfig(**checked["model_config"]),
+        checked["base_fingerprint"], checked.get("training_config", {}), checked.get("tool_version", "?"),
+    )
 
 
 def model_with_adapter(
@@ -192,11 +125,11 @@ def model_with_adapter(
             "to use it anyway"
         )
     spec = LoraSpec(**adapter.spec.to_dict())
-    try:
-        model = build_classifier(base, len(adapter.labels.names), spec, seed=0)
-    except AttributeError as exc:  # a target module path the model does not have (edited metadata)
-        raise LoraCliError(f"the adapter's LoRA targets do not fit the model ({exc})") from exc
-    expected = adapter_tensors(model)
+    # First on the meta device (no memory): a rank, label count or target list edited in the
+    # metadata is refused by the tensors' names and shapes before anything of its size is allocated.
+    meta_base = dataclasses.replace(base, state={k: v.to("meta") for k, v in base.state.items()})
+    with torch.device("meta"):
+        expected = adapter_tensors(_classifier(meta_base, len(adapter.labels.names), spec, "meta"))
     missing = sorted(set(expected) - set(adapter.tensors))
     unexpected = sorted(set(adapter.tensors) - set(expected))
     if missing or unexpected:
@@ -204,6 +137,14 @@ def model_with_adapter(
     for name, value in adapter.tensors.items():
         if value.shape != expected[name].shape:
             raise LoraCliError(f"adapter tensor {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}")
+    model = _classifier(base, len(adapter.labels.names), spec, "cpu")
     model.load_state_dict({k: v.float() for k, v in adapter.tensors.items()}, strict=False)
     model.requires_grad_(False)
     return model.eval().to(device)
+
+
+def _classifier(base: BaseCheckpoint, classes: int, spec: LoraSpec, device: str) -> GPTModel:
+    try:
+        return build_classifier(base, classes, spec, seed=0, device=device)
+    except AttributeError as exc:  # a target module path the model does not have (edited metadata)
+        raise LoraCliError(f"the adapter's LoRA targets do not fit the model ({exc})") from exc

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import pickle
 import re
 from dataclasses import dataclass
@@ -15,9 +14,10 @@ import torch
 from lora_cli import __version__
 from lora_cli.config import PRESETS, ModelConfig, model_config_from_arg
 from lora_cli.errors import LoraCliError
-from lora_cli.fileio import atomic_path
+from lora_cli.fileio import save_safetensors
+from lora_cli.metadata import BASE_FORMAT, read_base_metadata
 
-BASE_FORMAT = "lora-cli-base"
+_BLOCK = re.compile(r"^trf_blocks\.([0-9]{1,9})\.")  # a longer index is no block of ours (and int() would refuse it)
 _IGNORED = re.compile(r"^trf_blocks\.\d+\.att\.mask$")  # the book's constant causal-mask buffer
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel prefixes
 
@@ -107,15 +107,14 @@ def normalize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def infer_config(state: dict[str, torch.Tensor]) -> ModelConfig:
     """Guess the config from tensor shapes; the head count comes from the GPT-2 preset of that width."""
-    try:
-        vocab_size, emb_dim = state["tok_emb.weight"].shape
-        context_length = state["pos_emb.weight"].shape[0]
-    except KeyError as exc:
-        raise LoraCliError(
-            f"checkpoint has no {exc.args[0]!r} tensor: it does not look like a from-scratch GPTModel"
-        ) from exc
-    layers = {int(m.group(1)) for k in state if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
-    n_layers = max(layers) + 1 if layers else 0
+    for key in ("tok_emb.weight", "pos_emb.weight"):
+        if key not in state:
+            raise LoraCliError(f"checkpoint has no {key!r} tensor: it does not look like a from-scratch GPTModel")
+        if state[key].dim() != 2:
+            raise LoraCliError(f"checkpoint tensor {key} has shape {tuple(state[key].shape)}; an embedding is 2-D")
+    vocab_size, emb_dim = state["tok_emb.weight"].shape
+    context_length = state["pos_emb.weight"].shape[0]
+    n_layers = _block_count(state)
     heads = {p.n_heads for p in PRESETS.values() if p.emb_dim == emb_dim}
     if n_layers == 0 or len(heads) != 1:
         raise LoraCliError(
@@ -144,23 +143,56 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> None:
-    """Report missing or unexpected keys and shape mismatches by name."""
-    expected = expected_shapes(cfg)
-    present = {k for k in state if not k.startswith("out_head.")}
-    problems = []
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
-    if missing:
-        problems.append(f"missing keys: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_names(unexpected)}")
-    for key in sorted(set(expected) & present):
-        if tuple(state[key].shape) != expected[key]:
-            problems.append(f"{key}: shape {tuple(state[key].shape)}, expected {expected[key]}")
+    """Report missing or unexpected keys, shape mismatches and tensors that are not weights by name.
+
+    The sizes that bound the model (embeddings, block count) are compared first: a config of
+    absurd sizes (edited metadata, `n_layers` 10**9) is refused before a model of it is built,
+    even on the meta device. Weights of any float dtype are fine (the model casts them to
+    float32); an integer or bool tensor is not a weight.
+    """
+    problems = _size_problems(state, cfg)
+    if not problems:
+        expected = expected_shapes(cfg)
+        present = {k for k in state if not k.startswith("out_head.")}
+        missing = sorted(set(expected) - present)
+        unexpected = sorted(present - set(expected))
+        if missing:
+            problems.append(f"missing keys: {_names(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_names(unexpected)}")
+        for key in sorted(set(expected) & present):
+            if tuple(state[key].shape) != expected[key]:
+                problems.append(f"{key}: shape {tuple(state[key].shape)}, expected {expected[key]}")
+    head, bias = state.get("out_head.weight"), state.get("out_head.bias")
+    if head is not None and (head.dim() != 2 or head.shape[0] < 1 or head.shape[1] != cfg.emb_dim):
+        problems.append(f"out_head.weight: shape {tuple(head.shape)}, expected (classes or vocab_size, {cfg.emb_dim})")
+    elif bias is not None and (head is None or tuple(bias.shape) != (head.shape[0],)):
+        problems.append(f"out_head.bias: shape {tuple(bias.shape)}, expected one value per row of out_head.weight")
+    problems += [f"{k}: dtype {str(v.dtype).removeprefix('torch.')}, expected a floating-point weight"
+                 for k, v in sorted(state.items()) if not v.is_floating_point()]
     if problems:
         raise LoraCliError(
             f"{source} does not match the model config {cfg.to_json()}:\n  " + "\n  ".join(problems[:20])
         )
+
+
+def _size_problems(state: dict[str, torch.Tensor], cfg: ModelConfig) -> list[str]:
+    problems = []
+    for key, shape in (("tok_emb.weight", (cfg.vocab_size, cfg.emb_dim)), ("pos_emb.weight", (cfg.context_length, cfg.emb_dim))):
+        if key not in state:
+            problems.append(f"missing keys: {key}")
+        elif tuple(state[key].shape) != shape:
+            problems.append(f"{key}: shape {tuple(state[key].shape)}, expected {shape}")
+    blocks = _block_count(state)
+    if cfg.n_layers > blocks:
+        problems.append(f"n_layers is {cfg.n_layers}, but the file has {blocks} transformer blocks")
+    return problems
+
+
+def _block_count(state: dict[str, torch.Tensor]) -> int:
+    """How many distinct `trf_blocks.N` indices the keys have (not the highest: one key `trf_blocks.999999.x`
+    must not make a model of a million blocks)."""
+    return len({m.group(1) for k in state if (m := _BLOCK.match(k))})
 
 
 def _names(keys: list[str]) -> str:
@@ -190,12 +222,8 @@ def load_base(path: str | Path, model_config: str | None = None) -> BaseCheckpoi
     state = normalize_state(state)
     if model_config is not None:
         cfg, source = model_config_from_arg(model_config), f"--model-config {model_config}"
-    elif "model_config" in metadata:
-        try:
-            cfg = ModelConfig.from_dict(json.loads(metadata["model_config"]))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise LoraCliError(f"{path}: bad model_config in the file metadata ({exc})") from exc
-        source = "file metadata"
+    elif "model_config" in metadata or metadata.get("format") == BASE_FORMAT:
+        cfg, source = ModelConfig(**read_base_metadata(metadata, str(path))["model_config"]), "file metadata"
     else:
         cfg, source = infer_config(state), "inferred from tensor shapes"
     check_state(state, cfg, path)
@@ -204,12 +232,9 @@ def load_base(path: str | Path, model_config: str | None = None) -> BaseCheckpoi
 
 def save_base(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Write a base checkpoint as safetensors with its config in the metadata (atomically)."""
-    from safetensors.torch import save_file
-
     metadata = {"format": BASE_FORMAT, "model_config": cfg.to_json(), "tool_version": __version__}
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}  # no shared storage
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    save_safetensors(path, tensors, metadata)
 
 
 def init_checkpoint(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import errno
 import functools
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
+        except BrokenPipeError:  # `lora-cli ... | head`: the reader left; stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            raise typer.Exit(141) from None
         except Exception as exc:
             if _state["debug"]:
                 raise
@@ -258,8 +262,8 @@ def data_sms_spam(
     """
     from lora_cli import sms_spam
 
-    for name in sms_spam.SPLITS:
-        refuse_overwrite(out / f"{name}.csv", overwrite)
+    for name in sms_spam.FILES:
+        refuse_overwrite(out / name, overwrite)
     summary = sms_spam.prepare(out, source)
     if not summary["matches_uci_v1"]:
         echo("warning: the source differs from the UCI v.1 file, so the split differs from the book's")
@@ -312,7 +316,9 @@ def train(
     config: Annotated[Optional[Path], typer.Option(help="YAML recipe; flags override its values.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory. [runs/NAME]")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in an existing run directory (its checkpoints are deleted).")] = False,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its newest checkpoint.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue a run: RUN_DIR from its newest checkpoint, or RUN_DIR/checkpoints/step-N.pt from that one "
+             "(newer checkpoints are moved into checkpoints/superseded/, not deleted).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Also checkpoint every N steps (always: every epoch).")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep the newest K checkpoints. [3]")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this value (logged).")] = None,
@@ -329,6 +335,8 @@ def train(
     nnodes: Annotated[Optional[str], typer.Option(help="Machines in the run (with --rdzv-endpoint); start the same command on each. [1]")] = None,
     rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT where the machines of a multi-node run meet (torchrun's c10d rendezvous).")] = None,
     rdzv_id: Annotated[Optional[str], typer.Option(help="Job id shared by the machines of one multi-node run. [lora-cli]")] = None,
+    oversubscribe: Annotated[bool, typer.Option(
+        help="Allow --nproc-per-node above this machine's CPU cores (CPU training; each process holds a whole model).")] = False,
     dry_run: Annotated[bool, typer.Option(help="Build everything, print the config and parameter counts, exit.")] = False,
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe (YAML) and exit; loads nothing.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -359,10 +367,16 @@ def train(
     )
     if train_file is not None and data is None:
         overrides["data"] = None
+    resume_from: bool | Path = False  # True: the newest checkpoint of the run
     if resume is not None:
         given = sorted(k for k, v in overrides.items() if v is not None and k != "device")
         if given or config is not None or out is not None or overwrite:
             raise LoraCliError(f"--resume continues with the run's saved config.yaml; drop {', '.join(given) or '--config/--out/--overwrite'}")
+        resume_from = True
+        if resume.is_file():  # RUN/checkpoints/step-N.pt: that checkpoint of RUN
+            from lora_cli.run_dir import run_of_checkpoint
+
+            resume_from, resume = resume, run_of_checkpoint(resume)
         if not (resume / "config.yaml").is_file():
             raise LoraCliError(f"{resume} is not a run directory (no config.yaml)")
         config, run_dir = resume / "config.yaml", resume
@@ -378,22 +392,22 @@ def train(
 
     from lora_cli import distributed
 
-    if nproc_per_node is not None and nproc_per_node < 1:
-        raise LoraCliError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
-    if (nproc_per_node or 1) > 1 or nnodes or rdzv_endpoint:
+    distributed.follow_launcher()  # a rank of `--nproc-per-node` dies with its launcher, even on kill -9
+    spec = distributed.check_launch(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, cfg.device, oversubscribe)
+    if spec.multi:
         if not dry_run and not distributed.under_torchrun():  # re-run this command on every process
-            if (nnodes or "1").isdigit():
-                cfg.accumulation_steps((nproc_per_node or 1) * int(nnodes or 1))  # a bad global batch fails here, once
+            if spec.world is not None:
+                cfg.accumulation_steps(spec.world)  # a bad global batch fails here, once
             from lora_cli.paths import resolve_data
 
             resolve_data(cfg.data, cfg.train, cfg.val)  # prepares the built-in data set once, not on every rank
-            code = distributed.launch(_relaunch_args(command, run_dir if out is None and resume is None else None), nproc_per_node or 1, nnodes, rdzv_endpoint, rdzv_id, _state["debug"])
+            code = distributed.launch(_relaunch_args(command, run_dir if out is None and resume is None else None), spec, _state["debug"])
             if code:
                 raise typer.Exit(code)
             return
     ctx = distributed.init(cfg.device)
     with distributed.report_failures(ctx):
-        _train_rank(cfg, run_dir, ctx, resume is not None, overwrite, dry_run, quiet, as_json)
+        _train_rank(cfg, run_dir, ctx, resume_from, overwrite, dry_run, quiet, as_json)
     distributed.shutdown(ctx)
 
 
@@ -416,10 +430,10 @@ def _relaunch_args(command: typer.Context, run_dir: Optional[Path]) -> list[str]
     return args + (["--out", str(run_dir)] if run_dir is not None else [])
 
 
-LAUNCH_OPTIONS = {"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id"}
+LAUNCH_OPTIONS = {"nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id", "oversubscribe"}
 
 
-def _train_rank(cfg: Any, run_dir: Path, ctx: Any, resume: bool, overwrite: bool, dry_run: bool, quiet: bool,
+def _train_rank(cfg: Any, run_dir: Path, ctx: Any, resume: bool | Path, overwrite: bool, dry_run: bool, quiet: bool,
                 as_json: bool) -> None:
     """Train in this process: the whole run, or one rank of a multi-process one (rank 0 prints and writes)."""
     from lora_cli import recipe, training
@@ -524,8 +538,25 @@ def _inference_precision(precision: str, dev: Any) -> str:
     return resolve_precision(precision, dev)
 
 
-def _max_length(adapter: Any, model: Any) -> int:
-    return int(adapter.training_config.get("max_length") or model.cfg.context_length)
+def _utf8_argument(text: str) -> str:
+    """A text argument as the UTF-8 the user typed, also where an ASCII locale decoded it to surrogate escapes."""
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:  # not UTF-8 either: keep Python's escapes
+        return text
+
+
+def _max_length(adapter: Any, model: Any, requested: Optional[int]) -> int:
+    """Tokens per text: --max-length, else what training used, else the model's context (never more)."""
+    context = model.cfg.context_length
+    if requested is not None:
+        if not 1 <= requested <= context:
+            raise LoraCliError(f"--max-length must be between 1 and the model's context length ({context}), got {requested}")
+        return requested
+    return min(int(adapter.training_config.get("max_length") or context), context)
+
+
+MAX_LENGTH_HELP = "Truncate texts to this many tokens (1 to the model's context). [what training used]"
 
 
 @app.command("eval")
@@ -543,29 +574,47 @@ def evaluate(
     bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")] = None,
     force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-    plot: Annotated[Optional[Path], typer.Option(help="Also write the confusion matrix as a PNG image.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="Also write one PNG image: the confusion matrix beside the reliability diagram (accuracy per confidence bin).")] = None,
+    ece_bins: Annotated[int, typer.Option(min=1, max=1000, help="Equal-width confidence bins for the ECE.")] = 15,
+    max_length: Annotated[Optional[int], typer.Option(help=MAX_LENGTH_HELP)] = None,
 ) -> None:
-    """Loss, accuracy, per-class precision/recall/F1 and the confusion matrix.
+    """Loss, accuracy, per-class precision/recall/F1, ROC-AUC, PR-AUC, calibration and the confusion matrix.
 
-    Example: lora-cli eval --adapter runs/tiny/adapter.safetensors --data data/sms/test.csv
+    ROC-AUC and PR-AUC (average precision) rank the softmax probabilities: with two classes those of the
+    second label (the positive class, e.g. spam), with more one-vs-rest per class and their macro average
+    (over the classes the data has; n/a, JSON null, where a class has no examples). ECE, the expected
+    calibration error: how far the probability of the predicted class is from the accuracy, averaged over
+    --ece-bins equal-width bins of that probability, weighted by the examples in each.
+
+    Example: lora-cli eval --adapter runs/tiny/adapter.safetensors --data data/sms/test.csv --plot eval.png
     """
     from lora_cli.data import Encoded, encode_texts, read_table
     from lora_cli.evaluation import classification_report, predict_logits
     from lora_cli.tokenizer import get_tokenizer
 
+    if plot is not None:
+        from lora_cli.plots import HINT, have_matplotlib
+
+        if not have_matplotlib():  # before the model runs, not after
+            raise LoraCliError(HINT)
+        if plot.is_dir():
+            raise LoraCliError(f"--plot {plot} is a directory; pass a PNG file name, e.g. {plot / 'eval.png'}")
     if data.is_dir():
         data = data / "test.csv"
     ad, net, dev = _load_for_inference(adapter, model, model_config, device, force)
     table = read_table(data, text_column, label_column)
-    tokens, truncated = encode_texts(get_tokenizer(bpe_dir), table.texts, _max_length(ad, net))
+    length = _max_length(ad, net, max_length)
+    tokens, truncated = encode_texts(get_tokenizer(bpe_dir), table.texts, length)
     if truncated:
-        echo(f"warning: {truncated} texts truncated to {_max_length(ad, net)} tokens")
+        echo(f"warning: {truncated} texts truncated to {length} tokens")
     labels = ad.labels.encode(table.labels, str(data))
-    report = classification_report(predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev)), labels, ad.labels.names)
+    report = classification_report(predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev)), labels, ad.labels.names, ece_bins)
     if plot is not None:
-        from lora_cli.plots import plot_confusion
+        from lora_cli.plots import plot_evaluation
 
-        plot_confusion(report.confusion, report.names, plot, f"{data.name}: accuracy {report.accuracy:.2%}")
+        plot_evaluation(report.confusion, report.names, report.calibration, report.ece, plot,
+                        f"{data.name}: accuracy {report.accuracy:.2%}")
     if as_json:
         print_json(report.to_dict() | {"data": str(data)} | ({"plot": str(plot)} if plot is not None else {}))
         return
@@ -592,6 +641,7 @@ def predict(
     merge: Annotated[bool, typer.Option(
         help="Fold LoRA into the base weights first (no LoRA cost per token); --no-merge runs the two branches.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="The same as --format json.")] = False,
+    max_length: Annotated[Optional[int], typer.Option(help=MAX_LENGTH_HELP)] = None,
 ) -> None:
     """Label and probability for each text.
 
@@ -611,7 +661,7 @@ def predict(
         if output_format == "csv":
             raise LoraCliError("--json and --format csv disagree; pass one of them")
         output_format = "json"
-    items = list(texts or [])
+    items = [_utf8_argument(t) for t in texts or []]
     if file is not None:
         items += read_table(file, text_column, require_labels=False).texts
     if not items:
@@ -623,7 +673,10 @@ def predict(
         from lora_cli.merge import merge_lora
 
         merge_lora(net)
-    tokens, _ = encode_texts(get_tokenizer(bpe_dir), items, _max_length(ad, net))
+    length = _max_length(ad, net, max_length)
+    tokens, truncated = encode_texts(get_tokenizer(bpe_dir), items, length)
+    if truncated:
+        echo(f"warning: {truncated} texts truncated to {length} tokens")
     probs = torch.softmax(predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev)), dim=-1)
     best = probs.argmax(-1).tolist()
     rows = [{"text": t, "label": ad.labels.names[b], "probability": probs[i, b].item(),
@@ -743,14 +796,14 @@ def merge(
       lora-cli merge --adapter runs/tiny --format hf --out tiny-spam-hf/
     """
     from lora_cli.adapter import load_adapter
-    from lora_cli.merge import save_merged
+    from lora_cli.merge import HF_WEIGHTS, save_merged
 
-    refuse_overwrite(out / "model.safetensors" if output_format == "hf" else out, overwrite)
+    refuse_overwrite(out / HF_WEIGHTS if output_format == "hf" else out, overwrite)
     ad = load_adapter(adapter)
     base = _base_for(ad, model, model_config)
     save_merged(out, base, ad, format=output_format, dtype=dtype, force=force)
     if as_json:
-        weights = out / "model.safetensors" if output_format == "hf" else out
+        weights = out / HF_WEIGHTS if output_format == "hf" else out
         files = written(weights, out / "config.json") if output_format == "hf" else written(out)
         print_json({"adapter": str(adapter), "model": str(base.path), "out": str(out), "format": output_format,
                     "dtype": dtype, "lora_layers": len(ad.spec.targets), "classes": ad.labels.names}

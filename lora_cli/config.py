@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import LoraCliError
+from lora_cli.schema import Bool, Float, Int, Obj, Rule, check
 
 
 @dataclass(frozen=True)
@@ -24,16 +25,7 @@ class ModelConfig:
     qkv_bias: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise LoraCliError(f"model config: {name} must be a positive integer, got {value!r}")
-        if self.emb_dim % self.n_heads:
-            raise LoraCliError(
-                f"model config: emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
-            )
-        if not 0.0 <= float(self.drop_rate) < 1.0:
-            raise LoraCliError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        check(self.to_dict(), MODEL_CONFIG, "model config")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -42,13 +34,24 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a dict such as the book's config; unknown keys are an error, not ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LoraCliError(f"model config: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: Any, where: str = "model config") -> ModelConfig:
+        """Build from a dict such as the book's config (metadata, a JSON file): checked by MODEL_CONFIG,
+        so unknown keys are an error, not ignored, and `where` names the source in the message."""
+        return cls(**check(data, MODEL_CONFIG, where))
+
+
+def _heads_divide_width(cfg: dict[str, Any]) -> str | None:
+    emb_dim, n_heads = cfg.get("emb_dim", ModelConfig.emb_dim), cfg.get("n_heads", ModelConfig.n_heads)
+    return None if emb_dim % n_heads == 0 else f"emb_dim ({emb_dim}) must be divisible by n_heads ({n_heads})"
+
+
+# Every source of a config (file metadata, --model-config FILE, presets, code) is checked by this one
+# schema; a missing key takes the dataclass default. Sizes are not capped here: a base's tensors
+# must have them (checkpoint.check_state compares them before a model of the config is built).
+MODEL_CONFIG = Rule(Obj({}, optional={
+    "vocab_size": Int(min=1), "context_length": Int(min=1), "emb_dim": Int(min=1), "n_heads": Int(min=1),
+    "n_layers": Int(min=1), "drop_rate": Float(min=0.0, below=1.0), "qkv_bias": Bool(),
+}), _heads_divide_width)
 
 
 GPT2_BASE = dict(vocab_size=50257, context_length=1024, qkv_bias=True, drop_rate=0.0)
@@ -73,4 +76,4 @@ def model_config_from_arg(arg: str) -> ModelConfig:
         )
     from lora_cli.fileio import read_json_object
 
-    return ModelConfig.from_dict(read_json_object(path))
+    return ModelConfig.from_dict(read_json_object(path), f"--model-config {arg}")

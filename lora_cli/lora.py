@@ -17,8 +17,8 @@ from torch import nn
 
 from lora_cli.errors import LoraCliError
 from lora_cli.gelu import gelu, gelu_tanh, gelu_tanh_backward
+from lora_cli.metadata import SCALINGS
 
-SCALINGS = ("alpha-over-rank", "alpha", "rslora")
 TARGET_PRESETS = ("blocks", "all-linear")
 
 

@@ -17,12 +17,14 @@ from lora_cli import __version__
 from lora_cli.adapter import DTYPES, Adapter, model_with_adapter
 from lora_cli.checkpoint import BASE_FORMAT, BaseCheckpoint
 from lora_cli.errors import LoraCliError
-from lora_cli.fileio import atomic_path, write_text
+from lora_cli.fileio import atomic_dir, check_replaceable, save_safetensors, write_text
 from lora_cli.hf_gpt2 import BLOCK_LINEARS, config_to_hf, scratch_to_hf
 from lora_cli.lora import LinearWithLoRA
 from lora_cli.model import GPTModel
 
 FORMATS = ("native", "hf")
+HF_WEIGHTS = "model.safetensors"
+HF_FILES = (HF_WEIGHTS, "config.json")  # everything a `--format hf` directory holds
 HF_PAD_TOKEN_ID = 50256
 
 
@@ -156,20 +158,21 @@ def save_merged(
 
     native: one .safetensors file in the book's layout with lora-cli base metadata (model_config,
     labels), loadable by `checkpoint.load_base` (its out_head is the task head).
-    hf: a directory with `model.safetensors` (GPT2ForSequenceClassification layout) and `config.json`.
+    hf: a directory with `model.safetensors` (GPT2ForSequenceClassification layout) and `config.json`,
+    replaced as a whole (`fileio.atomic_dir`).
     """
-    from safetensors.torch import save_file
-
     if format not in FORMATS:
         raise LoraCliError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dtype not in DTYPES:
         raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(path)
+    if format == "native" and path.is_dir():
+        raise LoraCliError(f"{path} is a directory; native format writes one .safetensors file")
+    if format == "hf":
+        check_replaceable(path, HF_FILES)  # before the merge, which takes a while on a large model
     state = merged_state(base, adapter, force=force)
     labels = json.dumps({"names": adapter.labels.names, "integer_ids": adapter.labels.integer_ids})
     if format == "native":
-        if path.is_dir():
-            raise LoraCliError(f"{path} is a directory; native format writes one .safetensors file")
         metadata = {
             "format": BASE_FORMAT,
             "model_config": base.config.to_json(),
@@ -178,14 +181,9 @@ def save_merged(
             "merged_lora": json.dumps(adapter.spec.to_dict()),
             "base_fingerprint": base.fingerprint,
         }
-        tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(path, {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, metadata)
         return
-    if path.exists() and not path.is_dir():
-        raise LoraCliError(f"{path} exists and is not a directory; hf format writes a directory")
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_classifier_state(state, base.config.n_layers).items()}
-    path.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path / "model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_text(path / "config.json", json.dumps(hf_classifier_config(adapter, dtype), indent=2) + "\n")
+    with atomic_dir(path, HF_FILES) as tmp:
+        save_safetensors(tmp / HF_WEIGHTS, tensors, {"format": "pt"})
+        write_text(tmp / "config.json", json.dumps(hf_classifier_config(adapter, dtype), indent=2) + "\n")

@@ -82,22 +82,34 @@ def print_tables(*blocks: tuple[str | None, Table]) -> None:
 # ---------------------------------------------------------------- eval
 
 
+def score(value: float | None) -> str:
+    """A metric that may be undefined (an AUC without positives or negatives): 'n/a'."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def eval_tables(report: dict[str, Any], data: str) -> list[tuple[str | None, Table]]:
-    """Metrics, per-class precision/recall/F1 and the confusion matrix, from `Report.to_dict()`."""
-    macro = report["macro_avg"]
+    """Metrics, per-class precision/recall/F1 (and AUCs, for 3+ classes) and the confusion matrix, from `Report.to_dict()`.
+
+    Two classes: the AUCs are those of the second (positive) class; more: the one-vs-rest macro averages.
+    """
+    macro, names = report["macro_avg"], report["confusion_matrix"]["labels"]
+    of = f"({names[1]})" if len(names) == 2 else "(macro)"
     summary = new_table(["metric", "value"], right=["value"])
     summary.add_row("examples", number(report["n"]))
     summary.add_row("loss", f"{report['loss']:.4f}")
     summary.add_row("accuracy", f"{report['accuracy']:.2%}")
     summary.add_row("macro F1", f"{macro['f1']:.4f}")
+    summary.add_row(f"ROC-AUC {of}", score(report["roc_auc"]))
+    summary.add_row(f"PR-AUC {of}", score(report["pr_auc"]))
+    summary.add_row(f"ECE ({len(report['calibration'])} bins)" if report["calibration"] else "ECE", score(report["ece"]))
 
-    metrics = ("precision", "recall", "f1")
-    per_class = new_table(["class", *metrics, "support"], right=[*metrics, "support"],
-                          footer=["macro avg", *(f"{macro[k]:.4f}" for k in metrics), number(report["n"])])
+    metrics = ("precision", "recall", "f1") + (("roc_auc", "pr_auc") if len(names) > 2 else ())
+    headers = [{"roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}.get(k, k) for k in metrics]
+    per_class = new_table(["class", *headers, "support"], right=[*headers, "support"],
+                          footer=["macro avg", *(score(macro[k]) for k in metrics), number(report["n"])])
     for name, m in report["per_class"].items():
-        per_class.add_row(name, *(f"{m[k]:.4f}" for k in metrics), number(m["support"]))
+        per_class.add_row(name, *(score(m[k]) for k in metrics), number(m["support"]))
 
-    names = report["confusion_matrix"]["labels"]
     confusion = new_table(["true \\ predicted", *names], right=names)
     for name, row in zip(names, report["confusion_matrix"]["rows_true_columns_predicted"]):
         confusion.add_row(name, *map(number, row))

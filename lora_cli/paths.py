@@ -16,8 +16,12 @@ def home() -> Path:
     """$LORA_CLI_HOME, else $XDG_CACHE_HOME/lora-cli, else ~/.cache/lora-cli."""
     if os.environ.get(HOME_ENV):
         return Path(os.environ[HOME_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lora-cli"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "lora-cli"
+    try:
+        return Path.home() / ".cache" / "lora-cli"
+    except RuntimeError:  # no $HOME and no passwd entry for this user
+        raise LoraCliError(f"cannot find a home directory for the cache: set {HOME_ENV}=DIR (or HOME)") from None
 
 
 def cached_model_path(name: str) -> Path:
@@ -58,7 +62,10 @@ def resolve_data(data: str | None, train: str | None, val: str | None) -> tuple[
     names = None
     meta = directory / "dataset.json"
     if meta.is_file():
-        names = read_json_object(meta).get("label_names")
+        from lora_cli.schema import ListOf, Nullable, Obj, Str, check
+
+        schema = Obj({}, optional={"label_names": Nullable(ListOf(Str(nonempty=True), min_len=2, unique=True))}, extra=True)
+        names = check(read_json_object(meta), schema, str(meta)).get("label_names")
     return found[0], found[1], names
 
 

@@ -45,13 +45,14 @@ from lora_cli.checkpoint import BaseCheckpoint
 from lora_cli.classifier import LoraSpec
 from lora_cli.data import LabelSet
 from lora_cli.errors import LoraCliError
-from lora_cli.fileio import atomic_path, read_json_object, write_text
+from lora_cli.fileio import atomic_dir, read_json_object, save_safetensors, write_text
 from lora_cli.hf_gpt2 import BLOCK_LINEARS
 from lora_cli.lora import lora_scale
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 METADATA_FILE = "lora_cli.json"
+EXPORT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, METADATA_FILE)  # everything an exported directory holds
 EXPORT_FORMAT = "lora-cli-peft-export"
 PREFIX = "base_model.model."
 SCORE_KEY = PREFIX + "score.weight"
@@ -178,20 +179,14 @@ def peft_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
 
 
 def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32") -> None:
-    """Write `adapter_model.safetensors`, `adapter_config.json` and `lora_cli.json` into out_dir."""
-    from safetensors.torch import save_file
+    """Write `adapter_model.safetensors`, `adapter_config.json` and `lora_cli.json` as directory out_dir.
 
+    The directory is replaced as a whole (`fileio.atomic_dir`): a reader never sees a mix of two exports.
+    """
     if dtype not in DTYPES:
         raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LoraCliError(f"{out_dir} exists and is not a directory")
     tensors, ranks = peft_tensors(adapter)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_text(out_dir / ADAPTER_CONFIG, json.dumps(peft_config(adapter, ranks), indent=2) + "\n")
     names = adapter.labels.names
     meta = {
         "format": EXPORT_FORMAT,
@@ -204,7 +199,10 @@ def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32") -
         "training_config": adapter.training_config,
         "tool_version": __version__,
     }
-    write_text(out_dir / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    with atomic_dir(out_dir, EXPORT_FILES) as tmp:
+        save_safetensors(tmp / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
+        write_text(tmp / ADAPTER_CONFIG, json.dumps(peft_config(adapter, ranks), indent=2) + "\n")
+        write_text(tmp / METADATA_FILE, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # ---------------------------------------------------------------- import

@@ -1,13 +1,14 @@
-"""Training curves and confusion matrices as PNG files (matplotlib is an optional extra)."""
+"""Training curves, confusion matrices and reliability diagrams as PNG files (matplotlib is an optional extra)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import LoraCliError
 from lora_cli.fileio import atomic_path
+from lora_cli.run_dir import METRIC, METRICS, read_metrics_file
+from lora_cli.schema import Float, Int, Obj, Tagged
 
 HINT = "plots need matplotlib: pip install 'lora-cli[plot]'"
 
@@ -33,14 +34,20 @@ def have_matplotlib() -> bool:
     return True
 
 
+_NUMBER, _SHARE = Float(), Float(min=0, max=1)
+_PLOTTED = Tagged("event", {  # the fields plot_runs draws, by the kind of record
+    "train": Obj({"step": Int(min=0), "examples_seen": Int(min=0), "train_loss": _NUMBER, "train_accuracy": _SHARE},
+                 extra=True),
+    "epoch": Obj({"step": Int(min=0), "examples_seen": Int(min=0), "train_loss": _NUMBER, "train_accuracy": _SHARE,
+                  "val_loss": _NUMBER, "val_accuracy": _SHARE}, extra=True)}, default=METRIC)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The records of a run's metrics.jsonl (a torn last line, from a run still writing or killed, left out)."""
+    path = Path(run_dir) / METRICS
     if not path.is_file():
-        raise LoraCliError(f"{run_dir} has no metrics.jsonl: not a training run directory")
-    try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise LoraCliError(f"{path} is damaged ({exc})") from exc
+        raise LoraCliError(f"{run_dir} has no {METRICS}: not a training run directory")
+    return read_metrics_file(path, _PLOTTED)[1]
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> None:
@@ -66,9 +73,21 @@ def plot_runs(run_dirs: list[Path], out: Path) -> None:
     _save(fig, out)
 
 
-def plot_confusion(confusion: list[list[int]], names: list[str], out: Path, title: str = "") -> None:
+def plot_evaluation(confusion: list[list[int]], names: list[str], calibration: list[dict], ece: float | None,
+                    out: Path, title: str = "") -> None:
+    """`eval --plot`: the confusion matrix (left) and the reliability diagram (right) in one PNG."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 1.2 * len(names) + 2))
+    side = 1.2 * len(names) + 2
+    fig, (left, right) = plt.subplots(1, 2, figsize=(side + 5.5, max(side, 4.5)), width_ratios=[side, 5])
+    plot_confusion(left, confusion, names)
+    plot_reliability(right, calibration, ece)
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def plot_confusion(ax: Any, confusion: list[list[int]], names: list[str]) -> None:
+    """Counts, true classes down and predicted classes across."""
     ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(names)), names)
@@ -78,9 +97,30 @@ def plot_confusion(confusion: list[list[int]], names: list[str], out: Path, titl
     for i, row in enumerate(confusion):
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
-    ax.set_title(title)
-    fig.tight_layout()
-    _save(fig, out)
+    ax.set_title("confusion matrix")
+
+
+def plot_reliability(ax: Any, calibration: list[dict], ece: float | None) -> None:
+    """Accuracy per confidence bin (bars, with the example count above), the gap to the mean confidence
+    shaded; a calibrated model's bars end on the diagonal. `calibration`: the bins of `Report.calibration`."""
+    filled = [b for b in calibration if b["count"]]
+    lower = [b["lower"] for b in filled]
+    width = [b["upper"] - b["lower"] for b in filled]
+    accuracy = [b["accuracy"] for b in filled]
+    ax.bar(lower, accuracy, width=width, align="edge", color="tab:blue", edgecolor="black", linewidth=0.5,
+           label="accuracy")
+    ax.bar(lower, [b["confidence"] - b["accuracy"] for b in filled], bottom=accuracy, width=width, align="edge",
+           color="tab:red", alpha=0.3, edgecolor="tab:red", linewidth=0.5, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+    for b in filled:
+        ax.text((b["lower"] + b["upper"]) / 2, max(b["accuracy"], b["confidence"]) + 0.01, str(b["count"]),
+                ha="center", va="bottom", fontsize="x-small")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.06)  # room for the counts over the top bins
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability: ECE {ece:.4f}" if ece is not None else "reliability: n/a (logits not finite)")
+    ax.legend(loc="upper left", fontsize="small")
 
 
 def _save(fig: Any, out: Path) -> None:

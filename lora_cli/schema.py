@@ -11,9 +11,11 @@ asked for) or raises `SchemaError` naming the first bad field by its path:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +56,7 @@ class Int(Schema):
     max: int | None = None
 
     def parse(self, value: Any, path: str) -> int:
-        bounds = "".join([f" >= {self.min}" if self.min is not None else "",
-                          f" <= {self.max}" if self.max is not None else ""])
+        bounds = _bounds((">=", self.min), ("<=", self.max))
         if not isinstance(value, int) or isinstance(value, bool):
             raise _fail(path, f"an integer{bounds}", value)
         if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
@@ -70,17 +71,23 @@ class Float(Schema):
     min: float | None = None
     max: float | None = None
     below: float | None = None  # exclusive upper bound
+    above: float | None = None  # exclusive lower bound
 
     def parse(self, value: Any, path: str) -> float:
-        bounds = "".join([f" >= {self.min}" if self.min is not None else "",
-                          f" <= {self.max}" if self.max is not None else "",
-                          f" < {self.below}" if self.below is not None else ""])
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        bounds = _bounds((">", self.above), (">=", self.min), ("<=", self.max), ("<", self.below))
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise _fail(path, f"a finite number{bounds}", value)
-        if ((self.min is not None and value < self.min) or (self.max is not None and value > self.max)
-                or (self.below is not None and value >= self.below)):
+        try:
+            number = float(value)  # an integer beyond float's range overflows
+        except OverflowError:
+            raise _fail(path, f"a finite number{bounds}", value) from None
+        if not math.isfinite(number):
+            raise _fail(path, f"a finite number{bounds}", value)
+        if ((self.min is not None and number < self.min) or (self.max is not None and number > self.max)
+                or (self.below is not None and number >= self.below)
+                or (self.above is not None and number <= self.above)):
             raise _fail(path, f"a number{bounds}", value)
-        return float(value)
+        return number
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,8 @@ class ListOf(Schema):
         if not isinstance(value, (list, tuple)):
             raise _fail(path, "a list", value)
         if len(value) < self.min_len or (self.max_len is not None and len(value) > self.max_len):
-            size = f"{self.min_len}" + (f"..{self.max_len}" if self.max_len is not None else "+")
+            size = (f"{self.min_len}" if self.max_len == self.min_len
+                    else f"{self.min_len}" + (f"..{self.max_len}" if self.max_len is not None else "+"))
             raise _fail(path, f"a list of {size} items", value)
         out = [self.item.parse(v, f"{path}[{i}]") for i, v in enumerate(value)]
         if self.unique and len({json.dumps(v, sort_keys=True, default=str) for v in out}) != len(out):
@@ -137,11 +145,24 @@ class ListOf(Schema):
 
 
 @dataclass(frozen=True)
+class Tuple(Schema):
+    """A list (or tuple) of fixed length whose i-th item fits `items[i]` (e.g. Python's RNG state)."""
+
+    items: tuple[Schema, ...]
+
+    def parse(self, value: Any, path: str) -> list:
+        if not isinstance(value, (list, tuple)) or len(value) != len(self.items):
+            raise _fail(path, f"a list of {len(self.items)} items", value)
+        return [schema.parse(v, f"{path}[{i}]") for i, (schema, v) in enumerate(zip(self.items, value))]
+
+
+@dataclass(frozen=True)
 class MapOf(Schema):
-    """A mapping with string keys and values of one schema (e.g. tensor name -> tensor)."""
+    """A mapping with string keys (or keys of `keys`, e.g. Int()) and values of one schema (e.g. tensor name -> tensor)."""
 
     value: Schema
     min_len: int = 0
+    keys: Schema | None = None  # None: strings
 
     def parse(self, value: Any, path: str) -> dict:
         if not isinstance(value, Mapping):
@@ -150,7 +171,9 @@ class MapOf(Schema):
             raise _fail(path, f"a mapping of {self.min_len}+ entries", value)
         out = {}
         for key, item in value.items():
-            if not isinstance(key, str):
+            if self.keys is not None:
+                key = self.keys.parse(key, _join(path, "<key>"))
+            elif not isinstance(key, str):
                 raise _fail(path, "string keys", key)
             out[key] = self.value.parse(item, _join(path, key))
         return out
@@ -171,14 +194,44 @@ class Obj(Schema):
         missing = [k for k in self.fields if k not in value]
         if missing:
             raise SchemaError(f"{_at(path)}missing {', '.join(missing)}")
-        unknown = [k for k in value if k not in self.fields and k not in self.optional]
+        known = self.fields | self.optional
+        unknown = [k for k in value if k not in known]
         if unknown and not self.extra:
-            raise SchemaError(f"{_at(path)}unexpected {', '.join(map(str, unknown[:5]))}")
-        out = {k: v for k, v in value.items() if k in unknown}
-        for key, schema in (self.fields | self.optional).items():
-            if key in value:
-                out[key] = schema.parse(value[key], _join(path, key))
+            names = ", ".join(repr(k) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise SchemaError(f"{_at(path)}unknown key{'s' if len(unknown) > 1 else ''} {names}; "
+                              f"known keys are {', '.join(known)}")
+        # the input's key order is kept, so a value read and written again looks the same
+        return {k: known[k].parse(v, _join(path, k)) if k in known else v for k, v in value.items()}
+
+
+@dataclass(frozen=True)
+class Rule(Schema):
+    """`inner`, then a check across its fields: `problem(value)` says what is wrong, or returns None."""
+
+    inner: Schema
+    problem: Callable[[Any], str | None]
+
+    def parse(self, value: Any, path: str) -> Any:
+        out = self.inner.parse(value, path)
+        problem = self.problem(out)
+        if problem:
+            raise SchemaError(f"{_at(path)}{problem}")
         return out
+
+
+@dataclass(frozen=True)
+class Tagged(Schema):
+    """An object whose schema depends on its string field `tag` (e.g. log records by "event"); `default` for other tags."""
+
+    tag: str
+    cases: dict[str, Schema]
+    default: Schema
+
+    def parse(self, value: Any, path: str) -> Any:
+        if not isinstance(value, Mapping):
+            raise _fail(path, "an object", value)
+        tag = value.get(self.tag)
+        return (self.cases.get(tag, self.default) if isinstance(tag, str) else self.default).parse(value, path)
 
 
 @dataclass(frozen=True)
@@ -193,10 +246,11 @@ class Json(Schema):
 
 @dataclass(frozen=True)
 class Tensor(Schema):
-    """A torch tensor, optionally of a floating-point dtype and a given number of dimensions."""
+    """A torch tensor, optionally of a floating-point dtype, of one dtype (e.g. "uint8") and a given number of dimensions."""
 
     floating: bool = False
     ndim: int | None = None
+    dtype: str | None = None
 
     def parse(self, value: Any, path: str) -> Any:
         import torch
@@ -205,13 +259,21 @@ class Tensor(Schema):
             raise _fail(path, "a tensor", type(value).__name__)
         if self.floating and not value.is_floating_point():
             raise _fail(path, "a floating-point tensor", str(value.dtype))
+        if self.dtype is not None and value.dtype != getattr(torch, self.dtype):
+            raise _fail(path, f"a {self.dtype} tensor", str(value.dtype))
         if self.ndim is not None and value.dim() != self.ndim:
             raise _fail(path, f"a {self.ndim}-D tensor", tuple(value.shape))
         return value
 
 
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
 def loads(text: Any, path: str = "") -> Any:
-    """`json.loads` for untrusted text: a string in, nesting at most MAX_DEPTH deep, SchemaError on anything else."""
+    """`json.loads` for untrusted text: a string in, nesting at most MAX_DEPTH deep, only finite numbers
+    (Python's decoder would take NaN, Infinity and 1e999), SchemaError on anything else."""
     if not isinstance(text, (str, bytes)):
         raise _fail(path, "a JSON string", text)
     if isinstance(text, bytes):
@@ -219,37 +281,44 @@ def loads(text: Any, path: str = "") -> Any:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise SchemaError(f"{_at(path)}not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    depth = peak = 0
-    in_string = escaped = False
-    for ch in text:  # bracket depth outside strings, so a deep document never reaches the recursive decoder
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            peak = max(peak, depth)
-            if peak > MAX_DEPTH:
-                raise SchemaError(f"{_at(path)}JSON nested more than {MAX_DEPTH} levels deep")
-        elif ch in "]}":
-            depth -= 1
+    # bracket depth outside strings (found by regular expressions, at C speed), so a deep document
+    # never reaches the recursive decoder
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    if max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH:
+        raise SchemaError(f"{_at(path)}JSON nested more than {MAX_DEPTH} levels deep")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise SchemaError(f"{_at(path)}not valid JSON ({exc})") from None
 
 
-def check(value: Any, schema: Schema, where: str) -> Any:
-    """The checked value, or SchemaError('WHERE: FIELD: expected ..., got ...')."""
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def check(value: Any, schema: Schema, where: str, what: str | None = None) -> Any:
+    """The checked value, or SchemaError('WHERE: FIELD: expected ..., got ...'), or with `what`
+    SchemaError('WHERE: WHAT (FIELD: expected ..., got ...)')."""
     try:
         return schema.parse(value, "")
     except SchemaError as exc:
-        raise SchemaError(f"{where}: {exc}") from None
+        problem = str(exc)
+    except RecursionError:  # a Python structure (a torch.load'ed checkpoint) too deep to walk
+        problem = "nested too deeply"
+    raise SchemaError(f"{where}: {what} ({problem})" if what else f"{where}: {problem}")
+
+
+def _bounds(*limits: tuple[str, float | None]) -> str:
+    """' >= 0.0 and < 1.0' for the limits that are set."""
+    shown = " and ".join(f"{op} {limit}" for op, limit in limits if limit is not None)
+    return f" {shown}" if shown else ""
 
 
 def _at(path: str) -> str:

@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 
 from lora_cli.errors import LoraCliError
-from lora_cli.fileio import write_text
+from lora_cli.fileio import atomic_dir, check_replaceable, write_text
 
 SMS_SHA256 = "7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d"  # UCI v.1 SMSSpamCollection
 URLS = (
@@ -28,6 +28,7 @@ URLS = (
 )
 LABEL_NAMES = ["ham", "spam"]
 SPLITS = ("train", "validation", "test")
+FILES = (*(f"{split}.csv" for split in SPLITS), "dataset.json")  # everything a prepared directory holds
 
 
 def numpy_legacy_rng(seed: int) -> random.Random:
@@ -137,7 +138,9 @@ def download_collection(urls: tuple[str, ...] = URLS) -> bytes:
 
 
 def prepare(out_dir: str | Path, source: str | Path | None = None, seed: int = 123) -> dict:
-    """Write train/validation/test CSVs and dataset.json into `out_dir`; return the summary."""
+    """Write train/validation/test CSVs and dataset.json as directory `out_dir` (replaced as a whole); return the summary."""
+    out = Path(out_dir)
+    check_replaceable(out, FILES)  # before a download
     data = read_source(source) if source is not None else download_collection()
     digest = hashlib.sha256(data).hexdigest()
     try:
@@ -145,9 +148,6 @@ def prepare(out_dir: str | Path, source: str | Path | None = None, seed: int = 1
     except UnicodeDecodeError as exc:
         raise LoraCliError(f"{source}: not UTF-8 text; is it the SMSSpamCollection file?") from exc
     splits = build_splits(parse_collection(content), seed)
-    out = Path(out_dir)
-    for name in SPLITS:
-        write_text(out / f"{name}.csv", to_csv(splits[name]))
     summary = {
         "name": "sms-spam",
         "source": str(source) if source is not None else "download",
@@ -157,5 +157,8 @@ def prepare(out_dir: str | Path, source: str | Path | None = None, seed: int = 1
         "rows": {name: len(splits[name]) for name in SPLITS},
         "seed": seed,
     }
-    write_text(out / "dataset.json", json.dumps(summary, indent=2) + "\n")
+    with atomic_dir(out, FILES) as tmp:
+        for name in SPLITS:
+            write_text(tmp / f"{name}.csv", to_csv(splits[name]))
+        write_text(tmp / "dataset.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from lora_cli import distributed
 from lora_cli import run_dir as rd
-from lora_cli.adapter import Adapter, adapter_from_model, save_adapter
+from lora_cli.adapter import Adapter, adapter_from_model, adapter_from_parts, save_adapter
 from lora_cli.checkpoint import BaseCheckpoint, load_base
-from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
+from lora_cli.classifier import LoraSpec, adapter_tensors, build_classifier, count_parameters
 from lora_cli.data import Batch, Encoded, LabelSet, batches, bucketed_order, encode_texts, epoch_order, read_table
 from lora_cli.device import resolve_device
 from lora_cli.errors import LoraCliError
@@ -108,7 +108,9 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
     val_table = read_table(val_path, cfg.text_column, cfg.label_column)
     labels = LabelSet.from_training(train_table.labels, cfg.label_names or dataset_names)
     tokenizer = get_tokenizer(cfg.bpe_dir)
-    max_length = min(cfg.max_length or base.config.context_length, base.config.context_length)
+    if cfg.max_length is not None and cfg.max_length > base.config.context_length:
+        raise LoraCliError(f"--max-length {cfg.max_length} is longer than the model's context ({base.config.context_length} tokens)")
+    max_length = cfg.max_length or base.config.context_length
     encoded = []
     for table in (train_table, val_table):
         tokens, truncated = encode_texts(tokenizer, table.texts, max_length)
@@ -236,10 +238,11 @@ class _Accumulator:
         return result
 
 
-def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bool = False) -> RunResult:
+def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bool | Path = False) -> RunResult:
     """Train for `cfg.epochs`, with a checkpoint every epoch (and every `checkpoint_every` steps).
 
-    With `resume`, continue from the newest checkpoint in `run_dir` exactly where it stopped.
+    With `resume`, continue exactly where it stopped from the newest checkpoint in `run_dir`, or from
+    the checkpoint `resume` names (the newer ones are moved into checkpoints/superseded/).
     SIGINT/SIGTERM finish the current step, write a checkpoint and raise `TrainingInterrupted`.
     In a multi-process run every rank calls this; only rank 0 writes to `run_dir`.
     """
@@ -254,7 +257,7 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
     state, acc = Progress(), _Accumulator(s.device)
     distributed.barrier(s.dist)  # every rank has checked the run directory before rank 0 writes to it
     if resume:
-        state, acc = _restore(s, run_dir, optimizer, echo)
+        state, acc = _restore(s, run_dir, optimizer, echo, resume if isinstance(resume, Path) else None)
     elif main:
         write_text(run_dir / rd.CONFIG, to_yaml(cfg))
         write_text(run_dir / rd.METRICS, "")
@@ -285,12 +288,13 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
         state.seconds = time.perf_counter() - started
         return save_training_checkpoint(run_dir, s, optimizer, state, acc, cfg.keep_checkpoints)
 
-    while state.epoch <= cfg.epochs and state.step < total_steps:
+    # an epoch a checkpoint left unfinished is finished (validation, its record) even with no steps left
+    while state.epoch <= cfg.epochs and (state.step < total_steps or state.batch > 0):
         model.train()
-        mine = rank_share(s, training_order(s, state.epoch), state.batch, steps_per_epoch)
+        end = max(state.batch, min(steps_per_epoch, state.batch + total_steps - state.step))
+        mine = rank_share(s, training_order(s, state.epoch), state.batch, end)
         micro_batches = batches(s.train, cfg.batch_size, mine, drop_last=True)
-        bar = tqdm(_groups(micro_batches, s.grad_accum),
-                   total=min(steps_per_epoch - state.batch, total_steps - state.step),
+        bar = tqdm(_groups(micro_batches, s.grad_accum), total=end - state.batch,
                    desc=f"epoch {state.epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for group in bar:
             optimizer.zero_grad(set_to_none=True)
@@ -493,44 +497,152 @@ def save_training_checkpoint(run_dir: Path, s: Setup, optimizer: torch.optim.Opt
     return path
 
 
-def _restore(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, echo: Echo) -> tuple[Progress, _Accumulator]:
-    path = rd.latest_checkpoint(run_dir)
+def _restore(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, echo: Echo,
+             chosen: Path | None = None) -> tuple[Progress, _Accumulator]:
+    """Continue from `chosen` (default: the newest checkpoint), checked in full before anything is changed.
+
+    A checkpoint that cannot be used is refused with the way out: the newest older one that can, or
+    starting over. Checkpoints newer than `chosen` are moved aside, never deleted.
+    """
+    path = chosen or rd.latest_checkpoint(run_dir)
     if path is None:
-        raise LoraCliError(f"{run_dir} has no checkpoint to resume from (checkpoints/step-*.pt)")
-    ckpt = rd.load_checkpoint(path)
-    own = adapter_from_model(s.model, s.spec, s.labels, s.base, {}).tensors
-    if set(own) != set(ckpt["adapter_tensors"]):
-        raise LoraCliError(f"{path} does not fit this run's model; was config.yaml edited?")
+        raise LoraCliError(f"{run_dir} has no checkpoint to resume from (checkpoints/step-*.pt); "
+                           f"start over with {_start_over(run_dir)}")
+    try:
+        ckpt = _checked(s, path, optimizer)
+    except rd.CheckpointError as exc:
+        raise LoraCliError(f"{exc}; {_way_out(s, run_dir, path, optimizer)}") from None
+    metrics = run_dir / rd.METRICS
+    log = _metrics_until(metrics, ckpt["progress"]["step"], echo) if s.dist.is_main and metrics.exists() else None
     with torch.no_grad():
         params = dict(s.model.named_parameters())
         for name, value in ckpt["adapter_tensors"].items():
             params[name].copy_(value)
-    global_batch = ckpt.get("global_batch", s.cfg.batch_size)
-    if global_batch != s.global_batch:
-        raise LoraCliError(f"{path} was written with a global batch of {global_batch} examples, this run has "
-                           f"{s.global_batch} ({s.dist.world} processes); resume with the same number of processes")
     optimizer.load_state_dict(ckpt["optimizer"])
     if s.scaler and "grad_scaler" in ckpt:
         s.scaler.load_state_dict(ckpt["grad_scaler"])
     state = Progress(**ckpt["progress"])
     ranks = ckpt.get("ranks")
-    if s.dist.enabled and ranks and len(ranks) == s.dist.world:  # as many ranks as before: each its own state
-        rd.set_rng_state(ranks[s.dist.rank]["rng"])
-        acc = _Accumulator(s.device, ranks[s.dist.rank]["accumulator"])
-    else:
-        rd.set_rng_state(ckpt["rng"])
-        acc = _Accumulator(s.device, ckpt.get("accumulator"))  # the sums over all ranks of the saving run
-        if not s.dist.is_main:
-            acc.drop_sums()  # rank 0 carries them on
+    own = ranks[s.dist.rank] if s.dist.enabled and ranks and len(ranks) == s.dist.world else None  # each rank its own
+    try:
+        rd.set_rng_state((own or ckpt)["rng"])
+    except RuntimeError as exc:  # a CUDA state: only the device can check it
+        raise LoraCliError(f"{path} is damaged (rng.cuda: {str(exc).splitlines()[0]}); "
+                           f"{_way_out(s, run_dir, path, optimizer)}") from None
+    acc = _Accumulator(s.device, (own or ckpt)["accumulator"])  # else the sums over all ranks of the saving run
+    if own is None and not s.dist.is_main:
+        acc.drop_sums()  # rank 0 carries them on
     if s.dist.is_main:
-        _truncate_metrics(run_dir / rd.METRICS, state.step)
+        moved = rd.set_aside_newer(run_dir, path)
+        if moved:
+            echo(f"moved {len(moved)} newer file(s) aside, not deleted, into {moved[0].parent}: "
+                 + ", ".join(m.name for m in moved))
+        if log is not None:
+            write_text(metrics, log)
         echo(f"resuming {run_dir} from {path.name}: epoch {state.epoch}, step {state.step}")
     return state, acc
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint, so a resumed run's metrics match an uninterrupted one."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in keep))
+def _checked(s: Setup, path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """A checkpoint that `_restore` can apply to this run: its shape (`load_checkpoint`), then its fit.
+
+    CheckpointError when it is damaged or from another run; LoraCliError when only the process count is wrong.
+    """
+    ckpt = rd.load_checkpoint(path)
+
+    def damaged(problem: str) -> rd.CheckpointError:
+        return rd.CheckpointError(path, f"is damaged ({problem})")
+
+    try:
+        adapter = adapter_from_parts(ckpt["adapter_tensors"], ckpt["adapter_metadata"], "its adapter")
+    except LoraCliError as exc:
+        raise damaged(str(exc)) from None
+    config, base = f"this run's {rd.CONFIG}", f"this run's base model {s.base.path}"
+    theirs_cfg, ours_cfg = adapter.model_config.to_dict(), s.base.config.to_dict()
+    fits = [("rank", adapter.spec.rank, s.spec.rank, config), ("alpha", adapter.spec.alpha, s.spec.alpha, config),
+            ("scaling", adapter.spec.scaling, s.spec.scaling, config),
+            ("LoRA targets", adapter.spec.targets, s.spec.targets, config),
+            ("LoRA dropout", adapter.spec.dropout, s.spec.dropout, config),
+            ("head bias", adapter.spec.head_bias, s.spec.head_bias, config),
+            ("classes", adapter.labels.names, s.labels.names, f"this run ({rd.CONFIG} and data)"),
+            *((f"model {k}", theirs_cfg.get(k), ours_cfg[k], base) for k in ours_cfg if k != "drop_rate"),
+            ("base fingerprint", adapter.base_fingerprint[:12], s.base.fingerprint[:12], base)]
+    for what, theirs, ours, where in fits:
+        if theirs != ours:
+            raise rd.CheckpointError(path, f"does not fit this run: checkpoint {path.name} has {what} {_shown(theirs)}, "
+                                           f"{where} has {what} {_shown(ours)}")
+    own, theirs = adapter_tensors(s.model), ckpt["adapter_tensors"]
+    if set(own) != set(theirs):
+        raise damaged(f"its adapter tensors do not match its metadata: missing {sorted(set(own) - set(theirs))[:3]}, "
+                      f"unexpected {sorted(set(theirs) - set(own))[:3]}")
+    for name, value in theirs.items():
+        if value.shape != own[name].shape:
+            raise damaged(f"adapter_tensors.{name}: shape {tuple(value.shape)}, the model's is {tuple(own[name].shape)}")
+    if ckpt["global_batch"] != s.global_batch:
+        raise LoraCliError(f"{path} was written with a global batch of {ckpt['global_batch']} examples, this run has "
+                           f"{s.global_batch} ({s.dist.world} processes); resume with the same number of processes")
+    _check_optimizer(ckpt["optimizer"], optimizer, {id(p): n for n, p in s.model.named_parameters()}, damaged)
+    order = ckpt["data_order"]
+    if len(order) != len(s.train):
+        raise rd.CheckpointError(path, f"does not fit this run: checkpoint {path.name} was written for {len(order)} "
+                                       f"training rows, this run's data has {len(s.train)}")
+    if sorted(order) != list(range(len(order))):
+        raise damaged(f"data_order: not an order of the {len(order)} training rows")
+    progress, steps_per_epoch = ckpt["progress"], len(s.train) // s.global_batch
+    if progress["batch"] > steps_per_epoch:
+        raise damaged(f"progress.batch: {progress['batch']} steps into an epoch of {steps_per_epoch}")
+    if ckpt["accumulator"]["count"] != progress["batch"] * s.global_batch:
+        raise damaged(f"accumulator.count: expected {progress['batch'] * s.global_batch} (progress.batch x the global "
+                      f"batch), got {ckpt['accumulator']['count']}")
+    return ckpt
+
+
+def _check_optimizer(saved: dict, optimizer: torch.optim.Optimizer, names: dict[int, str],
+                     damaged: Callable[[str], Exception]) -> None:
+    """The saved state must fit this run's parameters: torch's load_state_dict checks only the group sizes."""
+    groups, ours = saved["param_groups"], optimizer.param_groups
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in ours]:
+        raise damaged(f"optimizer.param_groups: {[len(g['params']) for g in groups]} parameters, this run trains "
+                      f"{[len(g['params']) for g in ours]}")
+    for i, (group, own) in enumerate(zip(groups, ours)):
+        for key, value in group.items():  # the option flags (amsgrad, foreach, ...) must be the run's own
+            if key in own and isinstance(own[key], (bool, type(None))) and value is not own[key]:
+                raise damaged(f"optimizer.param_groups[{i}].{key}: expected {own[key]!r}, got {_shown(value)}")
+    param = dict(zip((i for g in groups for i in g["params"]), (p for g in ours for p in g["params"])))
+    for key, entry in saved["state"].items():
+        if key not in param:
+            raise damaged(f"optimizer.state.{key}: no parameter {key} in optimizer.param_groups")
+        for field_name, value in entry.items():
+            if field_name != "step" and value.shape != param[key].shape:
+                raise damaged(f"optimizer.state.{key}.{field_name}: shape {tuple(value.shape)}, but parameter "
+                              f"{names[id(param[key])]} has shape {tuple(param[key].shape)}")
+
+
+def _shown(value: Any) -> str:
+    text = ", ".join(map(str, value)) if isinstance(value, list) else repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _way_out(s: Setup, run_dir: Path, bad: Path, optimizer: torch.optim.Optimizer) -> str:
+    """What to do about a checkpoint that cannot be resumed from: the newest older one that can, else start over."""
+    older = [p for p in rd.checkpoint_paths(run_dir) if rd.checkpoint_step(p) < (rd.checkpoint_step(bad) or 0)]
+    for candidate in reversed(older):
+        try:
+            _checked(s, candidate, optimizer)
+        except LoraCliError:
+            continue
+        return f"resume from an older checkpoint with --resume {candidate}, or start over with {_start_over(run_dir)}"
+    return (f"{'no older checkpoint can be resumed from either' if older else 'there is no older checkpoint'}; "
+            f"start over with {_start_over(run_dir)}")
+
+
+def _start_over(run_dir: Path) -> str:
+    return f"lora-cli train --config {run_dir / rd.CONFIG} --out {run_dir} --overwrite"
+
+
+def _metrics_until(path: Path, step: int, echo: Echo) -> str:
+    """metrics.jsonl without the records written after `step`, so a resumed run's log matches an uninterrupted one."""
+    lines, records, torn = rd.read_metrics_file(path)
+    if torn:
+        echo(f"warning: the last line of {path} was cut short (a crash while it was written); dropped it")
+    return "".join(line + "\n" for line, record in zip(lines, records) if record["step"] <= step)

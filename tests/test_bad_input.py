@@ -58,7 +58,7 @@ def assert_error(result, *phrases: str, code: int = 1) -> str:
 
 
 def assert_no_tmp(directory: Path) -> None:
-    stray = [p for p in directory.rglob(".*.tmp")]
+    stray = [p for p in directory.rglob(".*.tmp*")]
     assert not stray, f"half-written temporary files left: {stray}"
 
 
@@ -481,8 +481,8 @@ def test_adapter_of_another_format_version(ws: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("changes,phrase", [
     ({"lora": '{"rank": "four", "alpha": 4}'}, "damaged adapter metadata"),
     ({"lora": "{not json"}, "damaged adapter metadata"),
-    ({"labels": '{"names": ["only-one"], "integer_ids": false}'}, "2+ names"),
-    ({"model_config": '{"emb_dim": -1}'}, "positive integer"),
+    ({"labels": '{"names": ["only-one"], "integer_ids": false}'}, "labels.names: expected a list of 2+ items"),
+    ({"model_config": '{"emb_dim": -1}'}, "model_config.emb_dim: expected an integer >= 1"),
     ({"format": "something-else"}, "not a lora-cli adapter"),
     ({"lora": json.dumps({"rank": 2, "alpha": 4.0, "targets": ["trf_blocks.9.att.W_query"]})}, "do not fit"),
 ], ids=["rank-type", "lora-json", "one-label", "model-config", "format", "targets"])

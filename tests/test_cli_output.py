@@ -208,7 +208,7 @@ def test_predict_json_flag(run: Path) -> None:
 def test_eval_json_names_the_plot(run: Path, sms_dir: Path, tmp_path: Path) -> None:
     data = invoke_json("eval", "--adapter", run, "--data", sms_dir, "--plot", tmp_path / "cm.png")
     assert data["plot"] == str(tmp_path / "cm.png") and (tmp_path / "cm.png").is_file()
-    assert set(data["macro_avg"]) == {"precision", "recall", "f1"}
+    assert set(data["macro_avg"]) == {"precision", "recall", "f1", "roc_auc", "pr_auc"}
 
 
 # ---------------------------------------------------------------- exit codes

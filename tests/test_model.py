@@ -274,7 +274,7 @@ def test_model_config_validation() -> None:
 
     with pytest.raises(LoraCliError, match="divisible"):
         ModelConfig(emb_dim=100, n_heads=3)
-    with pytest.raises(LoraCliError, match="unknown keys"):
+    with pytest.raises(LoraCliError, match="unknown key .n_embd"):
         ModelConfig.from_dict({**book_cfg(), "n_embd": 64})
     assert ModelConfig.from_dict(book_cfg()).to_dict() == book_cfg()
 

@@ -1,0 +1,65 @@
+"""The metadata of the safetensors files lora-cli writes, declared once as schemas.
+
+The loaders (`adapter.adapter_from_parts`, `checkpoint.load_base`) and `lora-cli info` read it
+through the functions below, so a damaged file gets the same message from every command, naming
+the bad field: `adapter.safetensors: damaged adapter metadata (lora.rank: expected an integer >= 1,
+got 'x')`. Torch-free, so that `info` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lora_cli import __version__
+from lora_cli.config import MODEL_CONFIG
+from lora_cli.errors import LoraCliError
+from lora_cli.schema import Bool, Float, Int, Json, ListOf, Nullable, Obj, Str, check
+
+ADAPTER_FORMAT = "lora-cli-adapter"
+ADAPTER_VERSION = 1
+BASE_FORMAT = "lora-cli-base"
+SCALINGS = ("alpha-over-rank", "alpha", "rslora")  # LoRA scale formulas (lora.py uses them; here without torch)
+
+# classifier.LoraSpec: the keys after rank and alpha were added over time, so they may be missing
+LORA = Obj({"rank": Int(min=1), "alpha": Float(above=0.0)}, optional={
+    "scaling": Str(choices=SCALINGS), "target_spec": ListOf(Str(nonempty=True)),
+    "targets": ListOf(Str(nonempty=True), unique=True), "dropout": Float(min=0.0, below=1.0), "head_bias": Bool(),
+})
+# data.LabelSet
+LABELS = Obj({"names": ListOf(Str(), min_len=2, unique=True), "integer_ids": Bool()})
+# the resolved training recipe, kept whole; eval and predict read `model` and `max_length`
+TRAINING_CONFIG = Obj({}, optional={"model": Nullable(Str()), "max_length": Nullable(Int(min=1))}, extra=True)
+
+ADAPTER_METADATA = Obj({
+    "format": Str(), "format_version": Str(), "lora": Json(LORA), "labels": Json(LABELS),
+    "model_config": Json(MODEL_CONFIG), "base_fingerprint": Str(nonempty=True),
+}, optional={"training_config": Json(TRAINING_CONFIG), "tool_version": Str()}, extra=True)
+
+# checkpoint.save_base writes format, model_config and tool_version; merge.save_merged (a merged
+# classifier, loadable as a base) adds labels, merged_lora and base_fingerprint
+BASE_METADATA = Obj({"format": Str(), "model_config": Json(MODEL_CONFIG)}, optional={
+    "tool_version": Str(), "labels": Json(LABELS), "merged_lora": Json(LORA), "base_fingerprint": Str(nonempty=True),
+}, extra=True)
+# another tool's file with a lora-cli style config in its metadata: only that key is read
+FOREIGN_METADATA = Obj({}, optional={"model_config": Json(MODEL_CONFIG)}, extra=True)
+
+
+def read_adapter_metadata(meta: Any, source: str) -> dict[str, Any]:
+    """An adapter's metadata with its JSON fields decoded and checked; LoraCliError says what is wrong."""
+    if not isinstance(meta, Mapping):
+        raise LoraCliError(f"{source} is not a lora-cli adapter (no metadata mapping)")
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise LoraCliError(f"{source} is not a lora-cli adapter (metadata format={meta.get('format')!r})")
+    if meta.get("format_version") != str(ADAPTER_VERSION):
+        raise LoraCliError(
+            f"{source} has adapter format version {meta.get('format_version')!r}; this lora-cli "
+            f"({__version__}) reads version {ADAPTER_VERSION}"
+        )
+    return check(meta, ADAPTER_METADATA, source, "damaged adapter metadata")
+
+
+def read_base_metadata(meta: Mapping[str, str], source: str) -> dict[str, Any]:
+    """A base checkpoint's metadata, checked: all of it for a lora-cli checkpoint, else `model_config` if present."""
+    schema = BASE_METADATA if meta.get("format") == BASE_FORMAT else FOREIGN_METADATA
+    return check(meta, schema, source, "damaged checkpoint metadata")
