@@ -36,8 +36,15 @@ class Adapter:
     base_fingerprint: str
     training_config: dict[str, Any]
     tool_version: str
+    calibration: dict[str, Any] | None = None  # `metadata.CALIBRATION`: set by `lora-cli calibrate`
+
+    @property
+    def temperature(self) -> float:
+        """What eval and predict divide the logits by: the calibrated temperature, else 1."""
+        return self.calibration["temperature"] if self.calibration else 1.0
 
     def metadata(self) -> dict[str, str]:
+        calibration = {"calibration": json.dumps(self.calibration)} if self.calibration else {}
         return {
             "format": ADAPTER_FORMAT,
             "format_version": str(ADAPTER_VERSION),
@@ -47,7 +54,7 @@ class Adapter:
             "base_fingerprint": self.base_fingerprint,
             "training_config": json.dumps(self.training_config, sort_keys=True, default=str),
             "tool_version": self.tool_version,
-        }
+        } | calibration
 
 
 def adapter_from_model(
@@ -106,6 +113,7 @@ def adapter_from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], s
     return Adapter(
         tensors, LoraSpec(**checked["lora"]), LabelSet(**checked["labels"]), ModelConfig(**checked["model_config"]),
         checked["base_fingerprint"], checked.get("training_config", {}), checked.get("tool_version", "?"),
+        checked.get("calibration"),
     )
 
 

@@ -14,12 +14,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
 from lora_cli import __version__
 from lora_cli.errors import LoraCliError
+from lora_cli.recipe import PRECISIONS
 
 EXIT_CODES = (
     "Exit codes: 0 success; 1 error (one `error: ...` line on stderr says why); 2 bad usage (unknown option, "
@@ -39,6 +40,18 @@ data_app = typer.Typer(help="Prepare data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 _state = {"debug": False}
+
+# Options several commands share, declared once.
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+OverwriteOption = Annotated[bool, typer.Option(help="Replace an existing output.")]
+BaseOption = Annotated[Optional[str], typer.Option("--model", help="Base checkpoint. [the one the adapter was trained on]")]
+ModelConfigOption = Annotated[Optional[str], typer.Option(help="Preset or JSON file, when the checkpoint does not say.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+PrecisionOption = Annotated[Literal[PRECISIONS], typer.Option(
+    help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (CUDA).")]
+BpeDirOption = Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")]
+ForceOption = Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")]
+
 
 
 def echo(message: str) -> None:
@@ -151,8 +164,8 @@ def init(
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.safetensors).")],
     preset: Annotated[str, typer.Option(help="gpt2-tiny, gpt2-small, gpt2-medium, gpt2-large or gpt2-xl.")] = "gpt2-tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 123,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Write a randomly initialised GPT checkpoint, for tests, demos and benchmarks.
 
@@ -185,7 +198,7 @@ def download(
         Optional[str], typer.Option(help="URL of a model.safetensors, or a local Hugging Face directory/file (offline).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Download and convert again even if the file exists.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Fetch OpenAI's GPT-2 weights from Hugging Face, verify them and convert them to the book's layout.
 
@@ -225,8 +238,8 @@ def download(
 def convert(
     source: Annotated[Path, typer.Argument(help="Hugging Face GPT-2 directory (model.safetensors or pytorch_model.bin) or file.")],
     out: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors) in the book's layout.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Convert a local Hugging Face GPT-2 checkpoint to the from-scratch GPTModel layout.
 
@@ -253,8 +266,8 @@ def data_sms_spam(
     source: Annotated[
         Optional[str], typer.Option(help="SMSSpamCollection file, the UCI zip, or a URL. Default: download from UCI.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Build the book's SMS spam data set: 747 ham + 747 spam, split 70/10/20 (1,045/149/300 rows).
 
@@ -277,58 +290,60 @@ def data_sms_spam(
 # ---------------------------------------------------------------- train
 
 
+def _config_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give `fn(..., **overrides)` one flag per TrainConfig field, from the field's declaration (recipe.option)."""
+    import inspect
+
+    from lora_cli.recipe import defaults, options
+    from lora_cli.schema import Bool, Float, Int, Nullable
+
+    shown = defaults()
+    generated = []
+    for name, opt in options():
+        flag, inner = opt.flag_for(name), opt.schema.inner if isinstance(opt.schema, Nullable) else opt.schema
+        default = shown[name]
+        note = "" if default is None or "[" in opt.help else f" [{_shown_default(default)}]"
+        kind: Any = bool if isinstance(inner, Bool) else int if isinstance(inner, Int) else float if isinstance(inner, Float) else str
+        if opt.choices:
+            kind = Literal[opt.choices]
+        info = typer.Option(f"{flag}/--no-{flag[2:]}" if kind is bool else flag, help=opt.help + note, show_default=False)
+        generated.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                           annotation=Annotated[Optional[kind], info]))
+    signature = inspect.signature(fn, eval_str=True)
+    fixed = [p for p in signature.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    fn.__signature__ = signature.replace(parameters=fixed + generated)  # type: ignore[attr-defined]
+    fn.__annotations__ = {p.name: p.annotation for p in fixed + generated} | {"return": None}
+    return fn
+
+
+def _shown_default(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _flag_values(given: dict[str, Any]) -> dict[str, Any]:
+    """The recipe values the flags give: comma-separated lists split, flags not given left out (None)."""
+    from lora_cli.recipe import options
+
+    lists = {name for name, opt in options() if opt.is_list}
+    return {k: [x.strip() for x in v.split(",")] if k in lists and v is not None else v for k, v in given.items()}
+
+
+
 @app.command()
 @handle_errors
+@_config_flags  # one flag per TrainConfig field (rank, alpha, model, data, ...), declared in recipe.py
 def train(
     command: typer.Context,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank r. [recipe: 16]")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha. [recipe: 16]")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Base checkpoint (.safetensors/.pth) or cached GPT-2 name. [recipe: gpt2-small]")] = None,
-    model_config: Annotated[Optional[str], typer.Option(help="Preset name or JSON file, when the checkpoint does not say.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Directory with train.csv and validation.csv, or sms-spam. [recipe: sms-spam]")] = None,
-    train_file: Annotated[Optional[str], typer.Option("--train", help="Training file (CSV/TSV/JSONL), with --val.")] = None,
-    val_file: Annotated[Optional[str], typer.Option("--val", help="Validation file, with --train.")] = None,
-    text_column: Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Label column. [auto: label]")] = None,
-    label_names: Annotated[Optional[str], typer.Option(help="Comma-separated class names for integer labels 0..K-1.")] = None,
-    scaling: Annotated[Optional[str], typer.Option(help="alpha-over-rank (alpha/r), alpha (the book's formula) or rslora.")] = None,
-    targets: Annotated[Optional[str], typer.Option(help="blocks, all-linear, or comma-separated module patterns.")] = None,
-    lora_dropout: Annotated[Optional[float], typer.Option(help="Dropout on the LoRA input. [0]")] = None,
-    head_bias: Annotated[
-        Optional[bool], typer.Option("--head-bias/--no-head-bias", help="Bias in the classification head (none: exportable to PEFT). [yes]")
-    ] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="[recipe: 5]")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps (smoke tests).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="[recipe: 8]")] = None,
-    bucket_by_length: Annotated[
-        Optional[bool], typer.Option("--bucket-by-length/--no-bucket-by-length", help="Batch texts of similar length together (less padding). [no]")
-    ] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate. [recipe: 8e-4]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay. [recipe: 0.1]")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens. [model context]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="[recipe: 123]")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps. [auto]")] = None,
-    precision: Annotated[Optional[str], typer.Option(
-        help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (CUDA). [auto]")] = None,
-    base_dtype: Annotated[Optional[str], typer.Option(
-        help="float32, bfloat16 or float16: store the frozen base in 16 bits (with --precision bf16/fp16). [float32]")] = None,
-    bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's encoder.json and vocab.bpe (offline).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML recipe; flags override its values.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML recipe (configs/template.yaml lists every option); flags override its values.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory. [runs/NAME]")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in an existing run directory (its checkpoints are deleted).")] = False,
     resume: Annotated[Optional[Path], typer.Option(
         help="Continue a run: RUN_DIR from its newest checkpoint, or RUN_DIR/checkpoints/step-N.pt from that one "
              "(newer checkpoints are moved into checkpoints/superseded/, not deleted).")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Also checkpoint every N steps (always: every epoch).")] = None,
-    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep the newest K checkpoints. [3]")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm to this value (logged).")] = None,
-    tensorboard: Annotated[
-        Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Also log to RUN_DIR/tensorboard (needs tensorboard).")
-    ] = None,
-    grad_accum_steps: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step (gradient accumulation). [1]")] = None,
-    global_batch_size: Annotated[
-        Optional[int], typer.Option(help="Examples per optimizer step over all processes; sets the accumulation steps. [batch size x processes]")
-    ] = None,
     nproc_per_node: Annotated[
         Optional[int], typer.Option(help="Train data-parallel on N processes of this machine (one per GPU, or CPU processes), through torchrun.")
     ] = None,
@@ -341,6 +356,7 @@ def train(
     print_config: Annotated[bool, typer.Option(help="Print the resolved recipe (YAML) and exit; loads nothing.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final summary as JSON.")] = False,
+    **flags: Any,
 ) -> None:
     """Train a LoRA adapter for text classification.
 
@@ -355,24 +371,14 @@ def train(
     """
     from lora_cli import recipe
 
-    overrides = dict(
-        rank=rank, alpha=alpha, model=model, model_config=model_config, data=data, train=train_file, val=val_file,
-        text_column=text_column, label_column=label_column, scaling=scaling, lora_dropout=lora_dropout, head_bias=head_bias,
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, bucket_by_length=bucket_by_length, lr=lr, weight_decay=weight_decay, max_length=max_length, seed=seed,
-        device=device, bpe_dir=bpe_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-        grad_clip=grad_clip, tensorboard=tensorboard, grad_accum_steps=grad_accum_steps, global_batch_size=global_batch_size,
-        precision=precision, base_dtype=base_dtype,
-        label_names=[n.strip() for n in label_names.split(",")] if label_names else None,
-        targets=[t.strip() for t in targets.split(",")] if targets else None,
-    )
-    if train_file is not None and data is None:
-        overrides["data"] = None
+    overrides = _flag_values(flags)  # --train/--val, when given, take the place of the recipe's data directory
     resume_from: bool | Path = False  # True: the newest checkpoint of the run
     if resume is not None:
         given = sorted(k for k, v in overrides.items() if v is not None and k != "device")
         if given or config is not None or out is not None or overwrite:
             raise LoraCliError(f"--resume continues with the run's saved config.yaml; drop {', '.join(given) or '--config/--out/--overwrite'}")
         resume_from = True
+        device = overrides["device"]
         if resume.is_file():  # RUN/checkpoints/step-N.pt: that checkpoint of RUN
             from lora_cli.run_dir import run_of_checkpoint
 
@@ -400,7 +406,7 @@ def train(
                 cfg.accumulation_steps(spec.world)  # a bad global batch fails here, once
             from lora_cli.paths import resolve_data
 
-            resolve_data(cfg.data, cfg.train, cfg.val)  # prepares the built-in data set once, not on every rank
+            resolve_data(cfg.data, cfg.train, cfg.val, cfg.val_split)  # prepares the built-in data set once, not on every rank
             code = distributed.launch(_relaunch_args(command, run_dir if out is None and resume is None else None), spec, _state["debug"])
             if code:
                 raise typer.Exit(code)
@@ -471,22 +477,28 @@ def _train_rank(cfg: Any, run_dir: Path, ctx: Any, resume: bool | Path, overwrit
         plots.plot_runs([run_dir], run_dir / "curves.png")
     else:
         echo(f"no curves.png: {plots.HINT}")
-    best = max(result.history, key=lambda r: r["val_accuracy"])
-    last = result.history[-1]
+    best = max(result.history, key=lambda r: r["val_accuracy"]) if result.history else None
+    last = result.history[-1] if result.history else None
     adapter_mb = result.adapter_path.stat().st_size / 1e6
     base_mb = s.base.path.stat().st_size / 1e6
-    seen = last["examples_seen"]
+    seen, sel = result.seen, result.selection
+    selected = {"metric": sel.metric, "value": sel.value, "step": sel.step, "epoch": sel.epoch} \
+        if sel.metric != "last" and sel.validations else {"metric": sel.metric, "value": None, "step": result.step}
     if as_json:
         typer.echo(json.dumps({
             "run_dir": str(run_dir), "adapter": str(result.adapter_path), "seconds": result.seconds,
             "examples_per_second": seen / result.seconds, "final": last, "best": best, "parameters": counts,
             "adapter_bytes": result.adapter_path.stat().st_size, "base_bytes": s.base.path.stat().st_size,
+            "adapter_last": str(run_dir / "adapter-last.safetensors"), "selected": selected, "stopped": result.stopped,
         }))
         return
+    accuracy = (f"validation accuracy {last['val_accuracy']:.2%} after epoch {last['epoch']}, best "
+                f"{best['val_accuracy']:.2%} (epoch {best['epoch']})") if last else "no epoch finished"
     typer.echo(
-        f"done in {result.seconds:.1f}s ({seen / result.seconds:.0f} examples/s): validation accuracy "
-        f"{last['val_accuracy']:.2%} after epoch {last['epoch']}, best {best['val_accuracy']:.2%} (epoch {best['epoch']})\n"
-        f"adapter {result.adapter_path}: {adapter_mb:.1f} MB, {adapter_mb / base_mb:.1%} of the base checkpoint ({base_mb:.0f} MB)"
+        f"done in {result.seconds:.1f}s ({seen / result.seconds:.0f} examples/s): {accuracy}\n"
+        + (f"stopped early: {result.stopped}\n" if result.stopped else "")
+        + f"adapter {result.adapter_path} {sel.describe(result.step)}: {adapter_mb:.1f} MB, "
+        f"{adapter_mb / base_mb:.1%} of the base checkpoint ({base_mb:.0f} MB)"
     )
 
 
@@ -557,6 +569,12 @@ def _max_length(adapter: Any, model: Any, requested: Optional[int]) -> int:
 
 
 MAX_LENGTH_HELP = "Truncate texts to this many tokens (1 to the model's context). [what training used]"
+CalibrationOption = Annotated[bool, typer.Option(
+    help="Divide the logits by the temperature `lora-cli calibrate` stored; --no-calibration shows the raw outputs.")]
+
+
+def _temperature(adapter: Any, calibration: bool) -> float:
+    return adapter.temperature if calibration else 1.0
 
 
 @app.command("eval")
@@ -564,20 +582,21 @@ MAX_LENGTH_HELP = "Truncate texts to this many tokens (1 to the model's context)
 def evaluate(
     adapter: Annotated[Path, typer.Option(help="Adapter file, training checkpoint or run directory.")],
     data: Annotated[Path, typer.Option(help="Labelled CSV/TSV/JSONL file, or a directory with test.csv.")],
-    model: Annotated[Optional[str], typer.Option(help="Base checkpoint. [the one the adapter was trained on]")] = None,
-    model_config: Annotated[Optional[str], typer.Option(help="Preset or JSON file, when the checkpoint does not say.")] = None,
+    model: BaseOption = None,
+    model_config: ModelConfigOption = None,
     text_column: Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Label column. [auto: label]")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (CUDA).")] = "auto",
-    bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")] = None,
-    force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    bpe_dir: BpeDirOption = None,
+    force: ForceOption = False,
+    as_json: JsonOption = False,
     plot: Annotated[Optional[Path], typer.Option(
         help="Also write one PNG image: the confusion matrix beside the reliability diagram (accuracy per confidence bin).")] = None,
     ece_bins: Annotated[int, typer.Option(min=1, max=1000, help="Equal-width confidence bins for the ECE.")] = 15,
     max_length: Annotated[Optional[int], typer.Option(help=MAX_LENGTH_HELP)] = None,
+    calibration: CalibrationOption = True,
 ) -> None:
     """Loss, accuracy, per-class precision/recall/F1, ROC-AUC, PR-AUC, calibration and the confusion matrix.
 
@@ -585,7 +604,9 @@ def evaluate(
     second label (the positive class, e.g. spam), with more one-vs-rest per class and their macro average
     (over the classes the data has; n/a, JSON null, where a class has no examples). ECE, the expected
     calibration error: how far the probability of the predicted class is from the accuracy, averaged over
-    --ece-bins equal-width bins of that probability, weighted by the examples in each.
+    --ece-bins equal-width bins of that probability, weighted by the examples in each. An adapter
+    calibrated by `lora-cli calibrate` has its logits divided by the stored temperature first (loss,
+    AUCs, ECE; never the predicted labels); --no-calibration shows the raw model.
 
     Example: lora-cli eval --adapter runs/tiny/adapter.safetensors --data data/sms/test.csv --plot eval.png
     """
@@ -609,18 +630,21 @@ def evaluate(
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
     labels = ad.labels.encode(table.labels, str(data))
-    report = classification_report(predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev)), labels, ad.labels.names, ece_bins)
+    temperature = _temperature(ad, calibration)
+    logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
+    report = classification_report(logits / temperature, labels, ad.labels.names, ece_bins)
+    calibrated = {"temperature": temperature if ad.calibration and calibration else None}
     if plot is not None:
         from lora_cli.plots import plot_evaluation
 
         plot_evaluation(report.confusion, report.names, report.calibration, report.ece, plot,
                         f"{data.name}: accuracy {report.accuracy:.2%}")
     if as_json:
-        print_json(report.to_dict() | {"data": str(data)} | ({"plot": str(plot)} if plot is not None else {}))
+        print_json(report.to_dict() | calibrated | {"data": str(data)} | ({"plot": str(plot)} if plot is not None else {}))
         return
     from lora_cli.output import eval_tables, print_tables
 
-    print_tables(*eval_tables(report.to_dict(), str(data)))
+    print_tables(*eval_tables(report.to_dict() | calibrated, str(data)))
 
 
 @app.command()
@@ -629,21 +653,22 @@ def predict(
     adapter: Annotated[Path, typer.Option(help="Adapter file, training checkpoint or run directory.")],
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
     file: Annotated[Optional[Path], typer.Option(help="CSV/TSV/JSONL file with a text column.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Base checkpoint. [the one the adapter was trained on]")] = None,
-    model_config: Annotated[Optional[str], typer.Option(help="Preset or JSON file, when the checkpoint does not say.")] = None,
+    model: BaseOption = None,
+    model_config: ModelConfigOption = None,
     text_column: Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")] = None,
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (CUDA).")] = "auto",
-    bpe_dir: Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")] = None,
-    force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    bpe_dir: BpeDirOption = None,
+    force: ForceOption = False,
     merge: Annotated[bool, typer.Option(
         help="Fold LoRA into the base weights first (no LoRA cost per token); --no-merge runs the two branches.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="The same as --format json.")] = False,
     max_length: Annotated[Optional[int], typer.Option(help=MAX_LENGTH_HELP)] = None,
+    calibration: CalibrationOption = True,
 ) -> None:
-    """Label and probability for each text.
+    """Label and probability for each text (calibrated, if `lora-cli calibrate` stored a temperature).
 
     Example: lora-cli predict --adapter runs/tiny "You won a free prize, call now!"
     """
@@ -677,7 +702,8 @@ def predict(
     tokens, truncated = encode_texts(get_tokenizer(bpe_dir), items, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
-    probs = torch.softmax(predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev)), dim=-1)
+    logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
+    probs = torch.softmax(logits / _temperature(ad, calibration), dim=-1)
     best = probs.argmax(-1).tolist()
     rows = [{"text": t, "label": ad.labels.names[b], "probability": probs[i, b].item(),
              "probabilities": dict(zip(ad.labels.names, probs[i].tolist()))} for i, (t, b) in enumerate(zip(items, best))]
@@ -693,6 +719,72 @@ def predict(
         print_tables(predict_table(rows))
 
 
+@app.command()
+@handle_errors
+def calibrate(
+    adapter: Annotated[Path, typer.Option(help="Adapter file or run directory (its adapter.safetensors).")],
+    data: Annotated[Path, typer.Option(help="Labelled held-out CSV/TSV/JSONL file, or a directory with validation.csv.")],
+    model: BaseOption = None,
+    model_config: ModelConfigOption = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the calibrated adapter here. [replace the adapter file]")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Label column. [auto: label]")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    bpe_dir: BpeDirOption = None,
+    force: ForceOption = False,
+    ece_bins: Annotated[int, typer.Option(min=1, max=1000, help="Equal-width confidence bins for the ECE.")] = 15,
+    max_length: Annotated[Optional[int], typer.Option(help=MAX_LENGTH_HELP)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fit one temperature T on held-out data and store it in the adapter (temperature scaling).
+
+    T minimises the negative log-likelihood of softmax(logits / T) on --data; eval and predict then
+    divide the logits by it, so probabilities, loss and ECE are calibrated while every predicted label
+    stays the same. Calibrate on the validation split, not on the test data you report. The adapter
+    file is replaced atomically (a run directory: its adapter.safetensors), or --out writes a new one.
+
+    Example: lora-cli calibrate --adapter runs/tiny --data data/sms/validation.csv
+    """
+    import dataclasses
+
+    from lora_cli.adapter import save_adapter
+    from lora_cli.calibration import calibrate as fit
+    from lora_cli.data import Encoded, encode_texts, read_table
+    from lora_cli.evaluation import predict_logits
+    from lora_cli.run_dir import ADAPTER
+    from lora_cli.tokenizer import get_tokenizer
+
+    if data.is_dir():
+        data = data / "validation.csv"
+    source = adapter / ADAPTER if adapter.is_dir() else adapter
+    if out is None and (source.suffix != ".safetensors" or not source.is_file()):
+        raise LoraCliError(f"{adapter} has no adapter.safetensors to store the temperature in; pass --out "
+                           "(or export the adapter first: lora-cli export-adapter)")
+    target = out or source
+    if target.is_dir():
+        raise LoraCliError(f"--out {target} is a directory; pass a file name, e.g. {target / 'calibrated.safetensors'}")
+    if not target.parent.is_dir():
+        raise LoraCliError(f"--out {target}: the directory {target.parent} does not exist")
+    table = read_table(data, text_column, label_column)  # a bad file fails before the model loads
+    ad, net, dev = _load_for_inference(adapter, model, model_config, device, force)
+    labels = ad.labels.encode(table.labels, str(data))
+    length = _max_length(ad, net, max_length)
+    tokens, truncated = encode_texts(get_tokenizer(bpe_dir), table.texts, length)
+    if truncated:
+        echo(f"warning: {truncated} texts truncated to {length} tokens")
+    logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
+    result = fit(logits, labels, ad.labels.names, str(data), ece_bins)
+    save_adapter(target, dataclasses.replace(ad, calibration=result))
+    if as_json:
+        print_json({"adapter": str(adapter), "out": str(target)} | result | {"files": written(target)})
+        return
+    typer.echo(f"wrote {target}: temperature {result['temperature']:.4f} from {result['n']} examples of {data}; "
+               f"NLL {result['nll_before']:.4f} -> {result['nll_after']:.4f}, "
+               f"ECE {result['ece_before']:.4f} -> {result['ece_after']:.4f}")
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -703,8 +795,8 @@ def export_adapter(
     out: Annotated[Path, typer.Option(help="Adapter file to write (.safetensors); a directory with --format peft.")],
     output_format: Annotated[str, typer.Option("--format", help="native (lora-cli) or peft (Hugging Face PEFT, GPT-2).")] = "native",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Write a standalone adapter: LoRA factors and the task head, with metadata.
 
@@ -729,6 +821,9 @@ def export_adapter(
 
         refuse_overwrite(out / ADAPTER_WEIGHTS, overwrite)
         export_peft(adapter, out, dtype)
+        if adapter.calibration:
+            echo(f"warning: the calibration temperature ({adapter.temperature:.4g}) is not carried over: the PEFT "
+                 "format has no place for it; divide the logits by it yourself")
         files = written(out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG, out / METADATA_FILE)
         if as_json:
             print_json(result | weights_summary(out / ADAPTER_WEIGHTS) | {"files": files})
@@ -750,9 +845,9 @@ def import_adapter(
     source: Annotated[Path, typer.Argument(help="PEFT adapter directory (adapter_config.json + weights).")],
     model: Annotated[str, typer.Option(help="The from-scratch base checkpoint (converted GPT-2) it belongs to.")],
     out: Annotated[Path, typer.Option(help="lora-cli adapter file to write (.safetensors).")],
-    model_config: Annotated[Optional[str], typer.Option(help="Preset or JSON file, when the checkpoint does not say.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    model_config: ModelConfigOption = None,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Turn a PEFT LoRA adapter for GPT-2 sequence classification into a lora-cli adapter (exact mappings only).
 
@@ -781,13 +876,13 @@ def import_adapter(
 def merge(
     adapter: Annotated[Path, typer.Option(help="Adapter file, training checkpoint or run directory.")],
     out: Annotated[Path, typer.Option(help="Merged checkpoint: a .safetensors file (native) or a directory (hf).")],
-    model: Annotated[Optional[str], typer.Option(help="Base checkpoint. [the one the adapter was trained on]")] = None,
-    model_config: Annotated[Optional[str], typer.Option(help="Preset or JSON file, when the checkpoint does not say.")] = None,
+    model: BaseOption = None,
+    model_config: ModelConfigOption = None,
     output_format: Annotated[str, typer.Option("--format", help="native (the book's layout) or hf (GPT2ForSequenceClassification).")] = "native",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (the merge itself is float32).")] = "float32",
-    force: Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    force: ForceOption = False,
+    overwrite: OverwriteOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Fold W + scale * (A @ B)^T into every adapted layer and write a full classifier checkpoint.
 
@@ -817,7 +912,7 @@ def merge(
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run directories to overlay.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("curves.png"),
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Training and validation loss and accuracy over examples seen, one or more runs overlaid.
 
@@ -842,7 +937,7 @@ def plot(
 @handle_errors
 def info(
     path: Annotated[Path, typer.Argument(help="Adapter, checkpoint (.safetensors/.pth), run directory or PEFT directory.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
     tensors: Annotated[bool, typer.Option(help="List every tensor's name, dtype and shape.")] = False,
 ) -> None:
     """Format, metadata, parameter counts and tensors of a file lora-cli reads.

@@ -76,6 +76,38 @@ def read_table(
     return Table(path, texts, labels if label_key is not None else None, text_key, label_key)
 
 
+def stratified_split(table: Table, fraction: float, seed: int) -> tuple[Table, Table]:
+    """(training, validation) rows of a labelled table: `fraction` of each class's rows, drawn with `seed`.
+
+    So the validation set has the classes in the training file's proportions (to within one row per
+    class), and the same seed gives the same split. A class with two or more rows keeps at least one
+    row on each side; a class with a single row stays in training.
+    """
+    import math
+    import random
+
+    labels = table.labels or []  # training data is read with its labels
+    by_class: dict[Label, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    rng = random.Random(f"val-split {seed}")  # a string seed: -1 and 1 give different splits
+    held: set[int] = set()
+    for label in sorted(by_class, key=lambda x: (isinstance(x, str), x)):
+        rows = by_class[label]
+        rng.shuffle(rows)
+        if len(rows) >= 2:
+            held.update(rows[: min(len(rows) - 1, max(1, math.floor(fraction * len(rows) + 0.5)))])
+    if not held:
+        raise LoraCliError(f"--val-split: no class in {table.path} has two rows (one for training, one for "
+                           "validation); pass a validation file with --val")
+
+    def part(rows: list[int]) -> Table:
+        return Table(table.path, [table.texts[i] for i in rows], [labels[i] for i in rows], table.text_column,
+                     table.label_column)
+
+    return part([i for i in range(len(table.texts)) if i not in held]), part(sorted(held))
+
+
 def _kind(path: Path, content: str) -> str:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
@@ -205,6 +237,40 @@ class LabelSet:
                 f"{source}: label {value!r} is not one the model was trained on ({', '.join(self.names)})"
             )
         return out
+
+
+def class_weights(choice: str, names: Sequence[str], labels: Sequence[int]) -> list[float] | None:
+    """The loss weight of each class (in `names` order) for --class-weights, checked here and only here.
+
+    none: no weights (None). balanced: scikit-learn's compute_class_weight("balanced"), n_rows /
+    (n_classes x the class's rows), over the training rows `labels` (class indices). Anything else is
+    a JSON file {class name: weight}, with a positive finite weight for every class and no others.
+    """
+    if choice == "none":
+        return None
+    if choice == "balanced":
+        counts = [0] * len(names)
+        for y in labels:
+            counts[y] += 1
+        empty = [name for name, n in zip(names, counts) if not n]
+        if empty:
+            raise LoraCliError(f"--class-weights balanced: no training rows of class {', '.join(empty)}; "
+                               "give the weights in a JSON file {class: weight}")
+        return [len(labels) / (len(names) * n) for n in counts]
+    from lora_cli.fileio import read_json_object
+    from lora_cli.schema import Float, Obj, check
+
+    path = Path(choice)
+    if not path.is_file():
+        raise LoraCliError(f"--class-weights {choice}: expected none, balanced or a JSON file "
+                           + ("(this is a directory)" if path.is_dir() else "(no such file)"))
+    try:
+        data = read_json_object(path)
+    except LoraCliError as exc:
+        raise LoraCliError(f"--class-weights: {exc}") from None
+    weights = check(data, Obj({name: Float(above=0) for name in names}), f"--class-weights {path}",
+                    f"expected a weight > 0 for each class: {', '.join(names)}")
+    return [weights[name] for name in names]
 
 
 @dataclass

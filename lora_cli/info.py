@@ -99,6 +99,8 @@ def _safetensors(path: Path) -> dict[str, Any]:
         out["format_version"] = int(checked["format_version"])
         out |= {k: checked.get(k) for k in ("lora", "labels", "model_config", "tool_version")}
         out["base_fingerprint"] = checked["base_fingerprint"]
+        if "calibration" in checked:
+            out["calibration"] = checked["calibration"]
     elif fmt == BASE_FORMAT:
         checked = read_base_metadata(meta, str(path))
         out["kind"] = "lora-cli checkpoint" + (" (merged classifier)" if "merged_lora" in checked else "")

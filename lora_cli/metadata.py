@@ -30,11 +30,17 @@ LORA = Obj({"rank": Int(min=1), "alpha": Float(above=0.0)}, optional={
 LABELS = Obj({"names": ListOf(Str(), min_len=2, unique=True), "integer_ids": Bool()})
 # the resolved training recipe, kept whole; eval and predict read `model` and `max_length`
 TRAINING_CONFIG = Obj({}, optional={"model": Nullable(Str()), "max_length": Nullable(Int(min=1))}, extra=True)
+# `lora-cli calibrate`: the temperature eval and predict divide the logits by, and how it was fitted
+CALIBRATION = Obj({"temperature": Float(above=0.0)}, optional={
+    "data": Str(), "n": Int(min=1), "nll_before": Float(min=0.0), "nll_after": Float(min=0.0),
+    "ece_before": Float(min=0.0, max=1.0), "ece_after": Float(min=0.0, max=1.0),
+})
 
 ADAPTER_METADATA = Obj({
     "format": Str(), "format_version": Str(), "lora": Json(LORA), "labels": Json(LABELS),
     "model_config": Json(MODEL_CONFIG), "base_fingerprint": Str(nonempty=True),
-}, optional={"training_config": Json(TRAINING_CONFIG), "tool_version": Str()}, extra=True)
+}, optional={"training_config": Json(TRAINING_CONFIG), "tool_version": Str(), "calibration": Json(CALIBRATION)},
+    extra=True)
 
 # checkpoint.save_base writes format, model_config and tool_version; merge.save_merged (a merged
 # classifier, loadable as a base) adds labels, merged_lora and base_fingerprint

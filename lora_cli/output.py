@@ -102,6 +102,8 @@ def eval_tables(report: dict[str, Any], data: str) -> list[tuple[str | None, Tab
     summary.add_row(f"ROC-AUC {of}", score(report["roc_auc"]))
     summary.add_row(f"PR-AUC {of}", score(report["pr_auc"]))
     summary.add_row(f"ECE ({len(report['calibration'])} bins)" if report["calibration"] else "ECE", score(report["ece"]))
+    if report.get("temperature") is not None:  # `lora-cli calibrate`'s T divided the logits
+        summary.add_row("temperature (calibrated)", f"{report['temperature']:.4f}")
 
     metrics = ("precision", "recall", "f1") + (("roc_auc", "pr_auc") if len(names) > 2 else ())
     headers = [{"roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}.get(k, k) for k in metrics]

@@ -45,20 +45,30 @@ def resolve_model(model: str) -> Path:
     raise LoraCliError(f"model checkpoint not found: {path}")
 
 
-def resolve_data(data: str | None, train: str | None, val: str | None) -> tuple[Path, Path, list[str] | None]:
-    """(train file, validation file, label names from dataset.json if any)."""
-    if train is not None and val is not None:
-        return Path(train), Path(val), None
+def resolve_data(data: str | None, train: str | None, val: str | None,
+                 val_split: float | None = None) -> tuple[Path, Path | None, list[str] | None]:
+    """(train file, validation file, label names from dataset.json if any).
+
+    The validation file is None when `val_split` is to carve it out of the training file: given
+    --train alone, or a data directory that has no validation file.
+    """
+    if train is not None:  # TrainConfig.validate: with --val or --val-split
+        return Path(train), None if val is None else Path(val), None
     if data is None:
-        raise LoraCliError("no training data: pass --data DIR or --train FILE --val FILE")
+        raise LoraCliError("no training data: pass --data DIR, --train FILE --val FILE or --train FILE --val-split FRACTION")
     directory = Path(data)
     if not directory.exists() and data == "sms-spam":
         directory = _sms_spam_cache()
     if directory.is_file():
-        raise LoraCliError(f"--data {directory} is a file, not a data directory; pass --train FILE --val FILE for files")
+        raise LoraCliError(f"--data {directory} is a file, not a data directory; pass --train FILE --val FILE "
+                           "(or --val-split FRACTION) for files")
     if not directory.is_dir():
         raise LoraCliError(f"data directory not found: {directory} (expected train.csv and validation.csv in it)")
-    found = [_find_split(directory, n) for n in (("train",), ("validation", "val"))]
+    train_file = _find_split(directory, ("train",))
+    val_file = _find_split(directory, ("validation", "val"), required=val_split is None)
+    if val_split is not None and val_file is not None:
+        raise LoraCliError(f"--val-split: {directory} already has a validation file ({val_file.name}); "
+                           "drop --val-split, or pass --train FILE --val-split FRACTION")
     names = None
     meta = directory / "dataset.json"
     if meta.is_file():
@@ -66,15 +76,18 @@ def resolve_data(data: str | None, train: str | None, val: str | None) -> tuple[
 
         schema = Obj({}, optional={"label_names": Nullable(ListOf(Str(nonempty=True), min_len=2, unique=True))}, extra=True)
         names = check(read_json_object(meta), schema, str(meta)).get("label_names")
-    return found[0], found[1], names
+    return train_file, val_file, names
 
 
-def _find_split(directory: Path, stems: tuple[str, ...]) -> Path:
+def _find_split(directory: Path, stems: tuple[str, ...], required: bool = True) -> Path | None:
     for stem in stems:
         for suffix in (".csv", ".tsv", ".jsonl"):
             if (directory / f"{stem}{suffix}").is_file():
                 return directory / f"{stem}{suffix}"
-    raise LoraCliError(f"{directory} has no {stems[0]}.csv (or .tsv/.jsonl)")
+    if not required:
+        return None
+    hint = "; or pass --val-split FRACTION to hold out part of the training file" if stems[0] == "validation" else ""
+    raise LoraCliError(f"{directory} has no {stems[0]}.csv (or .tsv/.jsonl){hint}")
 
 
 def _sms_spam_cache() -> Path:

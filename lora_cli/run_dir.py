@@ -22,7 +22,8 @@ from lora_cli.schema import Float, Int, ListOf, MapOf, Nullable, Obj, Schema, Sc
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
-ADAPTER = "adapter.safetensors"
+ADAPTER = "adapter.safetensors"  # the selected one (--select-metric)
+ADAPTER_LAST = "adapter-last.safetensors"  # the final step's
 CHECKPOINTS = "checkpoints"
 SUPERSEDED = "superseded"  # checkpoints/superseded/: what a resume from an older checkpoint moved aside
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
@@ -48,11 +49,15 @@ _ADAMW = Obj({  # torch.optim.AdamW.state_dict(); option flags are compared with
                                extra=True), min_len=1)})
 _GRAD_SCALER = Obj({"scale": Float(min=0), "growth_factor": Float(min=0), "backoff_factor": Float(min=0),
                     "growth_interval": Int(min=1), "_growth_tracker": Int(min=0)})
+_SELECTION = Obj({  # training.Selection.state(); the best validation's adapter is "best_adapter_tensors"
+    "metric": Str(), "value": Nullable(Float()), "step": Int(min=0), "epoch": Int(min=0),
+    "validations": Int(min=0), "stale": Int(min=0)})
 CHECKPOINT = Obj({  # what training.save_training_checkpoint writes; unknown keys are refused, not ignored
     "adapter_tensors": MapOf(Tensor(floating=True), min_len=1), "adapter_metadata": MapOf(Str()),
     "optimizer": _ADAMW, "progress": _PROGRESS, "accumulator": _ACCUMULATOR, "rng": _RNG,
     "data_order": ListOf(Int(min=0)), "global_batch": Int(min=1), "tool_version": Str()},
-    optional={"grad_scaler": _GRAD_SCALER, "ranks": ListOf(Obj({"accumulator": _ACCUMULATOR, "rng": _RNG}), min_len=1)})
+    optional={"grad_scaler": _GRAD_SCALER, "selection": _SELECTION, "best_adapter_tensors": MapOf(Tensor(floating=True)),
+              "ranks": ListOf(Obj({"accumulator": _ACCUMULATOR, "rng": _RNG}), min_len=1)})
 METRIC = Obj({"step": Int(min=0)}, extra=True)  # what resuming needs of a metrics.jsonl record
 
 
@@ -192,8 +197,7 @@ def set_aside_newer(run_dir: Path, path: Path) -> list[Path]:
     newer = [p for p in checkpoint_paths(run_dir) if checkpoint_step(p) > checkpoint_step(path)]
     if not newer:
         return []
-    if (Path(run_dir) / ADAPTER).is_file():
-        newer.append(Path(run_dir) / ADAPTER)
+    newer += [Path(run_dir) / name for name in (ADAPTER, ADAPTER_LAST) if (Path(run_dir) / name).is_file()]
     aside = Path(run_dir) / CHECKPOINTS / SUPERSEDED
     aside.mkdir(exist_ok=True)
     moved = []

@@ -8,8 +8,10 @@ loop. Only rank 0 writes to the run directory; metrics are all-reduced so every 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +27,8 @@ from lora_cli import run_dir as rd
 from lora_cli.adapter import Adapter, adapter_from_model, adapter_from_parts, save_adapter
 from lora_cli.checkpoint import BaseCheckpoint, load_base
 from lora_cli.classifier import LoraSpec, adapter_tensors, build_classifier, count_parameters
-from lora_cli.data import Batch, Encoded, LabelSet, batches, bucketed_order, encode_texts, epoch_order, read_table
+from lora_cli.data import (Batch, Encoded, LabelSet, batches, bucketed_order, class_weights, encode_texts, epoch_order,
+                           read_table, stratified_split)
 from lora_cli.device import resolve_device
 from lora_cli.errors import LoraCliError
 from lora_cli.evaluation import classification_report, predict_logits
@@ -56,6 +59,7 @@ class Setup:
     grad_accum: int = 1  # micro-batches per optimizer step on each rank
     precision: str = "fp32"  # resolved --precision: fp32, bf16 or fp16
     scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
+    class_weights: torch.Tensor | None = None  # --class-weights of the training loss, on the device; None: unweighted
 
     @property
     def global_batch(self) -> int:
@@ -73,6 +77,10 @@ class RunResult:
     adapter_path: Path
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    selection: Selection | None = None  # where adapter_path comes from
+    stopped: str | None = None  # why training ended before its last step (early stopping, --max-time)
+    seen: int = 0  # training examples seen in all
+    step: int = 0  # optimizer steps in all
 
 
 @dataclass
@@ -85,6 +93,81 @@ class Progress:
     seen: int = 0  # training examples seen in all
     seconds: float = 0.0  # training time before this process
     history: list[dict] = field(default_factory=list)  # one record per finished epoch
+
+
+METRIC_KEYS = {"val_loss": "val_loss", "accuracy": "val_accuracy", "macro_f1": "val_macro_f1", "auroc": "val_auroc"}
+
+
+@dataclass
+class Selection:
+    """The best validation so far by --select-metric (ties: the earlier) and its adapter tensors.
+
+    Saved in every checkpoint with the tensors, so a resumed run selects exactly what an uninterrupted one does.
+    With --select-metric last every validation counts as the best (the tensors are then not kept).
+    """
+
+    metric: str
+    value: float | None = None
+    step: int = 0
+    epoch: int = 0
+    validations: int = 0
+    stale: int = 0  # validations since the best one
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def offer(self, record: dict, model: GPTModel) -> None:
+        value = None if self.metric == "last" else record[METRIC_KEYS[self.metric]]
+        value = value if value is not None and math.isfinite(value) else None
+        better = (self.metric == "last" or not self.validations
+                  or (value is not None and (self.value is None or (value < self.value if self.metric == "val_loss"
+                                                                    else value > self.value))))
+        self.validations += 1
+        if not better:
+            self.stale += 1
+            return
+        self.value, self.step, self.epoch, self.stale = value, record["step"], record["epoch"], 0
+        if self.metric != "last":
+            self.tensors = {k: v.detach().to("cpu", copy=True) for k, v in adapter_tensors(model).items()}
+
+    def state(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "tensors"}
+
+    def describe(self, last_step: int) -> str:
+        """Where the selected adapter comes from, for the summary line."""
+        if self.metric == "last" or not self.validations:
+            return f"from step {last_step} (the last step" + (")" if self.validations else "; no validation ran)")
+        why = f"best {self.metric} {self.value:.4f}" if self.value is not None else f"{self.metric} undefined: the first"
+        return f"from step {self.step}, epoch {self.epoch} ({why} of {self.validations} validations)"
+
+
+def total_steps(cfg: TrainConfig, train_rows: int, global_batch: int) -> int:
+    """Optimizer steps of the whole run: whole global batches per epoch (the last partial one is dropped), --max-steps."""
+    steps_per_epoch = train_rows // global_batch
+    return min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
+
+
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """--warmup-steps, or --warmup-ratio of `total`; longer than the run is refused (the decay would never start)."""
+    if cfg.warmup_ratio is not None:
+        return round(cfg.warmup_ratio * total)
+    warmup = cfg.warmup_steps or 0
+    if warmup > total:
+        raise LoraCliError(f"--warmup-steps {warmup} is longer than the run ({total} optimizer steps); "
+                           "lower it or use --warmup-ratio")
+    return warmup
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The lr factor of optimizer step `step` (1-based) of `total`.
+
+    Linear warmup over the first `warmup` steps (step / warmup), then constant (1), or a linear or
+    half-cosine decay that reaches 0 at step `total`.
+    """
+    if step <= warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / (total - warmup)
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class TrainingInterrupted(Exception):
@@ -103,9 +186,12 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
     precision = resolve_precision(cfg.precision, device)
     base = load_base(resolve_model(cfg.model), cfg.model_config)
     base.drop_lm_head()
-    train_path, val_path, dataset_names = resolve_data(cfg.data, cfg.train, cfg.val)
+    train_path, val_path, dataset_names = resolve_data(cfg.data, cfg.train, cfg.val, cfg.val_split)
     train_table = read_table(train_path, cfg.text_column, cfg.label_column)
-    val_table = read_table(val_path, cfg.text_column, cfg.label_column)
+    if val_path is None:  # --val-split: validation rows held out of the training file
+        train_table, val_table = stratified_split(train_table, cfg.val_split, cfg.seed)
+    else:
+        val_table = read_table(val_path, cfg.text_column, cfg.label_column)
     labels = LabelSet.from_training(train_table.labels, cfg.label_names or dataset_names)
     tokenizer = get_tokenizer(cfg.bpe_dir)
     if cfg.max_length is not None and cfg.max_length > base.config.context_length:
@@ -118,6 +204,7 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
             echo(f"warning: {truncated} of {len(tokens)} texts in {table.path} are longer than {max_length} tokens; truncated")
         encoded.append(Encoded(tokens, labels.encode(table.labels, str(table.path)), truncated))
     train, val = encoded
+    weights = class_weights(cfg.class_weights, labels.names, train.labels)
     if len(train) < cfg.batch_size:
         raise LoraCliError(f"{train_path} has {len(train)} rows, fewer than one batch of {cfg.batch_size}; lower --batch-size")
     global_batch = cfg.batch_size * grad_accum * dist.world
@@ -125,6 +212,7 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
         raise LoraCliError(f"{train_path} has {len(train)} rows, fewer than one global batch of {global_batch} "
                            f"(--batch-size {cfg.batch_size} x {grad_accum} accumulation steps x {dist.world} processes); "
                            "lower --batch-size, --grad-accum-steps or --global-batch-size")
+    warmup_steps(cfg, total_steps(cfg, len(train), global_batch))  # refused before anything is built
     spec = LoraSpec(cfg.rank, cfg.alpha, cfg.scaling, list(cfg.targets), [], cfg.lora_dropout, cfg.head_bias)
     model = build_classifier(base, len(labels.names), spec, cfg.seed, device)
     cast_frozen_base(model, cfg.base_dtype, precision)
@@ -133,7 +221,8 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
         echo(f"the base has a {base.task_head()[0].shape[0]}-class head; "
              + ("training starts from it" if base.task_head()[0].shape[0] == len(labels.names) else "a new head replaces it"))
     return Setup(cfg, device, base, labels, train, val, spec, model, max_length, dist, grad_accum, precision,
-                 grad_scaler(device, precision))
+                 grad_scaler(device, precision),
+                 class_weights=None if weights is None else torch.tensor(weights, device=device))
 
 
 def evaluate_split(model: GPTModel, data: Encoded, labels: LabelSet, batch_size: int, device: torch.device,
@@ -141,15 +230,22 @@ def evaluate_split(model: GPTModel, data: Encoded, labels: LabelSet, batch_size:
     """Loss and accuracy; in a multi-process run each rank scores its shard and the sums are all-reduced."""
     if not dist.enabled:
         logits = predict_logits(model, data, batch_size, device, precision)
-        report = classification_report(logits, data.labels, labels.names)
-        return {"loss": report.loss, "accuracy": report.accuracy}
+        report = classification_report(logits, data.labels, labels.names).to_dict()
+        return {"loss": report["loss"], "accuracy": report["accuracy"], **_ranking(report)}
     shard = Encoded(data.tokens[dist.rank::dist.world], data.labels[dist.rank::dist.world])
     logits = predict_logits(model, shard, batch_size, device, precision)
     y = torch.tensor(shard.labels, dtype=torch.long)
     sums = torch.tensor([F.cross_entropy(logits, y, reduction="sum").item() if len(y) else 0.0,
                          (logits.argmax(-1) == y).sum().item(), len(y)], dtype=torch.float64, device=device)
     loss, correct, count = distributed.all_reduce(dist, sums).tolist()
-    return {"loss": loss / count, "accuracy": correct / count}
+    shards = distributed.gather_objects(dist, (logits, shard.labels))  # F1 and AUC need every prediction
+    report = classification_report(torch.cat([g[0] for g in shards]), [c for g in shards for c in g[1]], labels.names)
+    return {"loss": loss / count, "accuracy": correct / count, **_ranking(report.to_dict())}
+
+
+def _ranking(report: dict) -> dict:
+    """Macro F1 and ROC-AUC as `lora-cli eval` reports them (the positive class's AUC for two classes)."""
+    return {"macro_f1": report["macro_avg"]["f1"], "auroc": report["roc_auc"]}
 
 
 class _Accumulator:
@@ -254,10 +350,10 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     torch.manual_seed(cfg.seed + s.dist.rank)  # dropout draws, if any
-    state, acc = Progress(), _Accumulator(s.device)
+    state, acc, selection = Progress(), _Accumulator(s.device), Selection(cfg.select_metric)
     distributed.barrier(s.dist)  # every rank has checked the run directory before rank 0 writes to it
     if resume:
-        state, acc = _restore(s, run_dir, optimizer, echo, resume if isinstance(resume, Path) else None)
+        state, acc, selection = _restore(s, run_dir, optimizer, echo, resume if isinstance(resume, Path) else None)
     elif main:
         write_text(run_dir / rd.CONFIG, to_yaml(cfg))
         write_text(run_dir / rd.METRICS, "")
@@ -265,33 +361,53 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
     stop = _StopFlag()
     try:
         with stop:
-            result = _loop(s, net, run_dir, optimizer, state, acc, stop, log, echo, progress and main)
+            result = _loop(s, net, run_dir, optimizer, state, acc, selection, stop, log, echo, progress and main)
     finally:
         if log is not None:
             log.close()
     if main:
-        save_adapter(result.adapter_path, make_adapter(s))
+        last = make_adapter(s)
+        save_adapter(run_dir / rd.ADAPTER_LAST, last)
+        save_adapter(result.adapter_path, dataclasses.replace(last, tensors=selection.tensors) if selection.tensors else last)
     return result
 
 
 def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.Optimizer, state: Progress,
-          acc: _Accumulator, stop: _StopFlag, log: MetricsLog | None, echo: Echo, progress: bool) -> RunResult:
+          acc: _Accumulator, selection: Selection, stop: _StopFlag, log: MetricsLog | None, echo: Echo,
+          progress: bool) -> RunResult:
     from tqdm import tqdm
 
     cfg, model, device, dist = s.cfg, s.model, s.device, s.dist
     steps_per_epoch = len(s.train) // s.global_batch  # the last partial (global) batch is dropped, as in the book
-    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
+    last_step = total_steps(cfg, len(s.train), s.global_batch)
+    warmup = warmup_steps(cfg, last_step)
+    scheduled = cfg.lr_schedule != "constant" or warmup > 0  # else the lr is never touched, as before schedules
     started = time.perf_counter() - state.seconds
-    epoch_started = time.perf_counter()
+    epoch_started = wall_started = time.perf_counter()
 
     def checkpoint() -> Path:
         state.seconds = time.perf_counter() - started
-        return save_training_checkpoint(run_dir, s, optimizer, state, acc, cfg.keep_checkpoints)
+        return save_training_checkpoint(run_dir, s, optimizer, state, acc, cfg.keep_checkpoints, selection)
 
+    def validate(event: str, train_metrics: dict) -> dict:
+        val = evaluate_split(model, s.val, s.labels, cfg.batch_size, device, dist, s.precision)
+        record = {"event": event, "epoch": state.epoch, "step": state.step, "examples_seen": state.seen,
+                  **train_metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                  "val_macro_f1": val["macro_f1"], "val_auroc": val["auroc"]}
+        selection.offer(record, model)
+        return record
+
+    def patience_out() -> str | None:
+        if cfg.early_stopping_patience and selection.stale >= cfg.early_stopping_patience:
+            return (f"early stopping: {cfg.select_metric} has not improved for {selection.stale} validations "
+                    f"(best at step {selection.step})")
+        return None
+
+    stopped = patience_out()  # a resumed run that had stopped early stays stopped
     # an epoch a checkpoint left unfinished is finished (validation, its record) even with no steps left
-    while state.epoch <= cfg.epochs and (state.step < total_steps or state.batch > 0):
+    while not stopped and state.epoch <= cfg.epochs and (state.step < last_step or state.batch > 0):
         model.train()
-        end = max(state.batch, min(steps_per_epoch, state.batch + total_steps - state.step))
+        end = max(state.batch, min(steps_per_epoch, state.batch + last_step - state.step))
         mine = rank_share(s, training_order(s, state.epoch), state.batch, end)
         micro_batches = batches(s.train, cfg.batch_size, mine, drop_last=True)
         bar = tqdm(_groups(micro_batches, s.grad_accum), total=end - state.batch,
@@ -304,11 +420,14 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
                     with autocast(device, s.precision):
                         # last_index stays on the CPU: the model plans its packing there, with no device sync
                         logits = net(ids, batch.last_index).float()
-                    loss = F.cross_entropy(logits, y)
+                    loss = F.cross_entropy(logits, y, weight=s.class_weights)
                     # the mean over the rank's micro-batches; DDP averages over ranks: the mean over the global batch
                     scaled = loss / s.grad_accum if s.grad_accum > 1 else loss
                     (s.scaler.scale(scaled) if s.scaler else scaled).backward()
                 acc.add(loss, logits, y, state.step + 1, None)
+            if scheduled:  # a function of the step alone: a resumed run continues the schedule exactly
+                for group_lr in optimizer.param_groups:
+                    group_lr["lr"] = cfg.lr * lr_multiplier(state.step + 1, last_step, warmup, cfg.lr_schedule)
             if s.scaler and cfg.grad_clip:
                 s.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
@@ -329,29 +448,39 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
                 loss_avg, acc_avg = acc.take_window(dist)
                 bar.set_postfix(loss=f"{loss_avg:.4f}", acc=f"{acc_avg:.3f}")
                 record = {"event": "train", "epoch": state.epoch, "step": state.step, "examples_seen": state.seen,
-                          "train_loss": loss_avg, "train_accuracy": acc_avg}
+                          "train_loss": loss_avg, "train_accuracy": acc_avg, "lr": optimizer.param_groups[0]["lr"]}
                 if cfg.grad_clip:
                     record["grad_norm"] = acc.grad_norm.item()
                 if log is not None:
                     log.write(record)
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.batch < end:  # the epoch's end validates
+                acc.check_finite(dist)
+                record = validate("eval", {})
+                if log is not None:
+                    log.write(record)
+                echo(f"step {state.step}: val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.2%}")
+                stopped = patience_out()
+            if cfg.max_time and not stopped and distributed.agree_max(
+                    dist, int(time.perf_counter() - wall_started >= cfg.max_time)):
+                stopped = f"--max-time {cfg.max_time:g}s reached at step {state.step}"
+            if stopped or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
                 acc.check_finite(dist)
                 checkpoint()
             if signum:
                 bar.close()
                 acc.check_finite(dist)
                 raise TrainingInterrupted(signum, checkpoint(), state.step)
-            if state.step >= total_steps:
+            if stopped or state.step >= last_step:
                 break
         bar.close()
+        if stopped:  # a --max-time stop at an epoch's last step: a resumed run validates that epoch
+            break
         acc.check_finite(dist)
         train_loss, train_acc, count = acc.summary(dist)
-        val = evaluate_split(model, s.val, s.labels, cfg.batch_size, device, dist, s.precision)
+        record = validate("epoch", {"train_loss": train_loss, "train_accuracy": train_acc})
+        val = {"loss": record["val_loss"], "accuracy": record["val_accuracy"]}
         seconds = time.perf_counter() - epoch_started
-        record = {"event": "epoch", "epoch": state.epoch, "step": state.step, "examples_seen": state.seen,
-                  "train_loss": train_loss, "train_accuracy": train_acc,
-                  "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                  "epoch_seconds": seconds, "examples_per_second": count / seconds}
+        record |= {"epoch_seconds": seconds, "examples_per_second": count / seconds}
         if log is not None:
             log.write(record)
         state.history.append(record)
@@ -364,7 +493,11 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
         signum = distributed.agree_max(dist, stop.signum or 0)
         if signum:
             raise TrainingInterrupted(signum, path, state.step)
-    return RunResult(run_dir, run_dir / rd.ADAPTER, state.history, time.perf_counter() - started)
+        stopped = patience_out()
+    if stopped:
+        echo(f"stopped: {stopped}")
+    return RunResult(run_dir, run_dir / rd.ADAPTER, state.history, time.perf_counter() - started, selection, stopped,
+                     state.seen, state.step)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -430,10 +563,13 @@ def clear_run(run_dir: Path) -> None:
     for path in rd.checkpoint_paths(run_dir):
         path.unlink()
     (run_dir / rd.ADAPTER).unlink(missing_ok=True)
+    (run_dir / rd.ADAPTER_LAST).unlink(missing_ok=True)
 
 
 def make_adapter(s: Setup) -> Adapter:
     recorded = {"max_length": s.max_length, "model": str(s.base.path.resolve())}  # eval finds the base from anywhere
+    if s.class_weights is not None:  # the values too: a --class-weights FILE may change after the run
+        recorded["class_weight_values"] = dict(zip(s.labels.names, s.class_weights.tolist()))
     return adapter_from_model(s.model, s.spec, s.labels, s.base, s.cfg.to_dict() | recorded)
 
 
@@ -465,7 +601,7 @@ class MetricsLog:
 
 
 def save_training_checkpoint(run_dir: Path, s: Setup, optimizer: torch.optim.Optimizer, state: Progress,
-                             acc: _Accumulator, keep: int) -> Path:
+                             acc: _Accumulator, keep: int, selection: Selection | None = None) -> Path:
     """Adapter, optimizer, RNG and loop state in a file `torch.load(weights_only=True)` reads.
 
     Every rank calls this (the metric sums and RNG states are gathered); rank 0 writes the file.
@@ -489,6 +625,7 @@ def save_training_checkpoint(run_dir: Path, s: Setup, optimizer: torch.optim.Opt
         "rng": rng,
         "data_order": training_order(s, state.epoch),
         "global_batch": s.global_batch,
+        **({"selection": selection.state(), "best_adapter_tensors": selection.tensors} if selection else {}),
     }
     if ranks is not None:
         payload["ranks"] = ranks
@@ -498,7 +635,7 @@ def save_training_checkpoint(run_dir: Path, s: Setup, optimizer: torch.optim.Opt
 
 
 def _restore(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, echo: Echo,
-             chosen: Path | None = None) -> tuple[Progress, _Accumulator]:
+             chosen: Path | None = None) -> tuple[Progress, _Accumulator, Selection]:
     """Continue from `chosen` (default: the newest checkpoint), checked in full before anything is changed.
 
     A checkpoint that cannot be used is refused with the way out: the newest older one that can, or
@@ -522,6 +659,9 @@ def _restore(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, echo: Ec
     if s.scaler and "grad_scaler" in ckpt:
         s.scaler.load_state_dict(ckpt["grad_scaler"])
     state = Progress(**ckpt["progress"])
+    # a checkpoint from before best-model selection: the validations after it choose
+    selection = Selection(**ckpt["selection"], tensors=ckpt.get("best_adapter_tensors", {})) if "selection" in ckpt \
+        else Selection(s.cfg.select_metric)
     ranks = ckpt.get("ranks")
     own = ranks[s.dist.rank] if s.dist.enabled and ranks and len(ranks) == s.dist.world else None  # each rank its own
     try:
@@ -540,7 +680,7 @@ def _restore(s: Setup, run_dir: Path, optimizer: torch.optim.Optimizer, echo: Ec
         if log is not None:
             write_text(metrics, log)
         echo(f"resuming {run_dir} from {path.name}: epoch {state.epoch}, step {state.step}")
-    return state, acc
+    return state, acc, selection
 
 
 def _checked(s: Setup, path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -578,6 +718,13 @@ def _checked(s: Setup, path: Path, optimizer: torch.optim.Optimizer) -> dict[str
     for name, value in theirs.items():
         if value.shape != own[name].shape:
             raise damaged(f"adapter_tensors.{name}: shape {tuple(value.shape)}, the model's is {tuple(own[name].shape)}")
+    selection, best = ckpt.get("selection"), ckpt.get("best_adapter_tensors", {})
+    if selection is not None and selection["metric"] != s.cfg.select_metric:
+        raise damaged(f"selection.metric: {_shown(selection['metric'])}, this run selects by {s.cfg.select_metric}")
+    if best and (set(best) != set(own) or any(v.shape != own[k].shape for k, v in best.items())):
+        raise damaged("best_adapter_tensors: not the tensors of this run's adapter")
+    if selection is not None and selection["metric"] != "last" and selection["validations"] and not best:
+        raise damaged("best_adapter_tensors: missing, but selection has validated")
     if ckpt["global_batch"] != s.global_batch:
         raise LoraCliError(f"{path} was written with a global batch of {ckpt['global_batch']} examples, this run has "
                            f"{s.global_batch} ({s.dist.world} processes); resume with the same number of processes")

@@ -155,7 +155,6 @@ def test_dry_run_prints_config_and_counts(workspace: Path) -> None:
         (["--batch-size", "0"], "--batch-size"),
         (["--lr", "0"], "--lr"),
         (["--device", "tpu"], "unknown --device"),
-        (["--scaling", "weird"], "scaling"),
         (["--targets", "nope"], "matches no Linear"),
         (["--rank", "300"], "larger than layer"),
     ],
@@ -166,6 +165,13 @@ def test_bad_train_flags(workspace: Path, args: list[str], message: str) -> None
     assert r.exit_code == 1, r.output
     assert message in r.output
     assert "Traceback" not in r.output
+
+
+def test_a_choice_flag_refuses_other_values_as_usage(workspace: Path) -> None:
+    """Options with a fixed set of values are choices on the command line: a bad one is a usage error (exit 2)."""
+    r = runner.invoke(app, ["train", "--model", str(workspace / "tiny.safetensors"), "--scaling", "weird", "--dry-run"])
+    assert r.exit_code == 2
+    assert "'weird' is not one of 'alpha-over-rank', 'alpha', 'rslora'" in r.output
 
 
 def test_cuda_without_cuda(workspace: Path) -> None:

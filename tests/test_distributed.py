@@ -189,8 +189,8 @@ def test_accumulation_steps_follow_the_global_batch() -> None:
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--grad-accum-steps", "0"], "--grad-accum-steps must be >= 1"),
-    (["--global-batch-size", "0"], "--global-batch-size must be >= 1"),
+    (["--grad-accum-steps", "0"], "--grad-accum-steps: expected an integer >= 1"),
+    (["--global-batch-size", "0"], "--global-batch-size: expected an integer >= 1"),
     (["--global-batch-size", "20"], "--global-batch-size 20 is not a multiple of --batch-size 8"),
     (["--global-batch-size", "24", "--grad-accum-steps", "2"], "not a multiple of --batch-size 8 x --grad-accum-steps 2"),
     (["--global-batch-size", "24", "--nproc-per-node", "2"], "not a multiple of --batch-size 8 x 2 processes = 16"),

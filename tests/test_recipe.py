@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,8 +60,8 @@ def test_saved_config_round_trips(tmp_path: Path) -> None:
         ("rank: four\n", "rank"),
         ("- 1\n- 2\n", "mapping"),
         ("rank: [\n", "not valid YAML"),
-        ("epochs: 0\n", "--epochs"),
-        ("lr: -1\n", "--lr"),
+        ("epochs: 0\n", r"bad.yaml: epochs: expected an integer >= 1, got 0"),
+        ("lr: -1\n", r"bad.yaml: lr: expected a number > 0, got -1"),
     ],
 )
 def test_bad_recipes(tmp_path: Path, text: str, message: str) -> None:
@@ -77,3 +80,25 @@ def test_template_lists_every_option() -> None:
     template = yaml.safe_load((CONFIGS / "template.yaml").read_text())
     assert set(template) == {f.name for f in dataclasses.fields(recipe.TrainConfig)}
     assert recipe.resolve(CONFIGS / "template.yaml", {}) == recipe.resolve(None, {})
+
+
+def test_template_is_derived_from_the_declarations() -> None:
+    """configs/template.yaml is what `python -m lora_cli.recipe` prints: regenerate it after changing an option."""
+    assert (CONFIGS / "template.yaml").read_text(encoding="utf-8") == recipe.template_yaml()
+
+
+def test_every_option_is_declared_once_with_a_flag_in_train_help() -> None:
+    help_text = subprocess.run([sys.executable, "-m", "lora_cli", "train", "--help"], capture_output=True, text=True,
+                               env=os.environ | {"COLUMNS": "200"}).stdout
+    for name, opt in recipe.options():
+        assert opt.help and opt.group in recipe.GROUPS, name
+        assert f"{opt.flag_for(name)} " in help_text, name
+    flags = [opt.flag_for(name) for name, opt in recipe.options()]
+    assert len(flags) == len(set(flags))
+
+
+@pytest.mark.parametrize("name", [name for name, _ in recipe.options()])
+def test_every_option_rejects_a_value_of_the_wrong_type(name: str) -> None:
+    """The declared schema is what validates: a dict is never a valid value of any option."""
+    with pytest.raises(LoraCliError, match=name.replace("_", "-")):
+        recipe.resolve(None, {name: {"not": "valid"}})

@@ -247,8 +247,8 @@ def test_bf16_precision_with_a_bfloat16_base_learns(tmp_path: Path, micro_checkp
 @pytest.mark.parametrize("overrides, message", [
     ({"precision": "fp16"}, "needs a CUDA device"),
     ({"base_dtype": "bfloat16"}, "needs 16-bit compute"),
-    ({"precision": "half"}, "--precision must be one of"),
-    ({"base_dtype": "int8"}, "--base-dtype must be one of"),
+    ({"precision": "half"}, "--precision: expected one of auto, fp32, bf16, fp16, got 'half'"),
+    ({"base_dtype": "int8"}, "--base-dtype: expected one of float32, bfloat16, float16"),
 ])
 def test_precision_refusals_name_the_flag(tmp_path: Path, micro_checkpoint: Path, overrides: dict, message: str) -> None:
     write_task(tmp_path / "train.csv", 40, seed=5)
