@@ -51,6 +51,12 @@ PrecisionOption = Annotated[Literal[PRECISIONS], typer.Option(
     help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (CUDA).")]
 BpeDirOption = Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")]
 ForceOption = Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")]
+TextColumnOption = Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")]
+LabelColumnOption = Annotated[Optional[str], typer.Option(help="Label column. [auto: label]")]
+BatchSizeOption = Annotated[int, typer.Option(min=1, help="Texts per forward pass.")]
+EceBinsOption = Annotated[int, typer.Option(min=1, max=1000, help="Equal-width confidence bins for the ECE.")]
+MaxLengthOption = Annotated[Optional[int], typer.Option(
+    help="Truncate texts to this many tokens (1 to the model's context). [what training used]")]
 
 
 
@@ -567,8 +573,6 @@ def _max_length(adapter: Any, model: Any, requested: Optional[int]) -> int:
         return requested
     return min(int(adapter.training_config.get("max_length") or context), context)
 
-
-MAX_LENGTH_HELP = "Truncate texts to this many tokens (1 to the model's context). [what training used]"
 CalibrationOption = Annotated[bool, typer.Option(
     help="Divide the logits by the temperature `lora-cli calibrate` stored; --no-calibration shows the raw outputs.")]
 
@@ -584,9 +588,9 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="Labelled CSV/TSV/JSONL file, or a directory with test.csv.")],
     model: BaseOption = None,
     model_config: ModelConfigOption = None,
-    text_column: Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Label column. [auto: label]")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    text_column: TextColumnOption = None,
+    label_column: LabelColumnOption = None,
+    batch_size: BatchSizeOption = 32,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     bpe_dir: BpeDirOption = None,
@@ -594,8 +598,8 @@ def evaluate(
     as_json: JsonOption = False,
     plot: Annotated[Optional[Path], typer.Option(
         help="Also write one PNG image: the confusion matrix beside the reliability diagram (accuracy per confidence bin).")] = None,
-    ece_bins: Annotated[int, typer.Option(min=1, max=1000, help="Equal-width confidence bins for the ECE.")] = 15,
-    max_length: Annotated[Optional[int], typer.Option(help=MAX_LENGTH_HELP)] = None,
+    ece_bins: EceBinsOption = 15,
+    max_length: MaxLengthOption = None,
     calibration: CalibrationOption = True,
 ) -> None:
     """Loss, accuracy, per-class precision/recall/F1, ROC-AUC, PR-AUC, calibration and the confusion matrix.
@@ -655,9 +659,9 @@ def predict(
     file: Annotated[Optional[Path], typer.Option(help="CSV/TSV/JSONL file with a text column.")] = None,
     model: BaseOption = None,
     model_config: ModelConfigOption = None,
-    text_column: Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")] = None,
+    text_column: TextColumnOption = None,
     output_format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: BatchSizeOption = 32,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     bpe_dir: BpeDirOption = None,
@@ -665,7 +669,7 @@ def predict(
     merge: Annotated[bool, typer.Option(
         help="Fold LoRA into the base weights first (no LoRA cost per token); --no-merge runs the two branches.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="The same as --format json.")] = False,
-    max_length: Annotated[Optional[int], typer.Option(help=MAX_LENGTH_HELP)] = None,
+    max_length: MaxLengthOption = None,
     calibration: CalibrationOption = True,
 ) -> None:
     """Label and probability for each text (calibrated, if `lora-cli calibrate` stored a temperature).
@@ -727,15 +731,15 @@ def calibrate(
     model: BaseOption = None,
     model_config: ModelConfigOption = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the calibrated adapter here. [replace the adapter file]")] = None,
-    text_column: Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")] = None,
-    label_column: Annotated[Optional[str], typer.Option(help="Label column. [auto: label]")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    text_column: TextColumnOption = None,
+    label_column: LabelColumnOption = None,
+    batch_size: BatchSizeOption = 32,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     bpe_dir: BpeDirOption = None,
     force: ForceOption = False,
-    ece_bins: Annotated[int, typer.Option(min=1, max=1000, help="Equal-width confidence bins for the ECE.")] = 15,
-    max_length: Annotated[Optional[int], typer.Option(help=MAX_LENGTH_HELP)] = None,
+    ece_bins: EceBinsOption = 15,
+    max_length: MaxLengthOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Fit one temperature T on held-out data and store it in the adapter (temperature scaling).

@@ -3,13 +3,9 @@
 # parameter counts, time per epoch and test accuracy of a random gpt2-tiny on SMS spam.
 # Usage: scripts/quickstart_offline.sh [EPOCHS]   (needs ../shared/data beside the repo, or SHARED_DATA=...)
 set -euo pipefail
-repo="$(cd "$(dirname "$0")/.." && pwd)"
-shared="${SHARED_DATA:-$repo/../shared/data}"
 epochs="${1:-3}"
-export LORA_CLI_BPE_DIR="${LORA_CLI_BPE_DIR:-$shared/gpt2_bpe}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-cd "$work"
+# shellcheck source=scripts/scratch_env.sh
+source "$(dirname "$0")/scratch_env.sh"
 
 lora-cli init --preset gpt2-tiny --out gpt2-tiny.safetensors
 lora-cli data sms-spam --source "$shared/sms_spam/SMSSpamCollection" --out data/sms

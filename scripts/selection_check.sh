@@ -3,13 +3,9 @@
 # validation and test accuracy of the selected adapter (adapter.safetensors) versus the last-epoch one
 # (adapter-last.safetensors). Usage: scripts/selection_check.sh [EPOCHS]   (needs ../shared/data, or SHARED_DATA=...)
 set -euo pipefail
-repo="$(cd "$(dirname "$0")/.." && pwd)"
-shared="${SHARED_DATA:-$repo/../shared/data}"
 epochs="${1:-3}"
-export LORA_CLI_BPE_DIR="${LORA_CLI_BPE_DIR:-$shared/gpt2_bpe}"
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-cd "$work"
+# shellcheck source=scripts/scratch_env.sh
+source "$(dirname "$0")/scratch_env.sh"
 
 lora-cli init --preset gpt2-tiny --out gpt2-tiny.safetensors >/dev/null
 lora-cli data sms-spam --source "$shared/sms_spam/SMSSpamCollection" --out data/sms >/dev/null
