@@ -147,7 +147,8 @@ def test_resume_from_older_checkpoint_twice_keeps_every_file(runs: dict[str, Pat
     second = hashes(run)
     follow_advice(run, second, runs["main"])
     superseded = sorted(p.name for p in (run / "checkpoints" / "superseded").iterdir())
-    assert superseded == ["adapter.2.safetensors", "adapter.safetensors", "step-000000004.2.pt", NEWEST]
+    assert superseded == ["adapter-last.2.safetensors", "adapter-last.safetensors", "adapter.2.safetensors",
+                          "adapter.safetensors", "step-000000004.2.pt", NEWEST]
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*.pt")) == [OLDER, NEWEST]
     assert untimed(run) == untimed(runs["main"])  # the log of the uninterrupted run
 
