@@ -10,15 +10,15 @@ from typing import Any
 
 import torch
 
-from lora_cli import __version__
+from lora_cli import __version__, families
 from lora_cli.checkpoint import BaseCheckpoint
 from lora_cli.classifier import LoraSpec, adapter_tensors, build_classifier
-from lora_cli.config import ModelConfig
 from lora_cli.data import LabelSet
 from lora_cli.errors import LoraCliError
 from lora_cli.fileio import save_safetensors
 from lora_cli.metadata import ADAPTER_FORMAT, ADAPTER_VERSION, read_adapter_metadata
 from lora_cli.model import GPTModel
+from lora_cli.multilabel import MultiLabelSet
 from lora_cli.schema import MapOf, Tensor, check
 
 # LoRA factors and the head are weights: any float dtype is cast to float32 when loaded, an integer
@@ -31,8 +31,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Adapter:
     tensors: dict[str, torch.Tensor]
     spec: LoraSpec
-    labels: LabelSet
-    model_config: ModelConfig
+    labels: LabelSet | MultiLabelSet  # a MultiLabelSet (with its thresholds): a multi-label adapter
+    model_config: Any  # the base's config, of its family (a ModelConfig for GPT-2)
     base_fingerprint: str
     training_config: dict[str, Any]
     tool_version: str
@@ -43,8 +43,16 @@ class Adapter:
         """What eval and predict divide the logits by: the calibrated temperature, else 1."""
         return self.calibration["temperature"] if self.calibration else 1.0
 
+    @property
+    def multi_label(self) -> bool:
+        return isinstance(self.labels, MultiLabelSet)
+
     def metadata(self) -> dict[str, str]:
-        calibration = {"calibration": json.dumps(self.calibration)} if self.calibration else {}
+        optional = {"calibration": json.dumps(self.calibration)} if self.calibration else {}
+        if families.of(self.model_config).name != families.GPT2:  # a GPT-2 adapter's metadata is as before
+            optional["family"] = families.of(self.model_config).name
+        if self.multi_label:  # `metadata.THRESHOLDS`; a single-label adapter's metadata is as before
+            optional |= {"task": "multi-label", "thresholds": json.dumps(self.labels.decision)}
         return {
             "format": ADAPTER_FORMAT,
             "format_version": str(ADAPTER_VERSION),
@@ -54,11 +62,11 @@ class Adapter:
             "base_fingerprint": self.base_fingerprint,
             "training_config": json.dumps(self.training_config, sort_keys=True, default=str),
             "tool_version": self.tool_version,
-        } | calibration
+        } | optional
 
 
 def adapter_from_model(
-    model: GPTModel, spec: LoraSpec, labels: LabelSet, base: BaseCheckpoint, training_config: dict[str, Any]
+    model: GPTModel, spec: LoraSpec, labels: LabelSet | MultiLabelSet, base: BaseCheckpoint, training_config: dict[str, Any]
 ) -> Adapter:
     tensors = {k: v.to("cpu", copy=True) for k, v in adapter_tensors(model).items()}
     return Adapter(tensors, spec, labels, base.config, base.fingerprint, training_config, __version__)
@@ -110,8 +118,11 @@ def adapter_from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], s
     """Validate metadata (`metadata.ADAPTER_METADATA`) and tensors read from an adapter or a training checkpoint."""
     checked = read_adapter_metadata(meta, source)
     tensors = check(tensors, ADAPTER_TENSORS, source, "damaged adapter tensors")
+    labels = MultiLabelSet(checked["labels"]["names"], checked["thresholds"]) if "thresholds" in checked \
+        else LabelSet(**checked["labels"])
     return Adapter(
-        tensors, LoraSpec(**checked["lora"]), LabelSet(**checked["labels"]), ModelConfig(**checked["model_config"]),
+        tensors, LoraSpec(**checked["lora"]), labels,
+        families.get(checked.get("family", families.GPT2)).config_from_dict(checked["model_config"], source),
         checked["base_fingerprint"], checked.get("training_config", {}), checked.get("tool_version", "?"),
         checked.get("calibration"),
     )

@@ -8,10 +8,11 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lora_cli import __version__
+from lora_cli import __version__, families
 from lora_cli.config import PRESETS, ModelConfig, model_config_from_arg
 from lora_cli.errors import LoraCliError
 from lora_cli.fileio import save_safetensors
@@ -24,13 +25,20 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel 
 
 @dataclass
 class BaseCheckpoint:
-    """A base model's tensors as read from disk, with where its config came from."""
+    """A base model's tensors as read from disk, with where its config came from.
+
+    `config` is its family's config (a ModelConfig for GPT-2); `family` says how to build the model.
+    """
 
     path: Path
     state: dict[str, torch.Tensor]
-    config: ModelConfig
+    config: Any
     config_source: str
     fingerprint: str
+
+    @property
+    def family(self) -> families.Family:
+        return families.of(self.config)
 
     def task_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(weight, bias) of a classification head saved with the base (the book's chapter 6), else None."""
@@ -109,7 +117,11 @@ def infer_config(state: dict[str, torch.Tensor]) -> ModelConfig:
     """Guess the config from tensor shapes; the head count comes from the GPT-2 preset of that width."""
     for key in ("tok_emb.weight", "pos_emb.weight"):
         if key not in state:
-            raise LoraCliError(f"checkpoint has no {key!r} tensor: it does not look like a from-scratch GPTModel")
+            raise LoraCliError(
+                f"checkpoint has no {key!r} tensor: it does not look like a from-scratch GPTModel (for a "
+                "Llama 3 or Qwen3 state_dict, pass --model-config PRESET, e.g. " + ", ".join(
+                    p for name, presets in families.PRESET_NAMES.items() if name != families.GPT2 for p in presets) + ")"
+            )
         if state[key].dim() != 2:
             raise LoraCliError(f"checkpoint tensor {key} has shape {tuple(state[key].shape)}; an embedding is 2-D")
     vocab_size, emb_dim = state["tok_emb.weight"].shape
@@ -133,16 +145,12 @@ def infer_config(state: dict[str, torch.Tensor]) -> ModelConfig:
     )
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The backbone's tensor names and shapes (everything but `out_head`)."""
-    from lora_cli.model import GPTModel
-
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("out_head.")}
+def expected_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """The backbone's tensor names and shapes (everything but `out_head`), as the config's family builds it."""
+    return families.of(cfg).expected_shapes(cfg)
 
 
-def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> None:
+def check_state(state: dict[str, torch.Tensor], cfg: Any, source: Path) -> None:
     """Report missing or unexpected keys, shape mismatches and tensors that are not weights by name.
 
     The sizes that bound the model (embeddings, block count) are compared first: a config of
@@ -176,9 +184,12 @@ def check_state(state: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) 
         )
 
 
-def _size_problems(state: dict[str, torch.Tensor], cfg: ModelConfig) -> list[str]:
+def _size_problems(state: dict[str, torch.Tensor], cfg: Any) -> list[str]:
     problems = []
-    for key, shape in (("tok_emb.weight", (cfg.vocab_size, cfg.emb_dim)), ("pos_emb.weight", (cfg.context_length, cfg.emb_dim))):
+    sizes = {"tok_emb.weight": (cfg.vocab_size, cfg.emb_dim)}
+    if families.of(cfg).learned_positions:
+        sizes["pos_emb.weight"] = (cfg.context_length, cfg.emb_dim)
+    for key, shape in sizes.items():
         if key not in state:
             problems.append(f"missing keys: {key}")
         elif tuple(state[key].shape) != shape:
@@ -216,30 +227,49 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 
 def load_base(path: str | Path, model_config: str | None = None) -> BaseCheckpoint:
-    """Read a base checkpoint and decide its config: file metadata, then `--model-config`, then shapes."""
+    """Read a base checkpoint and decide its config: `--model-config`, then file metadata (whose `family`,
+    GPT-2 when absent, says whose config it is), then shapes. A tied LM head stored once is re-tied."""
     path = Path(path)
     state, metadata = read_tensors(path)
     state = normalize_state(state)
     if model_config is not None:
-        cfg, source = model_config_from_arg(model_config), f"--model-config {model_config}"
+        cfg, source = config_from_arg(model_config), f"--model-config {model_config}"
     elif "model_config" in metadata or metadata.get("format") == BASE_FORMAT:
-        cfg, source = ModelConfig(**read_base_metadata(metadata, str(path))["model_config"]), "file metadata"
+        checked = read_base_metadata(metadata, str(path))
+        family = families.get(checked.get("family", families.GPT2))
+        cfg, source = family.config_from_dict(checked["model_config"], f"{path}: model_config"), "file metadata"
     else:
         cfg, source = infer_config(state), "inferred from tensor shapes"
+    if getattr(cfg, "tie_embeddings", False) and "out_head.weight" not in state and "tok_emb.weight" in state:
+        state["out_head.weight"] = state["tok_emb.weight"]
     check_state(state, cfg, path)
     return BaseCheckpoint(path, state, cfg, source, fingerprint(state))
 
 
-def save_base(path: str | Path, state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
-    """Write a base checkpoint as safetensors with its config in the metadata (atomically)."""
+def config_from_arg(arg: str) -> Any:
+    """`--model-config`: a preset of any family, or a JSON file with the book's GPT-2 config keys."""
+    found = families.preset(arg)
+    return found[1] if found is not None else model_config_from_arg(arg)
+
+
+def save_base(path: str | Path, state: dict[str, torch.Tensor], cfg: Any) -> None:
+    """Write a base checkpoint as safetensors with its config (and family, but GPT-2's) in the metadata, atomically.
+
+    Safetensors refuses tensors that share storage, so every tensor is copied, and a tied LM head
+    (equal to `tok_emb`) is left out: `load_base` ties it again.
+    """
+    family = families.of(cfg)
     metadata = {"format": BASE_FORMAT, "model_config": cfg.to_json(), "tool_version": __version__}
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}  # no shared storage
+    if family.name != families.GPT2:
+        metadata["family"] = family.name
+    head, emb = state.get("out_head.weight"), state.get("tok_emb.weight")
+    tied = getattr(cfg, "tie_embeddings", False) and head is not None and emb is not None and (
+        head.shape == emb.shape and torch.equal(head, emb))
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if not (tied and k == "out_head.weight")}
     save_safetensors(path, tensors, metadata)
 
 
-def init_checkpoint(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
-    """A randomly initialised GPTModel state_dict (language-model head included)."""
-    from lora_cli.model import GPTModel
-
+def init_checkpoint(cfg: Any, seed: int) -> dict[str, torch.Tensor]:
+    """A randomly initialised model of the config's family: its state_dict, language-model head included."""
     torch.manual_seed(seed)
-    return GPTModel(cfg).state_dict()
+    return families.of(cfg).build(cfg).state_dict()

@@ -9,7 +9,6 @@ from torch import nn
 
 from lora_cli.checkpoint import BaseCheckpoint
 from lora_cli.lora import apply_lora, resolve_targets, validate_lora_args
-from lora_cli.model import GPTModel
 
 
 @dataclass
@@ -30,8 +29,9 @@ class LoraSpec:
 
 def build_classifier(
     base: BaseCheckpoint, num_classes: int, spec: LoraSpec, seed: int, device: torch.device | str = "cpu"
-) -> GPTModel:
-    """The base with its head replaced by `Linear(emb_dim, num_classes)` and LoRA installed.
+) -> nn.Module:
+    """The base's model (as its family builds it) with its head replaced by `Linear(emb_dim, num_classes)`
+    and LoRA installed on the Linear layers `spec` selects.
 
     Order of random draws follows the book: seed, new head, then LoRA's A matrices.
     Base weights are frozen; the head is trained fully unless LoRA targets it too.
@@ -39,7 +39,7 @@ def build_classifier(
     validate_lora_args(spec.rank, spec.alpha, spec.dropout)
     cfg = base.config
     with torch.device("meta"):  # no time or memory spent initialising weights we overwrite
-        model = GPTModel(cfg)
+        model = base.family.build(cfg)
     backbone = {k: v.float() for k, v in base.state.items() if not k.startswith("out_head.")}
     model.load_state_dict(backbone, strict=False, assign=True)
     torch.manual_seed(seed)

@@ -20,6 +20,7 @@ import typer
 
 from lora_cli import __version__
 from lora_cli.errors import LoraCliError
+from lora_cli.families import PRESET_NAMES
 from lora_cli.recipe import PRECISIONS
 
 EXIT_CODES = (
@@ -163,29 +164,33 @@ def weights_summary(path: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- init
 
+INIT_PRESETS = "; ".join(f"{family}: {', '.join(presets)}" for family, presets in PRESET_NAMES.items())
+
 
 @app.command()
 @handle_errors
 def init(
     out: Annotated[Path, typer.Option("--out", help="Checkpoint to write (.safetensors).")],
-    preset: Annotated[str, typer.Option(help="gpt2-tiny, gpt2-small, gpt2-medium, gpt2-large or gpt2-xl.")] = "gpt2-tiny",
+    preset: Annotated[str, typer.Option(help="A preset of any family: " + INIT_PRESETS + ".")] = "gpt2-tiny",
     seed: Annotated[int, typer.Option(help="Random seed for the weights.")] = 123,
     overwrite: OverwriteOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Write a randomly initialised GPT checkpoint, for tests, demos and benchmarks.
+    """Write a randomly initialised checkpoint of a preset (GPT-2, Llama 3 / SmolLM2, Qwen3), for tests,
+    demos and benchmarks.
 
     Example: lora-cli init --preset gpt2-tiny --out tiny.safetensors
     """
     from lora_cli.checkpoint import init_checkpoint, save_base
-    from lora_cli.config import PRESETS
+    from lora_cli.families import preset as find_preset
 
-    if preset not in PRESETS:
-        raise LoraCliError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    found = find_preset(preset)
+    if found is None:
+        raise LoraCliError(f"unknown preset {preset!r}; choose one of {INIT_PRESETS}")
     refuse_overwrite(out, overwrite)
-    state = init_checkpoint(PRESETS[preset], seed)
-    save_base(out, state, PRESETS[preset])
-    params = sum(v.numel() for v in state.values())
+    cfg = found[1]
+    save_base(out, init_checkpoint(cfg, seed), cfg)
+    params = weights_summary(out)["parameters"]  # a tied head is stored, and counted, once
     if as_json:
         typer.echo(json.dumps({"path": str(out), "preset": preset, "parameters": params, "seed": seed}))
         return
@@ -242,24 +247,31 @@ def download(
 @app.command()
 @handle_errors
 def convert(
-    source: Annotated[Path, typer.Argument(help="Hugging Face GPT-2 directory (model.safetensors or pytorch_model.bin) or file.")],
+    source: Annotated[Path, typer.Argument(
+        help="Hugging Face GPT-2, Llama or Qwen3 directory (config.json + model.safetensors or pytorch_model.bin) or file.")],
     out: Annotated[Path, typer.Option(help="Checkpoint to write (.safetensors) in the book's layout.")],
     overwrite: OverwriteOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Convert a local Hugging Face GPT-2 checkpoint to the from-scratch GPTModel layout.
+    """Convert a local Hugging Face checkpoint to the book's from-scratch layout of its family.
+
+    config.json's model_type picks the family: gpt2 (GPTModel), llama (Llama 3.x, SmolLM2; Llama3Model)
+    or qwen3 (Qwen3Model). Without config.json the checkpoint is read as GPT-2.
 
     Example: lora-cli convert ./my-gpt2 --out my-gpt2.safetensors
     """
-    from lora_cli.gpt2 import convert_hf
+    from lora_cli.families import GPT2
+    from lora_cli.hf_convert import convert_hf_checkpoint
 
     refuse_overwrite(out, overwrite)
-    path, cfg = convert_hf(source, out)
+    path, family, cfg = convert_hf_checkpoint(source, out)
+    named = {} if family.name == GPT2 else {"family": family.name}  # GPT-2's output is as it always was
     if as_json:
         print_json({"source": str(source), "path": str(path), "bytes": path.stat().st_size, "format": "lora-cli-base"}
-                   | weights_summary(path) | {"model_config": cfg.to_dict()})
+                   | named | weights_summary(path) | {"model_config": cfg.to_dict()})
         return
-    typer.echo(f"wrote {path}: {cfg.n_layers} layers, width {cfg.emb_dim}, {cfg.n_heads} heads, context {cfg.context_length}")
+    typer.echo(f"wrote {path}: " + (f"{family.name}, " if named else "")
+               + f"{cfg.n_layers} layers, width {cfg.emb_dim}, {cfg.n_heads} heads, context {cfg.context_length}")
 
 
 # ---------------------------------------------------------------- data
@@ -420,7 +432,7 @@ def train(
     ctx = distributed.init(cfg.device)
     with distributed.report_failures(ctx):
         _train_rank(cfg, run_dir, ctx, resume_from, overwrite, dry_run, quiet, as_json)
-    distributed.shutdown(ctx)
+    ctx.shutdown()
 
 
 def _relaunch_args(command: typer.Context, run_dir: Optional[Path]) -> list[str]:
@@ -454,7 +466,8 @@ def _train_rank(cfg: Any, run_dir: Path, ctx: Any, resume: bool | Path, overwrit
     s = training.setup(cfg, say, ctx)
     counts = s.counts()
     say(f"model: {s.base.path} ({s.base.config_source}), device {s.device}")
-    say(f"data: {len(s.train)} train / {len(s.val)} validation rows, classes {', '.join(s.labels.names)}")
+    say(f"data: {len(s.train)} train / {len(s.val)} validation rows, "
+        f"{'labels' if cfg.task == 'multi-label' else 'classes'} {', '.join(s.labels.names)}")
     say(
         f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
         f"({counts['lora']:,} LoRA + {counts['head']:,} head) in {len(s.spec.targets)} LoRA layers"
@@ -490,13 +503,20 @@ def _train_rank(cfg: Any, run_dir: Path, ctx: Any, resume: bool | Path, overwrit
     seen, sel = result.seen, result.selection
     selected = {"metric": sel.metric, "value": sel.value, "step": sel.step, "epoch": sel.epoch} \
         if sel.metric != "last" and sel.validations else {"metric": sel.metric, "value": None, "step": result.step}
+    thresholds = {}  # multi-label: the written adapter's thresholds, tuned on the validation set
+    if cfg.task == "multi-label":
+        from lora_cli.adapter import load_adapter
+
+        labels = load_adapter(result.adapter_path).labels
+        thresholds = {"thresholds": dict(zip(labels.names, labels.decision))}
     if as_json:
         typer.echo(json.dumps({
             "run_dir": str(run_dir), "adapter": str(result.adapter_path), "seconds": result.seconds,
             "examples_per_second": seen / result.seconds, "final": last, "best": best, "parameters": counts,
             "adapter_bytes": result.adapter_path.stat().st_size, "base_bytes": s.base.path.stat().st_size,
             "adapter_last": str(run_dir / "adapter-last.safetensors"), "selected": selected, "stopped": result.stopped,
-        }))
+            "calibration": result.calibration,
+        } | thresholds))
         return
     accuracy = (f"validation accuracy {last['val_accuracy']:.2%} after epoch {last['epoch']}, best "
                 f"{best['val_accuracy']:.2%} (epoch {best['epoch']})") if last else "no epoch finished"
@@ -505,6 +525,8 @@ def _train_rank(cfg: Any, run_dir: Path, ctx: Any, resume: bool | Path, overwrit
         + (f"stopped early: {result.stopped}\n" if result.stopped else "")
         + f"adapter {result.adapter_path} {sel.describe(result.step)}: {adapter_mb:.1f} MB, "
         f"{adapter_mb / base_mb:.1%} of the base checkpoint ({base_mb:.0f} MB)"
+        + ("\nthresholds tuned on the validation set (max F1 per label): "
+           + ", ".join(f"{n} {v:.4f}" for n, v in thresholds["thresholds"].items()) if thresholds else "")
     )
 
 
@@ -539,11 +561,12 @@ def _base_for(adapter: Any, model: Optional[str], model_config: Optional[str]) -
     return load_base(resolve_model(model), model_config)
 
 
-def _load_for_inference(adapter_path: Path, model: Optional[str], model_config: Optional[str], device: str, force: bool):
+def _load_for_inference(adapter_path: Any, model: Optional[str], model_config: Optional[str], device: str, force: bool):
+    """(adapter, model, device) for an adapter path, or for an adapter already loaded."""
     from lora_cli.adapter import load_adapter, model_with_adapter
     from lora_cli.device import resolve_device
 
-    adapter = load_adapter(adapter_path)
+    adapter = load_adapter(adapter_path) if isinstance(adapter_path, Path) else adapter_path
     base = _base_for(adapter, model, model_config)
     dev = resolve_device(device)
     return adapter, model_with_adapter(base, adapter, dev, force=force), dev
@@ -562,6 +585,14 @@ def _utf8_argument(text: str) -> str:
         return os.fsencode(text).decode("utf-8")
     except UnicodeDecodeError:  # not UTF-8 either: keep Python's escapes
         return text
+
+
+def _tokenizer(adapter: Any, model: Any, bpe_dir: Optional[str]) -> Any:
+    """The tokenizer of the model's family: GPT-2's BPE, or the tokenizer.json that training recorded."""
+    from lora_cli.families import of
+    from lora_cli.hf_tokenizer import tokenizer_for
+
+    return tokenizer_for(of(model.cfg), model.cfg.vocab_size, bpe_dir, adapter.training_config.get("tokenizer"))
 
 
 def _max_length(adapter: Any, model: Any, requested: Optional[int]) -> int:
@@ -612,11 +643,15 @@ def evaluate(
     calibrated by `lora-cli calibrate` has its logits divided by the stored temperature first (loss,
     AUCs, ECE; never the predicted labels); --no-calibration shows the raw model.
 
+    A multi-label adapter (train --task multi-label) reports the BCE loss, subset accuracy (texts whose
+    predicted label set is exactly right), Hamming loss, and per label its threshold, precision, recall,
+    F1, AUCs and support, with micro and macro averages. Its labels: the ';'-separated label column, or
+    one 0/1 column per label named like the label.
+
     Example: lora-cli eval --adapter runs/tiny/adapter.safetensors --data data/sms/test.csv --plot eval.png
     """
     from lora_cli.data import Encoded, encode_texts, read_table
     from lora_cli.evaluation import classification_report, predict_logits
-    from lora_cli.tokenizer import get_tokenizer
 
     if plot is not None:
         from lora_cli.plots import HINT, have_matplotlib
@@ -628,14 +663,33 @@ def evaluate(
     if data.is_dir():
         data = data / "test.csv"
     ad, net, dev = _load_for_inference(adapter, model, model_config, device, force)
-    table = read_table(data, text_column, label_column)
+    if ad.multi_label and plot is not None:
+        raise LoraCliError("--plot draws a confusion matrix and a reliability diagram of single-label predictions, "
+                           f"and {adapter} is a multi-label adapter; drop --plot")
+    if ad.multi_label:
+        from lora_cli.multilabel import read_multilabel
+
+        table = read_multilabel(data, text_column, label_column, names=ad.labels.names)
+    else:
+        table = read_table(data, text_column, label_column)
     length = _max_length(ad, net, max_length)
-    tokens, truncated = encode_texts(get_tokenizer(bpe_dir), table.texts, length)
+    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir), table.texts, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
     labels = ad.labels.encode(table.labels, str(data))
     temperature = _temperature(ad, calibration)
     logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
+    if ad.multi_label:
+        from lora_cli.multilabel import multilabel_report
+
+        result = multilabel_report(logits, labels, ad.labels.names, ad.labels.decision).to_dict()
+        if as_json:
+            print_json(result | {"data": str(data)})
+            return
+        from lora_cli.output import multilabel_eval_tables, print_tables
+
+        print_tables(*multilabel_eval_tables(result, str(data)))
+        return
     report = classification_report(logits / temperature, labels, ad.labels.names, ece_bins)
     calibrated = {"temperature": temperature if ad.calibration and calibration else None}
     if plot is not None:
@@ -674,6 +728,9 @@ def predict(
 ) -> None:
     """Label and probability for each text (calibrated, if `lora-cli calibrate` stored a temperature).
 
+    A multi-label adapter prints the labels whose probability is at or above their threshold (tuned on
+    the validation set by train); --format json/csv add every label's probability.
+
     Example: lora-cli predict --adapter runs/tiny "You won a free prize, call now!"
     """
     import csv
@@ -682,7 +739,6 @@ def predict(
 
     from lora_cli.data import Encoded, encode_texts, read_table
     from lora_cli.evaluation import predict_logits
-    from lora_cli.tokenizer import get_tokenizer
 
     if output_format not in ("table", "json", "csv"):
         raise LoraCliError(f"--format must be table, json or csv, got {output_format!r}")
@@ -703,10 +759,13 @@ def predict(
 
         merge_lora(net)
     length = _max_length(ad, net, max_length)
-    tokens, truncated = encode_texts(get_tokenizer(bpe_dir), items, length)
+    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir), items, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
     logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
+    if ad.multi_label:
+        _print_multilabel(ad.labels, items, logits, output_format)
+        return
     probs = torch.softmax(logits / _temperature(ad, calibration), dim=-1)
     best = probs.argmax(-1).tolist()
     rows = [{"text": t, "label": ad.labels.names[b], "probability": probs[i, b].item(),
@@ -721,6 +780,28 @@ def predict(
         from lora_cli.output import predict_table, print_tables
 
         print_tables(predict_table(rows))
+
+
+def _print_multilabel(labels: Any, items: list[str], logits: Any, output_format: str) -> None:
+    """predict's output for a multi-label adapter: the labels at or above their thresholds, and every probability."""
+    import csv
+
+    from lora_cli.multilabel import SEPARATOR, probabilities
+
+    probs = probabilities(logits)
+    rows = [{"text": t, "labels": labels.predicted(p), "probabilities": dict(zip(labels.names, p.tolist()))}
+            for t, p in zip(items, probs)]
+    if output_format == "json":
+        typer.echo(json.dumps(rows, indent=2))
+    elif output_format == "csv":  # the labels column reads back as a multi-label training file's
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["text", "labels", *(f"probability_{n}" for n in labels.names)])
+        writer.writerows([r["text"], SEPARATOR.join(r["labels"]), *(f"{v:.6f}" for v in r["probabilities"].values())]
+                         for r in rows)
+    else:
+        from lora_cli.output import multilabel_predict_table, print_tables
+
+        print_tables(multilabel_predict_table(rows))
 
 
 @app.command()
@@ -753,12 +834,11 @@ def calibrate(
     """
     import dataclasses
 
-    from lora_cli.adapter import save_adapter
+    from lora_cli.adapter import load_adapter, save_adapter
     from lora_cli.calibration import calibrate as fit
     from lora_cli.data import Encoded, encode_texts, read_table
     from lora_cli.evaluation import predict_logits
     from lora_cli.run_dir import ADAPTER
-    from lora_cli.tokenizer import get_tokenizer
 
     if data.is_dir():
         data = data / "validation.csv"
@@ -771,11 +851,16 @@ def calibrate(
         raise LoraCliError(f"--out {target} is a directory; pass a file name, e.g. {target / 'calibrated.safetensors'}")
     if not target.parent.is_dir():
         raise LoraCliError(f"--out {target}: the directory {target.parent} does not exist")
+    ad = load_adapter(adapter)
+    if ad.multi_label:
+        raise LoraCliError(f"{adapter} is a multi-label adapter: calibrate fits one softmax temperature, which a "
+                           "sigmoid per label does not have; its per-label thresholds were tuned on the validation "
+                           "set by train")
     table = read_table(data, text_column, label_column)  # a bad file fails before the model loads
-    ad, net, dev = _load_for_inference(adapter, model, model_config, device, force)
+    ad, net, dev = _load_for_inference(ad, model, model_config, device, force)
     labels = ad.labels.encode(table.labels, str(data))
     length = _max_length(ad, net, max_length)
-    tokens, truncated = encode_texts(get_tokenizer(bpe_dir), table.texts, length)
+    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir), table.texts, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
     logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
@@ -828,6 +913,10 @@ def export_adapter(
         if adapter.calibration:
             echo(f"warning: the calibration temperature ({adapter.temperature:.4g}) is not carried over: the PEFT "
                  "format has no place for it; divide the logits by it yourself")
+        if adapter.multi_label:
+            echo("warning: the per-label thresholds (" + ", ".join(f"{n} {t:.4g}" for n, t in
+                 zip(adapter.labels.names, adapter.labels.decision)) + ") are not carried over: the PEFT format has "
+                 "no place for them; predict a label where sigmoid(logit) >= its threshold")
         files = written(out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG, out / METADATA_FILE)
         if as_json:
             print_json(result | weights_summary(out / ADAPTER_WEIGHTS) | {"files": files})

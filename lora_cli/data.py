@@ -39,6 +39,34 @@ def read_table(
 ) -> Table:
     """Read a CSV (header), TSV (header) or JSONL file; columns are found by name, case-insensitively."""
     path = Path(path)
+    columns, rows = read_rows(path)
+    text_key = _pick_column(path, columns, text_column, "text", "--text-column")
+    label_key = None
+    if label_column is not None or require_labels or _find(columns, "label"):
+        label_key = _pick_column(path, columns, label_column, "label", "--label-column")
+    texts: list[str] = []
+    labels: list[Label] = []
+    for line, row in rows:
+        texts.append(row_text(path, line, row, text_key))
+        if label_key is not None:
+            labels.append(_label(path, line, row.get(label_key), label_key))
+    if not texts:
+        raise LoraCliError(f"{path} has a header but no rows")
+    if label_key is not None and len({type(x) for x in labels}) > 1:
+        raise LoraCliError(f"{path}: column {label_key!r} mixes integer and text labels; use one kind")
+    return Table(path, texts, labels if label_key is not None else None, text_key, label_key)
+
+
+def row_text(path: Path, line: int, row: dict[str, Any], column: str) -> str:
+    text = row.get(column)
+    if not isinstance(text, str) or not text.strip():
+        raise LoraCliError(f"{path}, line {line}: empty or missing text in column {column!r}")
+    return text
+
+
+def read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """The column names and (line number, row) pairs of a CSV, TSV or JSONL file; `read_table` and the
+    multi-label reader (lora_cli/multilabel.py) pick their columns from them."""
     if not path.exists():
         raise LoraCliError(f"data file not found: {path}")
     if path.is_dir():
@@ -55,25 +83,7 @@ def read_table(
     if not content.strip():
         raise LoraCliError(f"{path} is empty")
     kind = _kind(path, content)
-    columns, rows = _read_jsonl(path, content) if kind == "jsonl" else _read_delimited(path, content, kind)
-    text_key = _pick_column(path, columns, text_column, "text", "--text-column")
-    label_key = None
-    if label_column is not None or require_labels or _find(columns, "label"):
-        label_key = _pick_column(path, columns, label_column, "label", "--label-column")
-    texts: list[str] = []
-    labels: list[Label] = []
-    for line, row in rows:
-        text = row.get(text_key)
-        if not isinstance(text, str) or not text.strip():
-            raise LoraCliError(f"{path}, line {line}: empty or missing text in column {text_key!r}")
-        texts.append(text)
-        if label_key is not None:
-            labels.append(_label(path, line, row.get(label_key), label_key))
-    if not texts:
-        raise LoraCliError(f"{path} has a header but no rows")
-    if label_key is not None and len({type(x) for x in labels}) > 1:
-        raise LoraCliError(f"{path}: column {label_key!r} mixes integer and text labels; use one kind")
-    return Table(path, texts, labels if label_key is not None else None, text_key, label_key)
+    return _read_jsonl(path, content) if kind == "jsonl" else _read_delimited(path, content, kind)
 
 
 def stratified_split(table: Table, fraction: float, seed: int) -> tuple[Table, Table]:
@@ -83,12 +93,24 @@ def stratified_split(table: Table, fraction: float, seed: int) -> tuple[Table, T
     class), and the same seed gives the same split. A class with two or more rows keeps at least one
     row on each side; a class with a single row stays in training.
     """
+    labels = table.labels or []  # training data is read with its labels
+    held = held_out(labels, fraction, seed, f"class in {table.path}")
+
+    def part(rows: list[int]) -> Table:
+        return Table(table.path, [table.texts[i] for i in rows], [labels[i] for i in rows], table.text_column,
+                     table.label_column)
+
+    return part([i for i in range(len(table.texts)) if i not in held]), part(sorted(held))
+
+
+def held_out(strata: Sequence[Label], fraction: float, seed: int, what: str) -> set[int]:
+    """The rows `stratified_split` holds out: `fraction` of each stratum's rows (a class; for multi-label
+    data, a combination of labels), shuffled with `seed`; `what` names a stratum in the error."""
     import math
     import random
 
-    labels = table.labels or []  # training data is read with its labels
     by_class: dict[Label, list[int]] = {}
-    for i, label in enumerate(labels):
+    for i, label in enumerate(strata):
         by_class.setdefault(label, []).append(i)
     rng = random.Random(f"val-split {seed}")  # a string seed: -1 and 1 give different splits
     held: set[int] = set()
@@ -98,14 +120,9 @@ def stratified_split(table: Table, fraction: float, seed: int) -> tuple[Table, T
         if len(rows) >= 2:
             held.update(rows[: min(len(rows) - 1, max(1, math.floor(fraction * len(rows) + 0.5)))])
     if not held:
-        raise LoraCliError(f"--val-split: no class in {table.path} has two rows (one for training, one for "
+        raise LoraCliError(f"--val-split: no {what} has two rows (one for training, one for "
                            "validation); pass a validation file with --val")
-
-    def part(rows: list[int]) -> Table:
-        return Table(table.path, [table.texts[i] for i in rows], [labels[i] for i in rows], table.text_column,
-                     table.label_column)
-
-    return part([i for i in range(len(table.texts)) if i not in held]), part(sorted(held))
+    return held
 
 
 def _kind(path: Path, content: str) -> str:
@@ -275,10 +292,10 @@ def class_weights(choice: str, names: Sequence[str], labels: Sequence[int]) -> l
 
 @dataclass
 class Encoded:
-    """Token ids (truncated to the context window) and class indices."""
+    """Token ids (truncated to the context window) and class indices (multi-label: rows of 0/1 targets)."""
 
     tokens: list[list[int]]
-    labels: list[int] | None
+    labels: list[int] | list[list[float]] | None
     truncated: int = 0
 
     def __len__(self) -> int:
@@ -296,7 +313,7 @@ def encode_texts(tokenizer: tiktoken.Encoding, texts: Sequence[str], max_length:
 class Batch:
     input_ids: torch.Tensor  # (B, T), right-padded with PAD_TOKEN_ID
     last_index: torch.Tensor  # (B,), position of each row's last real token
-    labels: torch.Tensor | None  # (B,)
+    labels: torch.Tensor | None  # (B,) class indices, or (B, labels) 0/1 float targets for multi-label
     indices: list[int]  # rows of the data set in this batch
 
 
@@ -309,7 +326,9 @@ def collate(tokens: Sequence[list[int]], labels: Sequence[int] | None, indices: 
     for row, seq in enumerate(tokens):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     last = torch.tensor([len(t) - 1 for t in tokens], dtype=torch.long)
-    y = torch.tensor(list(labels), dtype=torch.long) if labels is not None else None
+    # class indices, or (multi-label) rows of 0/1 targets for the BCE loss
+    multi = labels is not None and len(labels) > 0 and isinstance(labels[0], list)
+    y = torch.tensor(list(labels), dtype=torch.float32 if multi else torch.long) if labels is not None else None
     return Batch(ids, last, y, indices)
 
 

@@ -1,6 +1,7 @@
 """Data-parallel training over torchrun: the process group, each rank's device, collectives, the launcher.
 
-A run with one process never touches `torch.distributed`: every helper here is a no-op for `SINGLE`.
+A run with one process never touches `torch.distributed`: `SINGLE`'s collectives are the identity, and a
+`ProcessGroup` (one rank) implements the same methods, so the training loop has no distributed branches.
 Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set, WORLD_SIZE > 1), `init` joins the process group:
 gloo on the CPU, nccl on CUDA (with a gloo side group for the small control messages, so they never
 wait on the GPU). `lora-cli train --nproc-per-node N` re-executes itself through `torch.distributed.run`
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lora_cli.device import resolve_device
 from lora_cli.errors import LoraCliError
 
 ERROR_DIR_ENV = "LORA_CLI_ERROR_DIR"  # set by the launcher: each failing rank writes rank-K.json there
@@ -42,13 +44,12 @@ TEST_FAIL_ENV = "LORA_CLI_TEST_FAIL"
 
 @dataclass(frozen=True)
 class Context:
-    """Where this process stands in the job; `SINGLE` for a plain one-process run."""
+    """A plain one-process run (`SINGLE`): every collective is the identity, so the training loop
+    calls them unconditionally and never asks whether it is distributed. `ProcessGroup` is a rank of a job."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device | None = None  # this rank's device (None: single process, resolved by setup)
-    control: Any = None  # process group for control messages (None: the default group)
 
     @property
     def enabled(self) -> bool:
@@ -58,12 +59,116 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def backend(self) -> str:
-        return "nccl" if self.device is not None and self.device.type == "cuda" else "gloo"
+    def device_for(self, name: str) -> torch.device:
+        """The device this process computes on; `name` is --device."""
+        return resolve_device(name)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the loop runs forward/backward through (DDP on a rank)."""
+        return model
+
+    def no_sync(self, net: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce for the non-final micro-batches of an accumulation step."""
+        return contextlib.nullcontext()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place over all ranks (on the data device); returns the tensor."""
+        return tensor
+
+    def agree_max(self, value: int) -> int:
+        """The largest `value` of all ranks, through the control group (no GPU sync)."""
+        return value
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order (on every rank)."""
+        return [obj]
+
+    def per_rank(self, obj: Any) -> list[Any] | None:
+        """Every rank's own `obj` for a checkpoint, so a resumed job continues each rank bit for bit;
+        None for one process, whose own state is the checkpoint's."""
+        return None
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def shutdown(self) -> None:
+        """Leave the process group."""
 
 
 SINGLE = Context()
+
+
+@dataclass(frozen=True)
+class ProcessGroup(Context):
+    """One rank of a torchrun job: gloo on the CPU, nccl on CUDA with a gloo side group for control messages."""
+
+    device: torch.device = torch.device("cpu")
+    control: Any = None  # process group for control messages (None: the default group)
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    def device_for(self, name: str) -> torch.device:
+        return self.device
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DistributedDataParallel over the trainable parameters (the frozen base has no gradients to reduce).
+
+        Every rank builds the same model from the same seed, so only the trainable tensors are broadcast
+        from rank 0 (a safety net), not the whole base.
+        """
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        known = inspect.signature(DistributedDataParallel).parameters
+        options: dict[str, Any] = {"forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers": False}
+        if "init_sync" in known:  # torch >= 2.4
+            options["init_sync"] = False
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, 0)
+        # device_ids=None: DDP leaves the inputs where they are. The training loop has already put
+        # the batch on the GPU and keeps `last_index` on the CPU, which plans the packed batch
+        # without a host sync; given device_ids, DDP would move `last_index` to the GPU too.
+        return DistributedDataParallel(model, device_ids=None, **options)
+
+    def no_sync(self, net: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+        return net.no_sync() if skip else contextlib.nullcontext()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def agree_max(self, value: int) -> int:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return int(t.item())
+
+    def gather(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
+
+    def per_rank(self, obj: Any) -> list[Any] | None:
+        return self.gather(obj)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier(group=self.control)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def under_torchrun() -> bool:
@@ -94,13 +199,13 @@ def init(device_name: str) -> Context:
 
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = rank_device(device_name, local_rank)
-    ctx = Context(rank, world, local_rank, device)
+    ctx = ProcessGroup(rank, world, local_rank, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = dist_timeout()
     dist.init_process_group(ctx.backend, timeout=timeout)
     if ctx.backend == "nccl":
-        ctx = Context(rank, world, local_rank, device, dist.new_group(backend="gloo", timeout=timeout))
+        ctx = ProcessGroup(rank, world, local_rank, device, dist.new_group(backend="gloo", timeout=timeout))
     return ctx
 
 
@@ -117,81 +222,6 @@ def dist_timeout() -> timedelta:
         raise LoraCliError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds above 0 and at most 1e9 "
                            "(a collective waits that long for the other ranks); set it to e.g. 1800, or unset it")
     return timedelta(seconds=seconds)
-
-
-def shutdown(ctx: Context) -> None:
-    if ctx.enabled:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-
-
-def wrap(ctx: Context, model: torch.nn.Module) -> torch.nn.Module:
-    """DistributedDataParallel over the trainable parameters (the frozen base has no gradients to reduce).
-
-    Every rank builds the same model from the same seed, so only the trainable tensors are broadcast
-    from rank 0 (a safety net), not the whole base.
-    """
-    if not ctx.enabled:
-        return model
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    known = inspect.signature(DistributedDataParallel).parameters
-    options: dict[str, Any] = {"forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers": False}
-    if "init_sync" in known:  # torch >= 2.4
-        options["init_sync"] = False
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                dist.broadcast(p.data, 0)
-    # device_ids=None: DDP leaves the inputs where they are. The training loop has already put
-    # the batch on the GPU and keeps `last_index` on the CPU, which plans the packed batch
-    # without a host sync; given device_ids, DDP would move `last_index` to the GPU too.
-    return DistributedDataParallel(model, device_ids=None, **options)
-
-
-def no_sync(net: torch.nn.Module, skip: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce for the non-final micro-batches of an accumulation step."""
-    return net.no_sync() if skip and hasattr(net, "no_sync") else contextlib.nullcontext()
-
-
-def all_reduce(ctx: Context, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In place over all ranks (on the data device); the tensor itself for a single process."""
-    if ctx.enabled:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
-    return tensor
-
-
-def agree_max(ctx: Context, value: int) -> int:
-    """The largest `value` of all ranks, through the control group (no GPU sync)."""
-    if not ctx.enabled:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.control)
-    return int(t.item())
-
-
-def gather_objects(ctx: Context, obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (on every rank)."""
-    if not ctx.enabled:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * ctx.world
-    dist.all_gather_object(out, obj, group=ctx.control)
-    return out
-
-
-def barrier(ctx: Context) -> None:
-    if ctx.enabled:
-        import torch.distributed as dist
-
-        dist.barrier(group=ctx.control)
 
 
 def injected_failure(ctx: Context, step: int) -> None:

@@ -81,6 +81,24 @@ GPT2_FILES: dict[str, GPT2Files] = {
 _PINNED = object()  # default of download_gpt2(expected_sha256=...): the hash in GPT2_FILES
 
 
+def hf_files(path: str | Path) -> tuple[Path, Path | None]:
+    """(weights file, config.json or None) of a Hugging Face model directory, or of one weights file
+    (with the config.json beside it, if any)."""
+    path = Path(path)
+    if not path.exists():
+        raise LoraCliError(f"Hugging Face checkpoint not found: {path}")
+    if not path.is_dir():
+        config = path.parent / "config.json"
+        return path, config if config.is_file() else None
+    weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
+    if weights is None:
+        if any(path.glob("model-*-of-*.safetensors")) or any(path.glob("pytorch_model-*-of-*.bin")):
+            raise LoraCliError(f"{path} holds a sharded checkpoint, which lora-cli does not read; "
+                               "re-save it as one file (save_pretrained(max_shard_size='20GB'))")
+        raise LoraCliError(f"{path} has no {' or '.join(WEIGHT_FILES)}")
+    return weights, path / "config.json" if (path / "config.json").is_file() else None
+
+
 def read_hf_checkpoint(
     path: str | Path, config_path: str | Path | None = None
 ) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -90,22 +108,8 @@ def read_hf_checkpoint(
     torch.load(weights_only=True): pickled code is refused); its `config.json` is read when present.
     For a single file, `config_path` or a `config.json` beside it is used when present.
     """
-    path = Path(path)
-    if not path.exists():
-        raise LoraCliError(f"Hugging Face checkpoint not found: {path}")
-    if path.is_dir():
-        weights = next((path / n for n in WEIGHT_FILES if (path / n).is_file()), None)
-        if weights is None:
-            if any(path.glob("model-*-of-*.safetensors")) or any(path.glob("pytorch_model-*-of-*.bin")):
-                raise LoraCliError(f"{path} holds a sharded checkpoint, which lora-cli does not read; "
-                                   "re-save it as one file (save_pretrained(max_shard_size='20GB'))")
-            raise LoraCliError(f"{path} has no {' or '.join(WEIGHT_FILES)}")
-        if config_path is None and (path / "config.json").is_file():
-            config_path = path / "config.json"
-    else:
-        weights = path
-        if config_path is None and (path.parent / "config.json").is_file():
-            config_path = path.parent / "config.json"
+    weights, found_config = hf_files(path)
+    config_path = found_config if config_path is None else config_path
     state, _ = read_tensors(weights)
     if not any(k.removeprefix("transformer.") == "wte.weight" for k in state):
         hint = (" It looks like a from-scratch GPTModel checkpoint already: pass it to --model as it is."

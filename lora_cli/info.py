@@ -98,13 +98,14 @@ def _safetensors(path: Path) -> dict[str, Any]:
         out["kind"] = "lora-cli adapter"
         out["format_version"] = int(checked["format_version"])
         out |= {k: checked.get(k) for k in ("lora", "labels", "model_config", "tool_version")}
+        if "family" in checked:  # a GPT-2 adapter's description is as before
+            out["family"] = checked["family"]
         out["base_fingerprint"] = checked["base_fingerprint"]
-        if "calibration" in checked:
-            out["calibration"] = checked["calibration"]
+        out |= {k: checked[k] for k in ("task", "thresholds", "calibration") if k in checked}
     elif fmt == BASE_FORMAT:
         checked = read_base_metadata(meta, str(path))
         out["kind"] = "lora-cli checkpoint" + (" (merged classifier)" if "merged_lora" in checked else "")
-        out |= {k: checked[k] for k in ("model_config", "labels", "merged_lora", "tool_version") if k in checked}
+        out |= {k: checked[k] for k in ("family", "model_config", "labels", "merged_lora", "tool_version") if k in checked}
     else:
         out["kind"] = "safetensors file"
         out["metadata"] = meta

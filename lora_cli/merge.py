@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_cli import __version__
+from lora_cli import __version__, families
 from lora_cli.adapter import DTYPES, Adapter, model_with_adapter
 from lora_cli.checkpoint import BASE_FORMAT, BaseCheckpoint
 from lora_cli.errors import LoraCliError
@@ -169,6 +169,9 @@ def save_merged(
     if format == "native" and path.is_dir():
         raise LoraCliError(f"{path} is a directory; native format writes one .safetensors file")
     if format == "hf":
+        if base.family.name != families.GPT2:  # hf_classifier_state maps GPT-2's names
+            raise LoraCliError(f"--format hf writes a GPT2ForSequenceClassification, and {base.path} is a "
+                               f"{base.family.name} base; merge it with --format native")
         check_replaceable(path, HF_FILES)  # before the merge, which takes a while on a large model
     state = merged_state(base, adapter, force=force)
     labels = json.dumps({"names": adapter.labels.names, "integer_ids": adapter.labels.integer_ids})
@@ -180,7 +183,7 @@ def save_merged(
             "labels": labels,
             "merged_lora": json.dumps(adapter.spec.to_dict()),
             "base_fingerprint": base.fingerprint,
-        }
+        } | ({} if base.family.name == families.GPT2 else {"family": base.family.name})  # as checkpoint.save_base
         save_safetensors(path, {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, metadata)
         return
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_classifier_state(state, base.config.n_layers).items()}

@@ -8,18 +8,20 @@ got 'x')`. Torch-free, so that `info` stays fast.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from lora_cli import __version__
+from lora_cli import __version__, families
 from lora_cli.config import MODEL_CONFIG
 from lora_cli.errors import LoraCliError
-from lora_cli.schema import Bool, Float, Int, Json, ListOf, Nullable, Obj, Str, check
+from lora_cli.schema import Bool, Float, Int, Json, ListOf, Nullable, Obj, Rule, Schema, Str, check
 
 ADAPTER_FORMAT = "lora-cli-adapter"
 ADAPTER_VERSION = 1
 BASE_FORMAT = "lora-cli-base"
 SCALINGS = ("alpha-over-rank", "alpha", "rslora")  # LoRA scale formulas (lora.py uses them; here without torch)
+TASKS = ("single-label", "multi-label")  # softmax over classes | a sigmoid per label (lora_cli/multilabel.py)
 
 # classifier.LoraSpec: the keys after rank and alpha were added over time, so they may be missing
 LORA = Obj({"rank": Int(min=1), "alpha": Float(above=0.0)}, optional={
@@ -36,17 +38,63 @@ CALIBRATION = Obj({"temperature": Float(above=0.0)}, optional={
     "ece_before": Float(min=0.0, max=1.0), "ece_after": Float(min=0.0, max=1.0),
 })
 
-ADAPTER_METADATA = Obj({
-    "format": Str(), "format_version": Str(), "lora": Json(LORA), "labels": Json(LABELS),
-    "model_config": Json(MODEL_CONFIG), "base_fingerprint": Str(nonempty=True),
-}, optional={"training_config": Json(TRAINING_CONFIG), "tool_version": Str(), "calibration": Json(CALIBRATION)},
-    extra=True)
+# a multi-label adapter: "task" is "multi-label" and "thresholds" holds one decision threshold per label
+THRESHOLDS = ListOf(Float(min=0.0, max=1.0), min_len=2)
 
-# checkpoint.save_base writes format, model_config and tool_version; merge.save_merged (a merged
-# classifier, loadable as a base) adds labels, merged_lora and base_fingerprint
-BASE_METADATA = Obj({"format": Str(), "model_config": Json(MODEL_CONFIG)}, optional={
-    "tool_version": Str(), "labels": Json(LABELS), "merged_lora": Json(LORA), "base_fingerprint": Str(nonempty=True),
-}, extra=True)
+
+def _task_problem(meta: dict[str, Any]) -> str | None:
+    """What is inconsistent between task, thresholds, labels and calibration (None: nothing)."""
+    if meta.get("task", "single-label") == "single-label":
+        return "thresholds: only a multi-label adapter has thresholds" if "thresholds" in meta else None
+    if "thresholds" not in meta:
+        return "a multi-label adapter needs thresholds (one per label)"
+    if len(meta["thresholds"]) != len(meta["labels"]["names"]):
+        return f"thresholds: {len(meta['thresholds'])} values for {len(meta['labels']['names'])} labels"
+    if meta["labels"]["integer_ids"]:
+        return "labels.integer_ids: a multi-label adapter's labels are names"
+    if "calibration" in meta:
+        return "calibration: a temperature is for single-label adapters"
+    return None
+
+
+@dataclass(frozen=True)
+class _ByFamily(Schema):
+    """Metadata whose model_config is its `family`'s config (GPT-2 when absent, as in every file written before
+    families): the family is checked first, then `make(that family's config schema)` (looked up only now: a
+    family's module may import torch)."""
+
+    make: Callable[[Schema], Schema]
+
+    def parse(self, value: Any, path: str) -> Any:
+        family = value.get("family", families.GPT2) if isinstance(value, Mapping) else families.GPT2
+        Str(choices=families.NAMES).parse(family, f"{path}.family" if path else "family")
+        return self.make(families.get(family).config_schema).parse(value, path)
+
+
+def _adapter_metadata(model_config: Schema) -> Schema:
+    return Rule(Obj({
+        "format": Str(), "format_version": Str(), "lora": Json(LORA), "labels": Json(LABELS),
+        "model_config": Json(model_config), "base_fingerprint": Str(nonempty=True),
+    }, optional={"training_config": Json(TRAINING_CONFIG), "tool_version": Str(), "calibration": Json(CALIBRATION),
+                 "task": Str(choices=TASKS), "thresholds": Json(THRESHOLDS), "family": Str()},
+        extra=True), _task_problem)
+
+
+# adapter.Adapter.metadata; `family` (the base's, see _ByFamily) is written for any family but GPT-2
+ADAPTER_METADATA = _ByFamily(_adapter_metadata)
+
+
+def _base_metadata(model_config: Schema) -> Obj:
+    return Obj({"format": Str(), "model_config": Json(model_config)}, optional={
+        "family": Str(), "tool_version": Str(), "labels": Json(LABELS), "merged_lora": Json(LORA),
+        "base_fingerprint": Str(nonempty=True),
+    }, extra=True)
+
+
+# checkpoint.save_base writes format, model_config, tool_version and (for any family but GPT-2, so
+# GPT-2 files are as they always were) family; merge.save_merged (a merged classifier, loadable as a
+# base) adds labels, merged_lora and base_fingerprint.
+BASE_METADATA = _ByFamily(_base_metadata)
 # another tool's file with a lora-cli style config in its metadata: only that key is read
 FOREIGN_METADATA = Obj({}, optional={"model_config": Json(MODEL_CONFIG)}, extra=True)
 

@@ -119,6 +119,34 @@ def eval_tables(report: dict[str, Any], data: str) -> list[tuple[str | None, Tab
             ("confusion matrix (rows: true class, columns: predicted class)", confusion)]
 
 
+def multilabel_eval_tables(report: dict[str, Any], data: str) -> list[tuple[str | None, Table]]:
+    """Metrics, then each label's threshold, precision/recall/F1, AUCs and support with the micro and macro
+    averages, from `multilabel.MultiLabelReport.to_dict()`."""
+    macro, micro = report["macro_avg"], report["micro_avg"]
+    summary = new_table(["metric", "value"], right=["value"])
+    summary.add_row("examples", number(report["n"]))
+    summary.add_row("labels", number(len(report["per_label"])))
+    summary.add_row("loss (BCE)", f"{report['loss']:.4f}")
+    summary.add_row("subset accuracy", f"{report['subset_accuracy']:.2%}")
+    summary.add_row("Hamming loss", f"{report['hamming_loss']:.4f}")
+    summary.add_row("micro F1", f"{micro['f1']:.4f}")
+    summary.add_row("macro F1", f"{macro['f1']:.4f}")
+    summary.add_row("ROC-AUC (macro)", score(report["roc_auc"]))
+    summary.add_row("PR-AUC (macro)", score(report["pr_auc"]))
+
+    metrics = ("precision", "recall", "f1", "roc_auc", "pr_auc")
+    headers = [{"roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}.get(k, k) for k in metrics]
+    per_label = new_table(["label", "threshold", *headers, "support"], right=["threshold", *headers, "support"])
+    for name, m in report["per_label"].items():
+        per_label.add_row(name, f"{m['threshold']:.4f}", *(score(m[k]) for k in metrics), number(m["support"]))
+    per_label.add_section()
+    positives = number(micro["support"])
+    per_label.add_row("micro avg", "", *(score(micro[k]) for k in metrics[:3]), "", "", positives)
+    per_label.add_row("macro avg", "", *(score(macro[k]) for k in metrics), positives)
+    return [(data, summary), ("per label (predicted where probability >= threshold; support: texts with the label)",
+                              per_label)]
+
+
 # ---------------------------------------------------------------- predict
 
 
@@ -129,6 +157,17 @@ def predict_table(rows: list[dict[str, Any]]) -> tuple[None, Table]:
     for r in rows:
         text = " ".join(r["text"].split())
         table.add_row(r["label"], f"{r['probability']:.4f}", text if len(text) <= room else text[:room - 3] + "...")
+    return None, table
+
+
+def multilabel_predict_table(rows: list[dict[str, Any]]) -> tuple[None, Table]:
+    """The predicted labels (';'-separated) and the text; --format json/csv add each label's probability."""
+    shown = [";".join(r["labels"]) or "(none)" for r in rows]
+    table = new_table(["labels", "text"])
+    room = max(20, console().width - max(len("labels"), *map(len, shown)) - 4)
+    for r, labels in zip(rows, shown):
+        text = " ".join(r["text"].split())
+        table.add_row(labels, text if len(text) <= room else text[:room - 3] + "...")
     return None, table
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from lora_cli import __version__
+from lora_cli import __version__, families
 from lora_cli.adapter import DTYPES, Adapter
 from lora_cli.checkpoint import BaseCheckpoint
 from lora_cli.classifier import LoraSpec
@@ -185,6 +185,10 @@ def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32") -
     """
     if dtype not in DTYPES:
         raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    family = families.of(adapter.model_config)
+    if family.name != families.GPT2:  # the mapping here is GPT-2's (c_attn, c_proj, c_fc)
+        raise LoraCliError(f"the adapter is for a {family.name} base; --format peft writes adapters of "
+                           "GPT2ForSequenceClassification only (the native format works for every family)")
     tensors, ranks = peft_tensors(adapter)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     names = adapter.labels.names
@@ -310,6 +314,9 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
     cfg = read_json_object(cfg_path)
     _check_config(cfg, cfg_path)
     state = _read_weights(in_dir)
+    if base.family.name != families.GPT2:  # the mapping below is GPT-2's (c_attn, c_proj, c_fc)
+        raise LoraCliError(f"{base.path} is a {base.family.name} base; import-adapter reads PEFT adapters of "
+                           "GPT2ForSequenceClassification onto a GPT-2 base only")
     mc = base.config
     d = mc.emb_dim
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import LoraCliError
-from lora_cli.metadata import SCALINGS
+from lora_cli.metadata import SCALINGS, TASKS
 from lora_cli.schema import Bool, Float, Int, ListOf, Nullable, Schema, SchemaError, Str
 
 DEFAULT_RECIPE = "sms-spam-gpt2-small.yaml"
@@ -87,6 +87,14 @@ class TrainConfig:
     val_split: float | None = option(None, "Hold out this fraction of the training file as validation instead of "
                                      "--val: stratified by class, shuffled with --seed (e.g. 0.1).",
                                      Nullable(Float(above=0, below=1)), "data")
+    task: str = option("single-label", "single-label (one class per text, softmax) or multi-label (any number of "
+                       "labels per text: a sigmoid per label, binary cross-entropy, per-label thresholds tuned on the "
+                       "validation set for F1). Multi-label labels: ';'-separated names in the label column (an "
+                       "empty cell: none), or one 0/1 column per label with --label-columns; --class-weights then "
+                       "weighs each label's positives (balanced: negatives / positives).", Str(choices=TASKS), "data")
+    label_columns: list[str] | None = option(None, "Multi-label: one 0/1 column per label, named like the label, "
+                                             "instead of --label-column (comma-separated on the command line).",
+                                             Nullable(ListOf(Str(nonempty=True), min_len=2, unique=True)), "data")
     # --- LoRA
     rank: int = option(16, "LoRA rank r.", Int(min=1), "LoRA")
     alpha: float = option(16.0, "LoRA alpha.", Float(above=0), "LoRA")
@@ -142,11 +150,17 @@ class TrainConfig:
                                "bookkeeping")
     bpe_dir: str | None = option(None, "Directory with GPT-2's encoder.json and vocab.bpe (offline).",
                                  Nullable(Str(nonempty=True)), "bookkeeping")
+    tokenizer: str | None = option(None, "The base's Hugging Face tokenizer.json (or its model directory): needed "
+                                   "by Llama 3 / SmolLM2 / Qwen3 bases; eval and predict read it from the adapter.",
+                                   Nullable(Str(nonempty=True)), "model")
     eval_every: int | None = option(None, "Also validate every N optimizer steps (validation always follows every epoch).",
                                     Nullable(Int(min=1)), "bookkeeping")
     select_metric: str = option("last", "Which adapter RUN/adapter.safetensors is: last (the final step), or the best "
                                 "validation by val_loss, accuracy, macro_f1 or auroc (RUN/adapter-last.safetensors is "
                                 "always the final step).", Str(choices=SELECT_METRICS), "bookkeeping")
+    calibrate: bool = option(False, "After training, fit a temperature on the validation data and store it in both "
+                             "adapters (as lora-cli calibrate does), so predict's probabilities are calibrated.",
+                             Bool(), "bookkeeping")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,6 +181,15 @@ class TrainConfig:
         if self.early_stopping_patience is not None and self.select_metric == "last":
             raise LoraCliError("--early-stopping-patience needs a metric to watch: add --select-metric val_loss, "
                                "accuracy, macro_f1 or auroc")
+        if self.calibrate and self.task == "multi-label":
+            raise LoraCliError("--calibrate fits one softmax temperature, which a multi-label model (a sigmoid per "
+                               "label) does not have; its per-label thresholds are tuned on the validation set anyway")
+        if self.label_columns is not None:
+            if self.task != "multi-label":
+                raise LoraCliError("--label-columns (one 0/1 column per label) needs --task multi-label")
+            for other, flag in ((self.label_column, "--label-column"), (self.label_names, "--label-names")):
+                if other is not None:
+                    raise LoraCliError(f"--label-columns names the labels by their 0/1 columns; drop {flag}")
         if self.val is not None and self.val_split is not None:
             raise LoraCliError("--val-split makes the validation set from the training data; drop --val or --val-split")
         if self.val is not None and self.train is None:

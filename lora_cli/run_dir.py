@@ -28,7 +28,7 @@ CHECKPOINTS = "checkpoints"
 SUPERSEDED = "superseded"  # checkpoints/superseded/: what a resume from an older checkpoint moved aside
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
-_ACCUMULATOR = Obj({  # training._Accumulator.state()
+_ACCUMULATOR = Obj({  # resume.Accumulator.state()
     "loss": Tensor(floating=True, ndim=0), "correct": Tensor(ndim=0, dtype="int64"), "count": Int(min=0),
     "grad_norm": Tensor(floating=True, ndim=0), "first_bad": Tensor(ndim=0, dtype="int64"),
     "window_loss": Tensor(floating=True, ndim=0), "window_correct": Tensor(ndim=0, dtype="int64"),
@@ -36,7 +36,7 @@ _ACCUMULATOR = Obj({  # training._Accumulator.state()
 _RNG = Obj({  # rng_state(); the values themselves are tried on throwaway generators in load_checkpoint
     "python": Tuple((Int(), ListOf(Int(min=0, max=2**32 - 1), min_len=625, max_len=625), Nullable(Float()))),
     "torch": Tensor(ndim=1, dtype="uint8")}, optional={"cuda": ListOf(Tensor(ndim=1, dtype="uint8"))})
-_PROGRESS = Obj({  # training.Progress
+_PROGRESS = Obj({  # resume.Progress
     "epoch": Int(min=1), "batch": Int(min=0), "step": Int(min=0), "seen": Int(min=0), "seconds": Float(min=0),
     "history": ListOf(Obj({"epoch": Int(min=1), "step": Int(min=0), "examples_seen": Int(min=0),
                            "val_accuracy": Float(min=0, max=1)}, extra=True))})
@@ -49,10 +49,10 @@ _ADAMW = Obj({  # torch.optim.AdamW.state_dict(); option flags are compared with
                                extra=True), min_len=1)})
 _GRAD_SCALER = Obj({"scale": Float(min=0), "growth_factor": Float(min=0), "backoff_factor": Float(min=0),
                     "growth_interval": Int(min=1), "_growth_tracker": Int(min=0)})
-_SELECTION = Obj({  # training.Selection.state(); the best validation's adapter is "best_adapter_tensors"
+_SELECTION = Obj({  # resume.Selection.state(); the best validation's adapter is "best_adapter_tensors"
     "metric": Str(), "value": Nullable(Float()), "step": Int(min=0), "epoch": Int(min=0),
     "validations": Int(min=0), "stale": Int(min=0)})
-CHECKPOINT = Obj({  # what training.save_training_checkpoint writes; unknown keys are refused, not ignored
+CHECKPOINT = Obj({  # what resume.TrainState.save writes; unknown keys are refused, not ignored
     "adapter_tensors": MapOf(Tensor(floating=True), min_len=1), "adapter_metadata": MapOf(Str()),
     "optimizer": _ADAMW, "progress": _PROGRESS, "accumulator": _ACCUMULATOR, "rng": _RNG,
     "data_order": ListOf(Int(min=0)), "global_batch": Int(min=1), "tool_version": Str()},

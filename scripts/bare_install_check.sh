@@ -35,6 +35,13 @@ while IFS= read -r line; do
 done <<<"$quickstart"
 step 0 "lora-cli info spam-adapter.safetensors"
 step 0 "lora-cli merge --adapter runs/tiny --out merged.safetensors"
+# The other families: a tiny random Qwen3 and Llama 3 with a tokenizer.json built here (`tokenizers` is a runtime dependency).
+step 0 "python $repo/scripts/make_tokenizer.py ../shared/data/sms_spam/SMSSpamCollection tokenizer.json"
+for preset in qwen3-tiny llama3-tiny; do
+  step 0 "lora-cli init --preset $preset --out $preset.safetensors && lora-cli info $preset.safetensors"
+  step 0 "lora-cli train --rank 4 --alpha 8 --model $preset.safetensors --tokenizer tokenizer.json --data data/sms --epochs 1 --max-steps 4 --out runs/$preset"
+  step 0 "lora-cli eval --adapter runs/$preset --data data/sms/test.csv"
+done
 # An optional package that is not installed: one error line naming the extra, exit 1.
 step 1 "lora-cli plot runs/tiny --out curves.png"
 if ! grep -q "^error: .*lora-cli\[plot\]" "$work/.out"; then echo "FAILED: no error line naming the plot extra" >&2; failed=1; fi

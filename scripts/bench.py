@@ -284,9 +284,9 @@ class LoraCliBucketed(LoraCli):
 
 
 def _accumulator(device):
-    """lora_cli.training._Accumulator when importable (it is private), else an equivalent."""
+    """lora_cli.resume.Accumulator when importable (a checkout from before it lacks it), else an equivalent."""
     try:
-        from lora_cli.training import _Accumulator
+        from lora_cli.resume import Accumulator as _Accumulator
 
         return _Accumulator(device)
     except Exception:  # noqa: BLE001

@@ -19,7 +19,7 @@ PY
 for adapter in adapter.safetensors adapter-last.safetensors; do
   for split in validation test; do
     acc=$(lora-cli eval --adapter "runs/tiny/$adapter" --data "data/sms/$split.csv" --json |
-          python -c 'import json, sys; print(f"{json.load(sys.stdin)[\"accuracy\"]:.4f}")')
+          python -c 'import json, sys; print("%.4f" % json.load(sys.stdin)["accuracy"])')
     echo "$adapter $split accuracy $acc"
   done
 done

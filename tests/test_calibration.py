@@ -246,3 +246,71 @@ def test_predict_refuses_a_zero_temperature(ws: dict) -> None:
     path = ws["root"] / "zero.safetensors"
     save_file(tensors, str(path), meta | {"calibration": '{"temperature": 0.0}'})
     assert_one_error(run_cli("predict", "--adapter", path, "--model", ws["base"], "hello"), "calibration.temperature")
+
+
+# ---------------------------------------------------------------- train --calibrate
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory: pytest.TempPathFactory, micro_checkpoint: Path, sms_dir: Path) -> tuple[Path, dict]:
+    """A short run with --calibrate and best-model selection, so the two adapters differ."""
+    run = tmp_path_factory.mktemp("train-calibrate") / "run"
+    proc = run_cli("train", "--model", micro_checkpoint, "--data", sms_dir, "--rank", "2", "--epochs", "2",
+                   "--max-steps", "24", "--eval-every", "6", "--select-metric", "val_loss", "--calibrate",
+                   "--lr", "3e-3", "--out", run, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return run, json.loads(proc.stdout)
+
+
+def test_train_calibrate_fits_each_adapter_as_calibrate_does(calibrated_run: tuple[Path, dict], tmp_path: Path,
+                                                              sms_dir: Path) -> None:
+    run, summary = calibrated_run
+    for name in ("adapter.safetensors", "adapter-last.safetensors"):
+        stored = load_adapter(run / name).calibration
+        assert stored is not None and stored["data"] == str(sms_dir / "validation.csv")
+        # the command fits on the adapter's raw logits (it ignores a stored temperature): the same T
+        proc = run_cli("calibrate", "--adapter", run / name, "--data", sms_dir / "validation.csv",
+                       "--out", tmp_path / name, "--json")
+        assert proc.returncode == 0, proc.stderr
+        again = load_adapter(tmp_path / name).calibration
+        assert again["temperature"] == pytest.approx(stored["temperature"], rel=1e-6)
+        assert again["n"] == stored["n"] == 149
+        assert stored["nll_after"] <= stored["nll_before"]
+    assert summary["calibration"] == load_adapter(run / "adapter.safetensors").calibration
+
+
+def test_train_calibrate_with_val_split_names_the_split(micro_checkpoint: Path, sms_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli("train", "--model", micro_checkpoint, "--train", sms_dir / "train.csv", "--val-split", "0.2",
+                   "--rank", "2", "--epochs", "1", "--max-steps", "6", "--calibrate", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    stored = load_adapter(tmp_path / "run").calibration
+    assert stored["data"] == f"--val-split 0.2 of {sms_dir / 'train.csv'}" and stored["n"] == 209
+
+
+def test_train_calibrate_that_cannot_fit_warns_and_keeps_the_adapter(monkeypatch: pytest.MonkeyPatch,
+                                                                     micro_checkpoint: Path, sms_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """No temperature fits (e.g. separable validation data): both adapters are written uncalibrated, with a warning."""
+    from lora_cli import recipe, training
+
+    def no_fit(*args: object) -> dict:
+        raise LoraCliError("no temperature fits the validation data: the NLL keeps falling as T shrinks")
+
+    monkeypatch.setattr(training, "calibrate", no_fit)
+    cfg = recipe.TrainConfig(model=str(micro_checkpoint), data=str(sms_dir), rank=2, epochs=1, max_steps=4,
+                             calibrate=True)
+    said: list[str] = []
+    s = training.setup(cfg, said.append)
+    result = training.train(s, tmp_path / "run", said.append, progress=False)
+    assert result.calibration is None
+    for name in ("adapter.safetensors", "adapter-last.safetensors"):
+        assert load_adapter(tmp_path / "run" / name).calibration is None
+        assert f"warning: --calibrate: no temperature fits the validation data: the NLL keeps falling as T shrinks; " \
+               f"{name} is written uncalibrated" in said
+
+
+def test_train_calibrate_refuses_multilabel(micro_checkpoint: Path, sms_dir: Path, tmp_path: Path) -> None:
+    proc = run_cli("train", "--model", micro_checkpoint, "--data", sms_dir, "--task", "multi-label", "--calibrate",
+                   "--dry-run", "--out", tmp_path / "run")
+    assert_one_error(proc, "--calibrate fits one softmax temperature", "multi-label")
+    assert not (tmp_path / "run").exists()

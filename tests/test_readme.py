@@ -1,7 +1,7 @@
 """The README's shell examples run, in order, and print what the README shows.
 
 Every ```bash and ```console block of README.md is executed in document order in one scratch
-directory with ../shared beside it, as if typed into one shell: variables a ```bash block exports
+directory with ../shared beside it and the repository's scripts/ in it, as if typed into one shell: variables a ```bash block exports
 stay set for the blocks after it. A ```console block holds `$ COMMAND` lines, each followed by
 the output the README shows for it (stdout and stderr together, as a terminal shows them); the
 command's real output must match it line by line and word by word, numbers included, except
@@ -37,7 +37,7 @@ from conftest import SHARED_DATA
 
 README_PATH = Path(__file__).resolve().parents[1] / "README.md"
 README = README_PATH.read_text(encoding="utf-8")
-MAX_SKIPPED = 6  # blocks that need the internet, a GPU cluster or a fresh virtual environment
+MAX_SKIPPED = 7  # blocks that need the internet, a GPU cluster or a fresh virtual environment
 
 TEST_COMMAND = re.compile(r"<!-- test-command -->.*?<!-- /test-command -->", re.S)
 BLOCK = re.compile(
@@ -141,6 +141,7 @@ def run_readme(root: Path, blocks: list[Block] | None = None) -> Session:
     (root / "shared").symlink_to(SHARED_DATA.parent, target_is_directory=True)
     work = root / "work"
     work.mkdir()
+    (work / "scripts").symlink_to(README_PATH.parent / "scripts", target_is_directory=True)  # as in the repository root
     state = root / "shell-state.sh"  # `export -p` after each bash block: one shell session across blocks
     state.write_text("")
     env = {k: v for k, v in os.environ.items()

@@ -1,0 +1,77 @@
+"""The tokenizer of the Llama 3, SmolLM2 and Qwen3 families: a Hugging Face `tokenizer.json`.
+
+`HFTokenizer` answers the calls lora-cli makes of a tiktoken encoding (`encode`,
+`encode_ordinary_batch`, `decode`, `n_vocab`), so data preparation does not care which one it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_cli.errors import LoraCliError
+from lora_cli.families import TIKTOKEN_GPT2, Family
+
+if TYPE_CHECKING:
+    import tokenizers
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` with tiktoken's encode_ordinary semantics.
+
+    Text is data: a special token's spelling inside it (an SMS saying "<|im_end|>") is encoded as
+    ordinary text, never as the control token, and no BOS/EOS is added.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+        tokenizer.encode_special_tokens = True
+        self._tok = tokenizer
+
+    @property
+    def n_vocab(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_ordinary_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def load_tokenizer(path: str | Path) -> HFTokenizer:
+    """The tokenizer in `path`: a tokenizer.json, or a model directory holding one."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise LoraCliError(f"tokenizer file {path} does not exist (a Hugging Face tokenizer.json is needed)")
+    try:
+        return HFTokenizer(Tokenizer.from_file(str(path)))
+    except Exception as exc:  # tokenizers raises a plain Exception for any unreadable file
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise LoraCliError(f"{path} is not a valid tokenizer.json ({reason})") from None
+
+
+def tokenizer_for(family: Family, vocab_size: int, bpe_dir: str | None, tokenizer_json: str | None) -> Any:
+    """The tokenizer a base of `family` reads text with: GPT-2's BPE (tiktoken, `bpe_dir`), or the
+    tokenizer.json the user names, whose ids must all fit the base's vocabulary."""
+    if family.tokenizer == TIKTOKEN_GPT2:
+        if tokenizer_json is not None:
+            raise LoraCliError("--tokenizer is for Llama 3 and Qwen3 bases; a GPT-2 base reads GPT-2's BPE (--bpe-dir)")
+        from lora_cli.tokenizer import get_tokenizer
+
+        return get_tokenizer(bpe_dir)
+    if tokenizer_json is None:
+        raise LoraCliError(f"a {family.name} base reads text with its own tokenizer: pass --tokenizer PATH "
+                           "(the model's tokenizer.json, or the directory holding it)")
+    tokenizer = load_tokenizer(tokenizer_json)
+    if tokenizer.n_vocab > vocab_size:
+        raise LoraCliError(f"{tokenizer_json} has {tokenizer.n_vocab:,} tokens, more than the base's vocabulary of "
+                           f"{vocab_size:,}: it is not this model's tokenizer")
+    return tokenizer
