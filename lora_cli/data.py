@@ -311,18 +311,22 @@ def encode_texts(tokenizer: tiktoken.Encoding, texts: Sequence[str], max_length:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (B, T), right-padded with PAD_TOKEN_ID
+    input_ids: torch.Tensor  # (B, T), right-padded with the family's pad id (never embedded on the packed path)
     last_index: torch.Tensor  # (B,), position of each row's last real token
     labels: torch.Tensor | None  # (B,) class indices, or (B, labels) 0/1 float targets for multi-label
     indices: list[int]  # rows of the data set in this batch
 
 
-def collate(tokens: Sequence[list[int]], labels: Sequence[int] | None, indices: list[int]) -> Batch:
-    """Pad to the longest sequence in this batch only, not to the longest in the data set."""
+def collate(tokens: Sequence[list[int]], labels: Sequence[int] | None, indices: list[int],
+            pad_id: int = PAD_TOKEN_ID) -> Batch:
+    """Pad to the longest sequence in this batch only, not to the longest in the data set.
+
+    `pad_id` must be a token of the model's vocabulary (`Family.pad_id`): the padded reference path embeds it.
+    """
     import torch
 
     longest = max(len(t) for t in tokens)
-    ids = torch.full((len(tokens), longest), PAD_TOKEN_ID, dtype=torch.long)
+    ids = torch.full((len(tokens), longest), pad_id, dtype=torch.long)
     for row, seq in enumerate(tokens):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     last = torch.tensor([len(t) - 1 for t in tokens], dtype=torch.long)
@@ -333,15 +337,16 @@ def collate(tokens: Sequence[list[int]], labels: Sequence[int] | None, indices: 
 
 
 def batches(
-    data: Encoded, batch_size: int, order: Sequence[int] | None = None, drop_last: bool = False
+    data: Encoded, batch_size: int, order: Sequence[int] | None = None, drop_last: bool = False,
+    pad_id: int = PAD_TOKEN_ID,
 ) -> Iterator[Batch]:
-    """Batches in `order` (default: file order)."""
+    """Batches in `order` (default: file order), right-padded with `pad_id`."""
     order = list(range(len(data))) if order is None else list(order)
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
         labels = [data.labels[i] for i in idx] if data.labels is not None else None
-        yield collate([data.tokens[i] for i in idx], labels, idx)
+        yield collate([data.tokens[i] for i in idx], labels, idx, pad_id)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

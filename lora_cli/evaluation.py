@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lora_cli import families
 from lora_cli.data import Encoded, batches
 from lora_cli.model import GPTModel
 from lora_cli.precision import autocast
@@ -22,7 +23,7 @@ def predict_logits(
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.tokens[i]))
     out = torch.empty(len(data), model.out_head.out_features)
-    for batch in batches(Encoded(data.tokens, None), batch_size, order):
+    for batch in batches(Encoded(data.tokens, None), batch_size, order, pad_id=families.of(model.cfg).pad_id):
         with autocast(device, precision):  # last_index stays on the CPU: packing is planned there
             logits = model(batch.input_ids.to(device, non_blocking=True), batch.last_index)
         out[batch.indices] = logits.float().cpu()

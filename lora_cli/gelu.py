@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 _K = 2 * math.sqrt(2 / math.pi)  # 2z = _K * (x + _C * x^3)
 _C = 0.044715
@@ -24,6 +25,13 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return F.gelu(x, approximate="tanh")
     return gelu_tanh(x)
+
+
+class GELU(nn.Module):
+    """GELU with the tanh approximation, as GPT-2 and the book use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

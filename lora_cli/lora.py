@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.errors import LoraCliError
-from lora_cli.gelu import gelu, gelu_tanh, gelu_tanh_backward
+from lora_cli.gelu import GELU, gelu, gelu_tanh, gelu_tanh_backward
 from lora_cli.metadata import SCALINGS
 
 TARGET_PRESETS = ("blocks", "all-linear")
@@ -54,12 +54,17 @@ class LoRALayer(nn.Module):
 
 
 class LinearWithLoRA(nn.Module):
-    """A frozen `nn.Linear` plus a trainable LoRA update."""
+    """A frozen `nn.Linear` plus a trainable LoRA update, which it can merge into the weight and take out again.
+
+    Merged, the update lives inside `.linear.weight` and the branch is skipped; module identity
+    and parameter names stay the same, so an optimizer or a state_dict reader never notices.
+    """
 
     def __init__(self, linear: nn.Linear, rank: int, scale: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.linear = linear
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, scale, dropout)
+        self.merged = False
 
     @property
     def in_features(self) -> int:
@@ -70,6 +75,8 @@ class LinearWithLoRA(nn.Module):
         return self.linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.linear(x)
         if not self._fusable(x):
             return self.linear(x) + self.lora(x)
         return _LinearLoRA.apply(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale, False)
@@ -82,9 +89,38 @@ class LinearWithLoRA(nn.Module):
         the MLP's 4*d-wide activation is stored once instead of twice, a quarter of the
         activation memory of a block, for one extra GELU.
         """
-        if not self._fusable(u):
+        if self.merged or not self._fusable(u):
             return self(gelu(u))
         return _LinearLoRA.apply(u, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale, True)
+
+    def delta(self) -> torch.Tensor:
+        """scale * (A @ B).T in float32, shaped like `.linear.weight` (out, in)."""
+        a, b = self.lora.A.detach().float(), self.lora.B.detach().float()
+        return (a @ b).T * float(self.lora.scale)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into the weight (in float32, rounded once to the weight's dtype); idempotent."""
+        if not self.merged:
+            self._set_weight(self.linear.weight.float() + self.delta().to(self.linear.weight.device))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged update again. Exact up to one rounding: W + d - d is not always W."""
+        if self.merged:
+            self._set_weight(self.linear.weight.float() - self.delta().to(self.linear.weight.device))
+            self.merged = False
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + scale * (A @ B).T in float32, whether or not the update is merged now."""
+        w = self.linear.weight.detach().float()
+        return w if self.merged else w + self.delta().to(w.device)
+
+    def _set_weight(self, value: torch.Tensor) -> None:
+        # A new tensor, not an in-place update: the old one may be shared with the loaded base checkpoint.
+        w = self.linear.weight
+        self.linear.weight = nn.Parameter(value.to(w.dtype), requires_grad=False)
 
     def _fusable(self, x: torch.Tensor) -> bool:
         """Whether the hand-written autograd function below applies: one dtype, no autocast,
@@ -95,8 +131,23 @@ class LinearWithLoRA(nn.Module):
             and not torch.is_autocast_enabled(x.device.type)
             and (frozen or not torch.is_grad_enabled())
             and (isinstance(self.lora.dropout, nn.Identity) or not self.training)
-            and type(self) is LinearWithLoRA  # not a merged layer (lora_cli.merge)
         )
+
+
+class GeluThenLoRA(nn.Sequential):
+    """An MLP `Sequential(up, GELU, down)` whose `down` is a LinearWithLoRA, run as
+    `down.forward_after_gelu(up(x))`: the GELU output is not stored for the backward pass.
+
+    Installed by `apply_lora` in place of the model's own Sequential, with the same children, so
+    state_dict names do not change and the model itself knows nothing of LoRA. Any other contents
+    (e.g. `down` folded back to a plain Linear) run as the plain Sequential.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, act, down = self
+        if isinstance(down, LinearWithLoRA) and isinstance(act, GELU):
+            return down.forward_after_gelu(up(x))
+        return super().forward(x)
 
 
 def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -121,14 +172,14 @@ class _LinearLoRA(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale, gelu_first):  # noqa: ANN001, ANN205 (autograd signature)
+    def forward(ctx, x, weight, bias, A, B, scale, gelu_first):
         out, h = _lora_linear(gelu_tanh(x) if gelu_first else x, weight, bias, A, B, scale)
         ctx.save_for_backward(x.reshape(-1, x.shape[-1]), weight, A, B, h)
         ctx.scale, ctx.input_shape, ctx.gelu_first = scale, x.shape, gelu_first
         return out
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad):
         x, weight, A, B, h = ctx.saved_tensors
         needs_x, needs_A, needs_B = (ctx.needs_input_grad[i] for i in (0, 3, 4))
         scale, grad = ctx.scale, grad.reshape(-1, grad.shape[-1])
@@ -197,6 +248,18 @@ def apply_lora(
         lora = LinearWithLoRA(linear, rank, scale, dropout)
         lora.to(device=linear.weight.device)
         setattr(parent, child, lora)
+        _fuse_gelu(model, parent_name, parent)
+
+
+def _fuse_gelu(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Swap a `Sequential(Linear, tanh GELU, LinearWithLoRA)` for a `GeluThenLoRA` holding the same children."""
+    if not name or type(module) is not nn.Sequential or len(module) != 3:
+        return
+    _, act, down = module
+    if isinstance(act, GELU) and isinstance(down, LinearWithLoRA):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, GeluThenLoRA(*module))
 
 
 def validate_lora_args(rank: int, alpha: float, dropout: float) -> None:

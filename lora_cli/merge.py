@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +18,7 @@ from lora_cli.checkpoint import BASE_FORMAT, BaseCheckpoint
 from lora_cli.errors import LoraCliError
 from lora_cli.fileio import atomic_dir, check_replaceable, save_safetensors, write_text
 from lora_cli.hf_gpt2 import BLOCK_LINEARS, config_to_hf, scratch_to_hf
-from lora_cli.lora import LinearWithLoRA
+from lora_cli.lora import GeluThenLoRA, LinearWithLoRA
 from lora_cli.model import GPTModel
 
 FORMATS = ("native", "hf")
@@ -28,56 +27,20 @@ HF_FILES = (HF_WEIGHTS, "config.json")  # everything a `--format hf` directory h
 HF_PAD_TOKEN_ID = 50256
 
 
-class MergedLinearWithLoRA(LinearWithLoRA):
-    """A LinearWithLoRA whose update is already inside `.linear.weight`: the branch is skipped.
-
-    `merge_lora` switches a module's class to this one and `unmerge_lora` switches it back, so
-    module identity, parameter names and `isinstance(m, LinearWithLoRA)` stay the same.
-    """
-
-    merged = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x)
-
-
-def lora_delta(module: LinearWithLoRA) -> torch.Tensor:
-    """scale * (A @ B).T in float32, shaped like `module.linear.weight` (out, in)."""
-    a, b = module.lora.A.detach().float(), module.lora.B.detach().float()
-    return (a @ b).T * float(module.lora.scale)
-
-
 def _loras(model: nn.Module) -> dict[str, LinearWithLoRA]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
 
 
-@torch.no_grad()
 def merge_lora(model: nn.Module) -> None:
-    """Add every LoRA update into its base weight and disable the branch (idempotent)."""
+    """Add every LoRA update into its base weight and skip the branch (idempotent; `LinearWithLoRA.merge`)."""
     for module in _loras(model).values():
-        if isinstance(module, MergedLinearWithLoRA):
-            continue
-        _set_weight(module, lambda w: w.float() + lora_delta(module).to(w.device))
-        module.__class__ = MergedLinearWithLoRA
+        module.merge()
 
 
-@torch.no_grad()
 def unmerge_lora(model: nn.Module) -> None:
-    """Subtract every merged update again (float32) and re-enable the branch.
-
-    Exact up to one rounding of the weight's dtype: W + d - d is not always W in floating point.
-    """
+    """Take every merged update out again and re-enable the branch (`LinearWithLoRA.unmerge`)."""
     for module in _loras(model).values():
-        if not isinstance(module, MergedLinearWithLoRA):
-            continue
-        _set_weight(module, lambda w: w.float() - lora_delta(module).to(w.device))
-        module.__class__ = LinearWithLoRA
-
-
-def _set_weight(module: LinearWithLoRA, update: Any) -> None:
-    """Give the layer a new weight tensor: the old one may be shared with the loaded base checkpoint."""
-    w = module.linear.weight
-    module.linear.weight = nn.Parameter(update(w).to(w.dtype), requires_grad=False)
+        module.unmerge()
 
 
 @torch.no_grad()
@@ -86,7 +49,7 @@ def fold_lora(model: nn.Module) -> nn.Module:
     for name, module in _loras(model).items():
         base = module.linear
         w = base.weight
-        merged = w.float() if isinstance(module, MergedLinearWithLoRA) else w.float() + lora_delta(module).to(w.device)
+        merged = module.merged_weight()
         linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=w.device, dtype=w.dtype)
         linear.weight.copy_(merged.to(w.dtype))
@@ -98,6 +61,10 @@ def fold_lora(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, linear)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GeluThenLoRA):  # nothing left to fuse: the model's own Sequential again
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Sequential(*module))
     return model
 
 

@@ -17,9 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.config import ModelConfig
-from lora_cli.gelu import gelu
-from lora_cli.lora import LinearWithLoRA
-
+from lora_cli.gelu import GELU
 
 ATTENTION_LAYOUTS = ("auto", "per-sequence", "grid")
 
@@ -78,13 +76,6 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
 
 
-class GELU(nn.Module):
-    """GELU with the tanh approximation, as GPT-2 and the book use."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gelu(x)
-
-
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -93,9 +84,6 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, gelu, down = self.layers
-        if isinstance(down, LinearWithLoRA) and isinstance(gelu, GELU):  # keeps one 4*d activation, not two
-            return down.forward_after_gelu(up(x))
         return self.layers(x)
 
 

@@ -35,12 +35,12 @@ from lora_cli.data import (Batch, Encoded, LabelSet, batches, bucketed_order, cl
                            read_table, stratified_split)
 from lora_cli.errors import LoraCliError
 from lora_cli.evaluation import classification_report, predict_logits
-from lora_cli.hf_tokenizer import tokenizer_for
 from lora_cli.fileio import write_text
+from lora_cli.hf_tokenizer import tokenizer_for
 from lora_cli.model import GPTModel
 from lora_cli.multilabel import MultiLabelSet
-from lora_cli.precision import autocast, cast_frozen_base, configure_matmuls, grad_scaler, resolve_precision
 from lora_cli.paths import resolve_data, resolve_model
+from lora_cli.precision import autocast, cast_frozen_base, configure_matmuls, grad_scaler, resolve_precision
 from lora_cli.recipe import TrainConfig, to_yaml
 from lora_cli.resume import Accumulator, Selection, TrainState
 
@@ -314,7 +314,7 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
         model.train()
         end = max(state.batch, min(steps_per_epoch, state.batch + last_step - state.step))
         mine = rank_share(s, training_order(s, state.epoch), state.batch, end)
-        micro_batches = batches(s.train, cfg.batch_size, mine, drop_last=True)
+        micro_batches = batches(s.train, cfg.batch_size, mine, drop_last=True, pad_id=s.base.family.pad_id)
         bar = tqdm(_groups(micro_batches, s.grad_accum), total=end - state.batch,
                    desc=f"epoch {state.epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for group in bar:

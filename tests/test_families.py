@@ -12,14 +12,15 @@ from typing import Any
 
 import pytest
 import torch
+from decoders import hf_model, max_diff, right_padded
+from hostile import assert_one_error, run_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from decoders import hf_model, max_diff, right_padded
-from hostile import assert_one_error, run_cli
 from lora_cli import families
 from lora_cli.checkpoint import fingerprint, init_checkpoint, load_base
 from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
+from lora_cli.data import Encoded, batches
 from lora_cli.errors import LoraCliError
 from lora_cli.lora import resolve_targets
 
@@ -182,6 +183,11 @@ def test_classifier_trains_only_lora_and_head_and_packs_exactly(bases: dict[str,
         assert padded.shape == (4, 3)
         for layout in ("per-sequence", "grid"):
             assert max_diff(model(ids, last_index=last, attention=layout), padded) < 1e-5
+        # the data pipeline pads with the family's pad id, a token of its vocabulary, so even the padded path runs
+        batch = next(batches(Encoded([row[:n + 1].tolist() for row, n in zip(ids, last)], None), 4,
+                             pad_id=families.get(family).pad_id))
+        assert int(batch.input_ids.max()) < base.config.vocab_size
+        assert max_diff(model(batch.input_ids, last_index=batch.last_index, packed=False), padded) < 1e-5
 
 
 def test_classifier_targets_resolve_on_the_familys_names(bases: dict[str, Path]) -> None:
@@ -275,6 +281,7 @@ def test_convert_of_a_llama_whose_tensors_do_not_fit_its_config_is_one_error(con
 
 def test_import_adapter_refuses_a_base_of_another_family(bases: dict[str, Path], tmp_path: Path) -> None:
     from adapters import narrow_gpt2_base, random_adapter
+
     from lora_cli.peft_format import export_peft
 
     export_peft(random_adapter(narrow_gpt2_base(tmp_path)), tmp_path / "peft")

@@ -433,3 +433,69 @@ def test_fused_lora_layer_falls_back_where_its_backward_does_not_apply() -> None
     assert "LinearLoRA" not in type(dropped(u).grad_fn).__name__
     dropped.eval()  # dropout is the identity in eval mode
     assert "_LinearLoRA" in type(dropped(u).grad_fn).__name__
+
+
+def test_lora_surgery_installs_the_gelu_fused_mlp_and_the_model_knows_nothing_of_lora() -> None:
+    """GPT-2's MLP is a plain Sequential until `apply_lora` targets its output layer; then it is a
+    GeluThenLoRA holding the very same children (same state_dict names), whose forward takes the
+    one-node GELU+LoRA path and equals the plain Sequential's. A LoRA on `ff.layers.0` alone leaves it."""
+    import inspect
+
+    import lora_cli.model as model_module
+    from lora_cli.config import ModelConfig
+    from lora_cli.lora import GeluThenLoRA, LinearWithLoRA, apply_lora
+    from lora_cli.model import GPTModel
+
+    assert "lora" not in inspect.getsource(model_module).lower().replace("lora_cli", "")
+    cfg = ModelConfig(vocab_size=64, context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    names = set(model.state_dict())
+    apply_lora(model, ["trf_blocks.0.ff.layers.0"], rank=2, alpha=2, scaling="alpha")
+    assert all(type(b.ff.layers) is torch.nn.Sequential for b in model.trf_blocks)
+    apply_lora(model, ["trf_blocks.0.ff.layers.2", "trf_blocks.1.ff.layers.2"], rank=2, alpha=2, scaling="alpha")
+    mlp = model.trf_blocks[0].ff.layers
+    assert type(mlp) is GeluThenLoRA and isinstance(mlp[0], LinearWithLoRA) and isinstance(mlp[2], LinearWithLoRA)
+    assert {k.replace(".linear.", ".") for k in model.state_dict() if ".lora." not in k} == names
+    model.requires_grad_(False)
+    for m in mlp.modules():
+        if isinstance(m, LinearWithLoRA):
+            torch.nn.init.normal_(m.lora.B)
+            m.lora.A.requires_grad_(True)
+            m.lora.B.requires_grad_(True)
+    mlp.double()  # float64: the two paths agree to rounding
+    u = torch.randn(3, 5, cfg.emb_dim, dtype=torch.float64, requires_grad=True)
+    fused = mlp(u)
+    assert "_LinearLoRA" in type(fused.grad_fn).__name__
+    plain = torch.nn.Sequential(*mlp)(u)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
+    g_fused = torch.autograd.grad(fused.sum(), [u, mlp[2].lora.A])
+    g_plain = torch.autograd.grad(plain.sum(), [u, mlp[2].lora.A])
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_linear_with_lora_merges_and_unmerges_itself() -> None:
+    """Merged, the layer is the plain Linear of W + scale*(A@B).T (computed in float32); unmerged
+    it is the two-branch layer again; both are idempotent and keep the module and its names."""
+    from lora_cli.lora import LinearWithLoRA
+
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(torch.nn.Linear(8, 4), rank=2, scale=0.5)
+    layer.linear.requires_grad_(False)
+    torch.nn.init.normal_(layer.lora.B)
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        before = layer(x)
+        weight = layer.linear.weight.clone()
+        layer.merge()
+        layer.merge()
+        assert layer.merged
+        torch.testing.assert_close(layer.linear.weight, weight + 0.5 * (layer.lora.A @ layer.lora.B).T)
+        torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.merged_weight(), layer.linear.weight)
+        layer.unmerge()
+        layer.unmerge()
+        assert not layer.merged
+        torch.testing.assert_close(layer.linear.weight, weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-6)

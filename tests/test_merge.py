@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from adapters import NARROW_GPT2, narrow_gpt2_base, random_adapter
 import torch
+from adapters import NARROW_GPT2, narrow_gpt2_base, random_adapter
 from torch import nn
 
 from lora_cli.adapter import model_with_adapter
@@ -14,7 +14,6 @@ from lora_cli.checkpoint import load_base, read_tensors
 from lora_cli.errors import LoraCliError
 from lora_cli.lora import LinearWithLoRA
 from lora_cli.merge import (
-    MergedLinearWithLoRA,
     merge_lora,
     merged_model,
     merged_state,
@@ -47,6 +46,9 @@ def test_merged_model_matches_adapted(base, targets, head_bias):
         plain = merged_model(base, adapter)
         got = plain(x)
     assert not any(isinstance(m, LinearWithLoRA) for m in plain.modules())
+    # the folded model is the plain architecture again, module for module (no LoRA-only wrappers left)
+    fresh = GPTModel(CFG, 2, out_bias=head_bias)
+    assert [(n, type(m)) for n, m in plain.named_modules()] == [(n, type(m)) for n, m in fresh.named_modules()]
     assert (expected - model_with_adapter(base, adapter)(x)).abs().max() == 0
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     state = merged_state(base, adapter)
@@ -66,13 +68,13 @@ def test_merge_and_unmerge_in_place(base):
         merge_lora(model)  # idempotent: merging twice adds the update once
         merged = model(x)
     loras = [m for m in model.modules() if isinstance(m, LinearWithLoRA)]
-    assert loras and all(isinstance(m, MergedLinearWithLoRA) for m in loras)
+    assert loras and all(m.merged for m in loras)
     assert set(model.state_dict()) == set(before)  # same names while merged
     assert not torch.equal(model.state_dict()["trf_blocks.0.att.W_query.linear.weight"],
                            before["trf_blocks.0.att.W_query.linear.weight"])
     torch.testing.assert_close(merged, expected, atol=1e-5, rtol=0)
     unmerge_lora(model)
-    assert not any(isinstance(m, MergedLinearWithLoRA) for m in model.modules())
+    assert not any(m.merged for m in loras) and loras == [m for m in model.modules() if isinstance(m, LinearWithLoRA)]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key], atol=1e-6, rtol=0)
     with torch.no_grad():
