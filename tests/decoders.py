@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,3 +50,17 @@ def hf_model(hf_class: Any, config_class: Any, hf_config: dict[str, Any], seed: 
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     return randomize(hf_class(config), seed)
+
+
+def make_tokenizer_json(path: Path, sms_file: Path, vocab_size: int = 400) -> Path:
+    """A byte-level BPE (inside the tiny presets' 512-token vocabulary) trained on a few SMS texts, saved at `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [line.split("\t", 1)[1] for line in sms_file.read_text(encoding="utf-8").splitlines()[:300]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+    return path

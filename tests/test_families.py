@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from decoders import hf_model, max_diff, right_padded
+from decoders import hf_model, make_tokenizer_json, max_diff, right_padded
 from hostile import assert_one_error, run_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -295,18 +295,7 @@ def test_import_adapter_refuses_a_base_of_another_family(bases: dict[str, Path],
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> Path:
-    """A byte-level BPE of 400 tokens (inside the tiny presets' 512) trained on a few SMS texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    texts = [line.split("\t", 1)[1] for line in sms_file.read_text(encoding="utf-8").splitlines()[:300]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return make_tokenizer_json(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json", sms_file)
 
 
 @pytest.fixture(scope="module")
