@@ -37,7 +37,7 @@ def switches():  # noqa: ANN201
     import torch
     import torch.nn.functional as F
 
-    from lora_cli import lora, model
+    from lora_cli import gelu, lora, model
 
     @contextlib.contextmanager
     def patched(obj, name: str, value):  # noqa: ANN001, ANN202
@@ -61,7 +61,7 @@ def switches():  # noqa: ANN201
         "fused-lora": lambda: patched(lora.LinearWithLoRA, "_fusable", lambda self, x: False),
         "sigmoid-gelu": lambda: _both(
             patched(lora, "gelu_tanh", aten_gelu), patched(lora, "gelu_tanh_backward", aten_gelu_backward),
-            patched(model, "gelu", aten_gelu)),
+            patched(lora, "gelu", aten_gelu), patched(gelu, "gelu", aten_gelu)),  # the fallback and the GELU module
     }
 
 
