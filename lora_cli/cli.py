@@ -200,48 +200,91 @@ def init(
 # ---------------------------------------------------------------- GPT-2 weights
 
 
+DOWNLOAD_NAMES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "smollm2-135m", "smollm2-360m", "llama-3.2-1b",
+                  "qwen3-0.6b")  # gpt2.GPT2_FILES and hub.HUB_MODELS (test_download_families checks), without importing them
+
+
 @app.command()
 @handle_errors
 def download(
-    name: Annotated[str, typer.Argument(help="gpt2-small, gpt2-medium, gpt2-large or gpt2-xl.")],
+    name: Annotated[str, typer.Argument(help="One of " + ", ".join(DOWNLOAD_NAMES) + ".")],
     out: Annotated[Optional[Path], typer.Option(help="Where to write the converted checkpoint. [the cache]")] = None,
     source: Annotated[
-        Optional[str], typer.Option(help="URL of a model.safetensors, or a local Hugging Face directory/file (offline).")
+        Optional[str], typer.Option(help="URL of a GPT-2 model.safetensors, or a local Hugging Face directory/file "
+                                         "(offline, unverified).")
     ] = None,
+    revision: Annotated[Optional[str], typer.Option(
+        help="Hub commit, branch or tag to fetch (SmolLM2, Llama 3.2, Qwen3). [the pinned commit]")] = None,
     force: Annotated[bool, typer.Option(help="Download and convert again even if the file exists.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Fetch OpenAI's GPT-2 weights from Hugging Face, verify them and convert them to the book's layout.
+    """Fetch pretrained weights from the Hugging Face Hub, verify them and convert them to the book's layout.
 
-    The download resumes where it stopped, is checked against the published size and SHA-256,
-    and lands in the cache ($LORA_CLI_HOME, else ~/.cache/lora-cli), so `--model gpt2-small` works.
-    A checkpoint already there is kept (no network) unless --force.
+    GPT-2 (OpenAI's), SmolLM2 and Llama 3.2 (Llama3Model), Qwen3 (Qwen3Model). The download resumes where it
+    stopped, is checked against its size and SHA-256 (pinned, and as the Hub reports it for the commit), and
+    lands in the cache ($LORA_CLI_HOME, else ~/.cache/lora-cli), so `--model NAME` works. For SmolLM2, Llama
+    and Qwen3 the tokenizer.json is kept beside the checkpoint (NAME.tokenizer.json: train, eval and predict
+    need no --tokenizer) and NAME.source.json records the repository, commit and file hashes. Gated models
+    (meta-llama/Llama-3.2-1B) need their license accepted on the Hub and an access token in HF_TOKEN;
+    HF_ENDPOINT points at a mirror. A checkpoint already there is kept (no network) unless --force.
 
     Examples:
-      lora-cli download gpt2-small
+      lora-cli download qwen3-0.6b
+      HF_TOKEN=hf_... lora-cli download llama-3.2-1b
       lora-cli download gpt2-small --source ./gpt2-hf-dir --out gpt2-small.safetensors
     """
     import warnings
 
-    from lora_cli.gpt2 import GPT2_FILES, download_gpt2
-    from lora_cli.info import describe
     from lora_cli.paths import cached_model_path
 
     dest = out if out is not None else cached_model_path(name)
     cached = dest.exists() and not force
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path = download_gpt2(name, out=out, source=source, progress=sys.stderr.isatty(), force=force)
+        result = _download(name, out, source, revision, force)
     for warning in caught:
         echo(f"warning: {warning.message}")
+    path, extra = result
     if as_json:
+        from lora_cli.info import describe
+
         desc = describe(path)
-        origin = source if source is not None else GPT2_FILES[name].model_url
-        print_json({"name": name, "path": str(path), "bytes": desc["bytes"], "cached": cached,
-                    "source": None if cached else origin, "tensors": desc["tensors"],
-                    "parameters": desc["parameters"], "model_config": desc.get("model_config")})
+        print_json({"name": name, "path": str(path), "bytes": desc["bytes"], "cached": cached} | extra
+                   | {"tensors": desc["tensors"], "parameters": desc["parameters"],
+                      "model_config": desc.get("model_config")})
         return
     typer.echo(f"{name}: {path}" + (" (already there; --force downloads again)" if cached else ""))
+
+
+def _download(name: str, out: Optional[Path], source: Optional[str], revision: Optional[str],
+              force: bool) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint, the --json fields that depend on where it came from) of `lora-cli download NAME`."""
+    from lora_cli.gpt2 import GPT2_FILES, download_gpt2
+    from lora_cli.hub import HUB_MODELS, download_hub
+    from lora_cli.paths import cached_model_path
+
+    if name in GPT2_FILES:
+        if revision is not None:
+            raise LoraCliError("--revision is for the Hub models (SmolLM2, Llama 3.2, Qwen3); GPT-2 is pinned")
+        dest = out if out is not None else cached_model_path(name)
+        cached = dest.exists() and not force
+        path = download_gpt2(name, out=out, source=source, progress=sys.stderr.isatty(), force=force)
+        return path, {"source": None if cached else source if source is not None else GPT2_FILES[name].model_url}
+    if name not in HUB_MODELS:
+        raise LoraCliError(f"unknown model {name!r}; choose one of {', '.join([*GPT2_FILES, *HUB_MODELS])}")
+    if source is not None:  # a local copy of the Hub repository: converted offline, tokenizer kept beside it
+        from lora_cli.hf_convert import convert_hf_checkpoint
+
+        dest = out if out is not None else cached_model_path(name)
+        if dest.exists() and not force:
+            return dest, {"source": None}
+        if source.startswith(("http://", "https://")):
+            raise LoraCliError(f"--source for {name} is a local Hugging Face directory; URLs are read from the Hub "
+                               "(HF_ENDPOINT for a mirror)")
+        path, _, _ = convert_hf_checkpoint(source, dest)
+        return path, {"source": source}
+    got = download_hub(name, out=out, revision=revision, force=force, progress=sys.stderr.isatty())
+    return got.path, {"source": got.source, "tokenizer": str(got.tokenizer) if got.tokenizer.is_file() else None}
 
 
 @app.command()
@@ -266,6 +309,10 @@ def convert(
     refuse_overwrite(out, overwrite)
     path, family, cfg = convert_hf_checkpoint(source, out)
     named = {} if family.name == GPT2 else {"family": family.name}  # GPT-2's output is as it always was
+    if named:  # the source directory's tokenizer.json, kept beside the base (hf_convert), where train finds it
+        from lora_cli.paths import tokenizer_path
+
+        named["tokenizer"] = str(tokenizer_path(path)) if tokenizer_path(path).is_file() else None
     if as_json:
         print_json({"source": str(source), "path": str(path), "bytes": path.stat().st_size, "format": "lora-cli-base"}
                    | named | weights_summary(path) | {"model_config": cfg.to_dict()})
@@ -587,12 +634,16 @@ def _utf8_argument(text: str) -> str:
         return text
 
 
-def _tokenizer(adapter: Any, model: Any, bpe_dir: Optional[str]) -> Any:
-    """The tokenizer of the model's family: GPT-2's BPE, or the tokenizer.json that training recorded."""
+def _tokenizer(adapter: Any, model: Any, bpe_dir: Optional[str], base: Optional[str]) -> Any:
+    """The tokenizer of the model's family: GPT-2's BPE, or the tokenizer.json that training recorded, else the
+    one stored beside the base (`base`: --model, else the adapter's recorded base)."""
     from lora_cli.families import of
     from lora_cli.hf_tokenizer import tokenizer_for
+    from lora_cli.paths import resolve_model
 
-    return tokenizer_for(of(model.cfg), model.cfg.vocab_size, bpe_dir, adapter.training_config.get("tokenizer"))
+    base_path = resolve_model(base or adapter.training_config["model"])  # _base_for has found it already
+    return tokenizer_for(of(model.cfg), model.cfg.vocab_size, bpe_dir, adapter.training_config.get("tokenizer"),
+                         base_path)
 
 
 def _max_length(adapter: Any, model: Any, requested: Optional[int]) -> int:
@@ -673,7 +724,7 @@ def evaluate(
     else:
         table = read_table(data, text_column, label_column)
     length = _max_length(ad, net, max_length)
-    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir), table.texts, length)
+    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir, model), table.texts, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
     labels = ad.labels.encode(table.labels, str(data))
@@ -759,7 +810,7 @@ def predict(
 
         merge_lora(net)
     length = _max_length(ad, net, max_length)
-    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir), items, length)
+    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir, model), items, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
     logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
@@ -860,7 +911,7 @@ def calibrate(
     ad, net, dev = _load_for_inference(ad, model, model_config, device, force)
     labels = ad.labels.encode(table.labels, str(data))
     length = _max_length(ad, net, max_length)
-    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir), table.texts, length)
+    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir, model), table.texts, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
     logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))

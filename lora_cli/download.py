@@ -8,7 +8,9 @@ import os
 import re
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,54 @@ from lora_cli.errors import LoraCliError
 from lora_cli.fileio import fsync_dir
 
 CHUNK = 1 << 20
+
+
+class HTTPStatusError(LoraCliError):
+    """The server answered an HTTP error status (`code`), so a caller can explain a 401 or a 404 its own way."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class BearerToken:
+    """An access token sent as `Authorization: Bearer` to one origin (scheme://host:port) only.
+
+    It goes as an unredirected header, so urllib never forwards it; a redirect to the same origin
+    gets it again, one to another host (the Hub's LFS files redirect to a CDN) does not.
+    """
+
+    origin: str
+    token: str = field(repr=False)
+
+    def applies_to(self, url: str) -> bool:
+        return origin(url) == self.origin
+
+
+def origin(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
+
+
+class _AuthRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, auth: BearerToken | None) -> None:
+        self.auth = auth
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and self.auth is not None and self.auth.applies_to(new.full_url):
+            new.add_unredirected_header("Authorization", f"Bearer {self.auth.token}")
+        return new
+
+
+def open_url(url: str, headers: dict[str, str], timeout: float, auth: BearerToken | None = None) -> Any:
+    """urlopen `url` (following redirects) with `auth` sent only where `BearerToken.applies_to` says."""
+    request = urllib.request.Request(url, headers={"User-Agent": f"lora-cli/{__version__}"} | headers)
+    if auth is not None and auth.applies_to(url):
+        request.add_unredirected_header("Authorization", f"Bearer {auth.token}")
+    return urllib.request.build_opener(_AuthRedirects(auth)).open(request, timeout=timeout)
 
 
 def fetch_bytes(url: str, timeout: float = 30.0) -> bytes:
@@ -55,8 +105,9 @@ def download_file(
     expected_size: int | None = None,
     progress: bool = True,
     timeout: float = 30.0,
+    auth: BearerToken | None = None,
 ) -> Path:
-    """Stream `url` to `dest`, resumably, and verify it.
+    """Stream `url` to `dest`, resumably, and verify it (`auth`: a token for the URL's host, see BearerToken).
 
     Bytes go to `dest + ".part"`; a `.part` left by an earlier attempt is continued with an
     HTTP `Range: bytes=N-` request (a server that answers 200 instead of 206 restarts the
@@ -71,7 +122,7 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     expected_sha256 = expected_sha256.lower() if expected_sha256 else None
     for attempt in range(2):  # a second pass only after discarding a stale .part
-        digest, restart = _stream_to_part(url, part, expected_size, progress, timeout)
+        digest, restart = _stream_to_part(url, part, expected_size, progress, timeout, auth)
         if not restart:
             break
         part.unlink(missing_ok=True)
@@ -99,7 +150,7 @@ def download_file(
 
 
 def _stream_to_part(
-    url: str, part: Path, expected_size: int | None, progress: bool, timeout: float
+    url: str, part: Path, expected_size: int | None, progress: bool, timeout: float, auth: BearerToken | None
 ) -> tuple[Any, bool]:
     """Append the rest of `url` to `part`; (sha256 of the whole .part, whether to restart from zero)."""
     from tqdm import tqdm
@@ -112,13 +163,10 @@ def _stream_to_part(
         with open(part, "rb") as f:
             while block := f.read(CHUNK):
                 digest.update(block)
-    headers = {"User-Agent": f"lora-cli/{__version__}"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    request = urllib.request.Request(url, headers=headers)
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
     received = 0
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with open_url(url, headers, timeout, auth) as response:
             length = _int_header(response.headers.get("Content-Length"))
             if offset and response.status == 206:
                 start, total = _content_range(response.headers.get("Content-Range"))
@@ -162,7 +210,7 @@ def _stream_to_part(
             if size is not None and size == offset:
                 return digest, False  # the .part already holds the whole file
             return digest, True
-        raise LoraCliError(f"download failed: {url} answered HTTP {exc.code} {exc.reason}") from exc
+        raise HTTPStatusError(f"download failed: {url} answered HTTP {exc.code} {exc.reason}", exc.code) from exc
     except LoraCliError:
         raise
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # OSError: resets, timeouts

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_cli.errors import LoraCliError
 from lora_cli.families import TIKTOKEN_GPT2, Family
+from lora_cli.paths import tokenizer_path
 
 if TYPE_CHECKING:
     import tokenizers
@@ -58,18 +59,25 @@ def load_tokenizer(path: str | Path) -> HFTokenizer:
         raise LoraCliError(f"{path} is not a valid tokenizer.json ({reason})") from None
 
 
-def tokenizer_for(family: Family, vocab_size: int, bpe_dir: str | None, tokenizer_json: str | None) -> Any:
-    """The tokenizer a base of `family` reads text with: GPT-2's BPE (tiktoken, `bpe_dir`), or the
-    tokenizer.json the user names, whose ids must all fit the base's vocabulary."""
+def tokenizer_for(family: Family, vocab_size: int, bpe_dir: str | None, tokenizer_json: str | None,
+                  base_path: str | Path | None = None) -> Any:
+    """The tokenizer a base of `family` reads text with: GPT-2's BPE (tiktoken, `bpe_dir`), or a tokenizer.json:
+    the one the user names, else the one stored beside the base (`paths.tokenizer_path`, written by
+    `lora-cli download` and `convert`). Its ids must all fit the base's vocabulary."""
     if family.tokenizer == TIKTOKEN_GPT2:
         if tokenizer_json is not None:
             raise LoraCliError("--tokenizer is for Llama 3 and Qwen3 bases; a GPT-2 base reads GPT-2's BPE (--bpe-dir)")
         from lora_cli.tokenizer import get_tokenizer
 
         return get_tokenizer(bpe_dir)
+    if tokenizer_json is None and base_path is not None:
+        beside = tokenizer_path(base_path)
+        tokenizer_json = str(beside) if beside.is_file() else None
     if tokenizer_json is None:
-        raise LoraCliError(f"a {family.name} base reads text with its own tokenizer: pass --tokenizer PATH "
-                           "(the model's tokenizer.json, or the directory holding it)")
+        where = "" if base_path is None else f" (none is stored beside the base as {tokenizer_path(base_path)})"
+        raise LoraCliError(f"a {family.name} base reads text with its own tokenizer{where}: pass --tokenizer PATH "
+                           "(the model's tokenizer.json, or the directory holding it); `lora-cli download NAME` "
+                           "stores it beside the checkpoint")
     tokenizer = load_tokenizer(tokenizer_json)
     if tokenizer.n_vocab > vocab_size:
         raise LoraCliError(f"{tokenizer_json} has {tokenizer.n_vocab:,} tokens, more than the base's vocabulary of "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lora_cli.config import PRESETS
 from lora_cli.errors import LoraCliError
 from lora_cli.fileio import read_json_object
 
@@ -28,12 +27,28 @@ def cached_model_path(name: str) -> Path:
     return home() / "models" / f"{name}.safetensors"
 
 
+def tokenizer_path(base: str | os.PathLike[str]) -> Path:
+    """Where the tokenizer.json of base checkpoint `X.safetensors` lives: `X.tokenizer.json`, beside it.
+
+    `lora-cli download` and `lora-cli convert` put it there, and training, eval and predict look there
+    when no --tokenizer is given, so a downloaded Llama 3 / SmolLM2 / Qwen3 base needs no flag.
+    """
+    return Path(base).with_suffix(".tokenizer.json")
+
+
+def source_path(base: str | os.PathLike[str]) -> Path:
+    """`X.source.json` beside base `X.safetensors`: where `lora-cli download` got it (repo, commit, file hashes)."""
+    return Path(base).with_suffix(".source.json")
+
+
 def resolve_model(model: str) -> Path:
-    """A checkpoint path, or a GPT-2 name (`gpt2-small`, ...) found in the cache."""
+    """A checkpoint path, or a preset name (`gpt2-small`, `qwen3-0.6b`, ...) found in the cache."""
+    from lora_cli.families import PRESET_NAMES
+
     path = Path(model)
     if path.exists():
         return path
-    if model in PRESETS:
+    if any(model in names for names in PRESET_NAMES.values()):
         cached = cached_model_path(model)
         if cached.is_file():
             return cached

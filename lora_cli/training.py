@@ -150,7 +150,7 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
     # a data directory's dataset.json names integer class ids; multi-label labels are names already
     labels = MultiLabelSet.from_training(train_table.labels, cfg.label_columns or cfg.label_names) if multi \
         else LabelSet.from_training(train_table.labels, cfg.label_names or dataset_names)
-    tokenizer = tokenizer_for(base.family, base.config.vocab_size, cfg.bpe_dir, cfg.tokenizer)
+    tokenizer = tokenizer_for(base.family, base.config.vocab_size, cfg.bpe_dir, cfg.tokenizer, base.path)
     if cfg.max_length is not None and cfg.max_length > base.config.context_length:
         raise LoraCliError(f"--max-length {cfg.max_length} is longer than the model's context ({base.config.context_length} tokens)")
     max_length = cfg.max_length or base.config.context_length
