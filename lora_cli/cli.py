@@ -927,28 +927,61 @@ def calibrate(
 
 # ---------------------------------------------------------------- export
 
+HfTokenizerOption = Annotated[Optional[str], typer.Option("--tokenizer", help=(
+    "The base's tokenizer.json (or its directory), for the pad_token_id a Hugging Face classifier needs. "
+    "[the one training used, else the one beside the base]"))]
+
+
+def _hf_pad_id(adapter: Any, base_path: Optional[Path], tokenizer: Optional[str]) -> int:
+    """pad_token_id for the adapter as a Hugging Face classifier, which pools each row's last token that is
+    not it: a special token of the base's tokenizer (--tokenizer, else as `_tokenizer` finds it), which
+    text never encodes to. GPT-2's pad id is one already; else the family's, with a warning."""
+    from lora_cli.families import TOKENIZER_JSON, of
+    from lora_cli.hf_tokenizer import tokenizer_for
+
+    family = of(adapter.model_config)
+    if family.tokenizer != TOKENIZER_JSON:
+        return family.pad_id
+    where = tokenizer or adapter.training_config.get("tokenizer")
+    try:
+        pad_id = tokenizer_for(family, adapter.model_config.vocab_size, None, where, base_path).pad_id
+        reason = f"the tokenizer {where or 'beside the base'} has no special token"
+    except LoraCliError as exc:
+        if tokenizer is not None:
+            raise
+        pad_id, reason = None, f"no tokenizer: {exc}"
+    if pad_id is None:
+        echo(f"warning: pad_token_id is {family.pad_id}, the family's pad id ({reason}); in transformers a text "
+             f"ending in token {family.pad_id} will pool one token early: pass --tokenizer PATH (the base's "
+             "tokenizer.json, with a special token such as <|endoftext|>)")
+        return family.pad_id
+    return pad_id
+
 
 @app.command("export-adapter")
 @handle_errors
 def export_adapter(
     source: Annotated[Path, typer.Argument(help="Run directory, training checkpoint (.pt) or adapter file.")],
     out: Annotated[Path, typer.Option(help="Adapter file to write (.safetensors); a directory with --format peft.")],
-    output_format: Annotated[str, typer.Option("--format", help="native (lora-cli) or peft (Hugging Face PEFT, GPT-2).")] = "native",
+    output_format: Annotated[str, typer.Option("--format", help="native (lora-cli) or peft (Hugging Face PEFT).")] = "native",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    tokenizer: HfTokenizerOption = None,
     overwrite: OverwriteOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Write a standalone adapter: LoRA factors and the task head, with metadata.
 
     --format peft writes adapter_model.safetensors + adapter_config.json that
-    peft.PeftModel.from_pretrained(GPT2ForSequenceClassification(...), DIR) loads; the head must
-    have no bias (train with --no-head-bias), since Hugging Face's `score` has none.
+    peft.PeftModel.from_pretrained(M(...), DIR) loads, M the family's GPT2-, Llama- or
+    Qwen3ForSequenceClassification; the head must have no bias (train with --no-head-bias), since
+    Hugging Face's `score` has none.
 
     Examples:
       lora-cli export-adapter runs/tiny --out spam-adapter.safetensors --dtype bfloat16
       lora-cli export-adapter runs/tiny --format peft --out spam-peft/
     """
     from lora_cli.adapter import load_adapter, save_adapter
+    from lora_cli.families import of
 
     if output_format not in ("native", "peft"):
         raise LoraCliError(f"--format must be native or peft, got {output_format!r}")
@@ -960,7 +993,9 @@ def export_adapter(
         from lora_cli.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE, export_peft
 
         refuse_overwrite(out / ADAPTER_WEIGHTS, overwrite)
-        export_peft(adapter, out, dtype)
+        recorded = adapter.training_config.get("model")  # where a tokenizer may be stored beside the base
+        pad_id = _hf_pad_id(adapter, Path(recorded) if recorded and Path(recorded).exists() else None, tokenizer)
+        export_peft(adapter, out, dtype, pad_id)
         if adapter.calibration:
             echo(f"warning: the calibration temperature ({adapter.temperature:.4g}) is not carried over: the PEFT "
                  "format has no place for it; divide the logits by it yourself")
@@ -969,11 +1004,14 @@ def export_adapter(
                  zip(adapter.labels.names, adapter.labels.decision)) + ") are not carried over: the PEFT format has "
                  "no place for them; predict a label where sigmoid(logit) >= its threshold")
         files = written(out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG, out / METADATA_FILE)
+        gpt2 = of(adapter.model_config).name == "gpt2"  # its pad id is as before: not recorded
         if as_json:
-            print_json(result | weights_summary(out / ADAPTER_WEIGHTS) | {"files": files})
+            print_json(result | ({} if gpt2 else {"pad_token_id": pad_id}) | weights_summary(out / ADAPTER_WEIGHTS)
+                       | {"files": files})
             return
-        typer.echo(f"wrote {out}/: PEFT LoRA adapter for GPT2ForSequenceClassification, {dtype}, "
-                   f"{sum(f['bytes'] for f in files) / 1e6:.2f} MB")
+        typer.echo(f"wrote {out}/: PEFT LoRA adapter for {of(adapter.model_config).hf_classifier.architecture}, {dtype}, "
+                   f"{sum(f['bytes'] for f in files) / 1e6:.2f} MB" + ("" if gpt2 else f"; set pad_token_id={pad_id} "
+                                                                      "on the model's config"))
         return
     refuse_overwrite(out, overwrite)
     save_adapter(out, adapter, dtype)
@@ -987,13 +1025,13 @@ def export_adapter(
 @handle_errors
 def import_adapter(
     source: Annotated[Path, typer.Argument(help="PEFT adapter directory (adapter_config.json + weights).")],
-    model: Annotated[str, typer.Option(help="The from-scratch base checkpoint (converted GPT-2) it belongs to.")],
+    model: Annotated[str, typer.Option(help="The from-scratch base checkpoint it belongs to (the PEFT base model, converted).")],
     out: Annotated[Path, typer.Option(help="lora-cli adapter file to write (.safetensors).")],
     model_config: ModelConfigOption = None,
     overwrite: OverwriteOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Turn a PEFT LoRA adapter for GPT-2 sequence classification into a lora-cli adapter (exact mappings only).
+    """Turn a PEFT LoRA adapter for GPT-2, Llama 3 or Qwen3 sequence classification into a lora-cli adapter (exact mappings only).
 
     Example: lora-cli import-adapter spam-peft/ --model gpt2-small --out spam.safetensors
     """
@@ -1022,8 +1060,9 @@ def merge(
     out: Annotated[Path, typer.Option(help="Merged checkpoint: a .safetensors file (native) or a directory (hf).")],
     model: BaseOption = None,
     model_config: ModelConfigOption = None,
-    output_format: Annotated[str, typer.Option("--format", help="native (the book's layout) or hf (GPT2ForSequenceClassification).")] = "native",
+    output_format: Annotated[str, typer.Option("--format", help="native (the book's layout) or hf (the family's *ForSequenceClassification).")] = "native",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (the merge itself is float32).")] = "float32",
+    tokenizer: HfTokenizerOption = None,
     force: ForceOption = False,
     overwrite: OverwriteOption = False,
     as_json: JsonOption = False,
@@ -1040,15 +1079,18 @@ def merge(
     refuse_overwrite(out / HF_WEIGHTS if output_format == "hf" else out, overwrite)
     ad = load_adapter(adapter)
     base = _base_for(ad, model, model_config)
-    save_merged(out, base, ad, format=output_format, dtype=dtype, force=force)
+    pad_id = _hf_pad_id(ad, base.path, tokenizer) if output_format == "hf" else None
+    save_merged(out, base, ad, format=output_format, dtype=dtype, force=force, pad_id=pad_id)
+    padding = {} if pad_id is None else {"pad_token_id": pad_id}
     if as_json:
         weights = out / HF_WEIGHTS if output_format == "hf" else out
         files = written(weights, out / "config.json") if output_format == "hf" else written(out)
         print_json({"adapter": str(adapter), "model": str(base.path), "out": str(out), "format": output_format,
                     "dtype": dtype, "lora_layers": len(ad.spec.targets), "classes": ad.labels.names}
-                   | weights_summary(weights) | {"files": files})
+                   | padding | weights_summary(weights) | {"files": files})
         return
-    typer.echo(f"wrote {out}: merged {len(ad.spec.targets)} LoRA layers ({output_format}, {dtype})")
+    typer.echo(f"wrote {out}: merged {len(ad.spec.targets)} LoRA layers ({output_format}, {dtype}"
+               + "".join(f", {k} {v}" for k, v in padding.items()) + ")")
 
 
 @app.command()

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lora_cli.errors import LoraCliError
-from lora_cli.schema import Bool, Float, Int, Obj, Rule, check
+from lora_cli.schema import Bool, CheckedConfig, Float, Int, Obj, Rule
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Shape of a GPTModel; field names are the book's `GPT_CONFIG_124M` keys."""
+class ModelConfig(CheckedConfig):
+    """Shape of a GPTModel; field names are the book's `GPT_CONFIG_124M` keys. A missing key takes the default."""
 
     vocab_size: int = 50257
     context_length: int = 1024
@@ -23,21 +21,6 @@ class ModelConfig:
     n_layers: int = 12
     drop_rate: float = 0.0
     qkv_bias: bool = True
-
-    def __post_init__(self) -> None:
-        check(self.to_dict(), MODEL_CONFIG, "model config")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "model config") -> ModelConfig:
-        """Build from a dict such as the book's config (metadata, a JSON file): checked by MODEL_CONFIG,
-        so unknown keys are an error, not ignored, and `where` names the source in the message."""
-        return cls(**check(data, MODEL_CONFIG, where))
 
 
 def _heads_divide_width(cfg: dict[str, Any]) -> str | None:
@@ -52,6 +35,7 @@ MODEL_CONFIG = Rule(Obj({}, optional={
     "vocab_size": Int(min=1), "context_length": Int(min=1), "emb_dim": Int(min=1), "n_heads": Int(min=1),
     "n_layers": Int(min=1), "drop_rate": Float(min=0.0, below=1.0), "qkv_bias": Bool(),
 }), _heads_divide_width)
+ModelConfig.SCHEMA = MODEL_CONFIG
 
 
 GPT2_BASE = dict(vocab_size=50257, context_length=1024, qkv_bias=True, drop_rate=0.0)

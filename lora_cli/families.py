@@ -31,6 +31,19 @@ TOKENIZER_JSON = "tokenizer.json"  # a Hugging Face tokenizer.json (lora_cli.hf_
 
 
 @dataclass(frozen=True)
+class HfClassifier:
+    """A family's transformers *ForSequenceClassification as PEFT adapters and `merge --format hf` name it.
+
+    Its block modules are `Family.peft_names` (several native Linears on one module: fused, in that
+    order along the output); the head is `score`, a Linear without bias.
+    """
+
+    architecture: str  # config.json `architectures`, e.g. "LlamaForSequenceClassification"
+    blocks: str  # module path of the block list: block i is f"{blocks}.{i}"
+    conv1d: bool = False  # the block modules are Conv1D, weight (in, out): PEFT's fan_in_fan_out
+
+
+@dataclass(frozen=True)
 class Family:
     """One architecture. Configs are frozen dataclasses with `from_dict(data, where)`, `to_dict()`, `to_json()`."""
 
@@ -45,7 +58,8 @@ class Family:
     config_from_hf: Callable[..., Any]  # (config.json dict, where) -> cfg
     config_to_hf: Callable[[Any], dict[str, Any]]
     lora_targets: tuple[str, ...]  # the Linear layers a LoRA may target, as lora.resolve_targets patterns
-    peft_names: Mapping[str, str]  # native name -> Hugging Face module name (PEFT target_modules)
+    peft_names: Mapping[str, str]  # block-relative native Linear -> Hugging Face module (PEFT target_modules); out_head -> score
+    hf_classifier: HfClassifier
     tokenizer: str  # TIKTOKEN_GPT2 or TOKENIZER_JSON
     pad_id: int  # what batches are right-padded with: never attended to, but embedded on the padded path
     learned_positions: bool = False  # a `pos_emb` tensor of (context_length, emb_dim); RoPE families have none
@@ -104,7 +118,8 @@ GPT2_FAMILY = Family(
     hf_model_types=("gpt2",), hf_to_native=_gpt2_hf_to_native, native_to_hf=_gpt2_native_to_hf,
     config_from_hf=_gpt2_config_from_hf, config_to_hf=_gpt2_config_to_hf,
     lora_targets=("W_query", "W_key", "W_value", "out_proj", "*.ff.layers.0", "*.ff.layers.2", "out_head"),
-    peft_names=_GPT2_PEFT, tokenizer=TIKTOKEN_GPT2, pad_id=50256, learned_positions=True,
+    peft_names=_GPT2_PEFT, hf_classifier=HfClassifier("GPT2ForSequenceClassification", "transformer.h", conv1d=True),
+    tokenizer=TIKTOKEN_GPT2, pad_id=50256, learned_positions=True,
 )
 
 # family name -> (the module that defines its FAMILY, its preset names: for --help without importing

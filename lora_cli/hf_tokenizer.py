@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,9 @@ from lora_cli.paths import tokenizer_path
 
 if TYPE_CHECKING:
     import tokenizers
+
+# Added special tokens that end or pad a sequence: `<|endoftext|>`, `<|end_of_text|>`, `<eos>`, `<pad>`
+_PAD_LIKE = re.compile(r"eos|end_?of_?text|pad", re.IGNORECASE)
 
 
 class HFTokenizer:
@@ -32,6 +36,21 @@ class HFTokenizer:
     @property
     def n_vocab(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def pad_id(self) -> int | None:
+        """An added special token's id, which encoding text never produces (`encode_special_tokens`): the
+        pad_token_id a Hugging Face *ForSequenceClassification needs to pool each text's last token.
+
+        The tokenizer.json's padding token if it is special, else the first special token named like
+        eos / endoftext / end_of_text / pad, else the first special token; None without special tokens.
+        """
+        special = {i: t.content for i, t in sorted(self._tok.get_added_tokens_decoder().items()) if t.special}
+        padding = self._tok.padding
+        if padding is not None and padding["pad_id"] in special:
+            return padding["pad_id"]
+        named = [i for i, content in special.items() if _PAD_LIKE.search(content)]
+        return next(iter(named or special), None)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -52,9 +52,12 @@ class RMSNorm(nn.Module):
         self.register_parameter(weight_name, nn.Parameter(torch.ones(dim)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self, self.weight_name)
+        if x.dtype == weight.dtype == torch.float32:  # torch's fused kernel: the same numbers, fewer passes
+            return F.rms_norm(x, weight.shape, weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * getattr(self, self.weight_name).float()).to(x.dtype)
+        return (normed * weight.float()).to(x.dtype)
 
 
 def rope_tables(
@@ -77,10 +80,19 @@ def rope_tables(
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the last dimension of `x` (the book's half-split layout); cos/sin broadcast against x."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """`sin` with its first half negated, the table `apply_rope` takes."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate the last dimension of `x` (the book's half-split layout); the tables broadcast against x.
+
+    The book's `x * cos + cat(-x2, x1) * sin` with the sign folded into the table (`signed_sin`):
+    cat(-x2, x1) * sin = roll(x, half) * signed_sin, one pass fewer and no negated copy of x.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed).to(x.dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -225,10 +237,11 @@ class Decoder(nn.Module):
         self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rope(self, positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of positions 0..positions-1 on `device`, float32, cached per device."""
+        """(cos, signed sin) of positions 0..positions-1 on `device`, float32, cached per device (`apply_rope`)."""
         cos, sin = self._rope.get(device, (None, None))
         if cos is None or cos.shape[0] < positions:
-            cos, sin = (t.to(device) for t in rope_tables(self.head_dim, self.cfg.rope_base, positions, self.rope_freq))
+            cos, sin = rope_tables(self.head_dim, self.cfg.rope_base, positions, self.rope_freq)
+            cos, sin = cos.to(device), signed_sin(sin).to(device)
             self._rope[device] = cos, sin
         return cos[:positions], sin[:positions]
 
@@ -286,6 +299,8 @@ PEFT_NAMES = {
     "fc1": "gate_proj", "fc2": "up_proj", "fc3": "down_proj", "out_head": "score",
 }
 LORA_TARGETS = tuple(PEFT_NAMES)
+# Family.peft_names: each block Linear's Hugging Face module (none fused), the head is `score`.
+PEFT_MODULES = {n: h for n, h in HF_BLOCK.items() if not n.startswith("norm")} | {"out_head": "score"}
 
 
 def _key_map(cfg: DecoderConfig, block: Mapping[str, str], norm: str) -> dict[str, str]:

@@ -8,18 +8,16 @@ transformers' LlamaForCausalLM and LlamaForSequenceClassification.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from lora_cli import layers
 from lora_cli.errors import LoraCliError
-from lora_cli.families import TOKENIZER_JSON, Family
-from lora_cli.schema import Bool, Float, Int, Nullable, Obj, Rule, check
+from lora_cli.families import TOKENIZER_JSON, Family, HfClassifier
+from lora_cli.schema import Bool, CheckedConfig, Float, Int, Nullable, Obj, Rule
 
 NORM_EPS = 1e-5
 NORM_WEIGHT = "weight"  # torch's nn.RMSNorm, as the book uses
@@ -28,7 +26,7 @@ PEFT_NAMES = layers.PEFT_NAMES  # native leaf name -> Hugging Face's (PEFT targe
 
 
 @dataclass(frozen=True)
-class Llama3Config:
+class Llama3Config(CheckedConfig):
     """Shape of a Llama3Model; field names are the book's LLAMA32_CONFIG keys (without dtype)."""
 
     vocab_size: int
@@ -42,23 +40,11 @@ class Llama3Config:
     rope_freq: dict[str, float] | None = None  # Llama 3.1+'s frequency scaling; None for plain RoPE
     tie_embeddings: bool = False
 
-    def __post_init__(self) -> None:
-        check(self.to_dict(), LLAMA3_CONFIG, "llama3 model config")
+    WHAT: ClassVar[str] = "llama3 model config"
 
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "llama3 model config") -> Llama3Config:
-        """Build from a dict with the book's keys; unknown keys are an error and `where` names the source."""
-        return cls(**check(data, LLAMA3_CONFIG, where))
 
 
 def _freq_problem(freq: dict[str, Any]) -> str | None:
@@ -81,6 +67,7 @@ LLAMA3_CONFIG = Rule(Obj(
     {k: Int(min=1) for k in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "hidden_dim", "n_kv_groups")},
     optional={"rope_base": Float(above=0), "rope_freq": Nullable(ROPE_FREQ), "tie_embeddings": Bool()},
 ), _shape_problem)
+Llama3Config.SCHEMA = LLAMA3_CONFIG
 
 LLAMA32_FREQ = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context_length": 8192}
 PRESETS: dict[str, Llama3Config] = {
@@ -159,6 +146,6 @@ def config_to_hf(cfg: Llama3Config) -> dict[str, Any]:
 FAMILY = Family(
     name="llama3", config_class=Llama3Config, config_schema=LLAMA3_CONFIG, presets=PRESETS, model=Llama3Model,
     hf_model_types=("llama",), hf_to_native=hf_to_native, native_to_hf=native_to_hf,
-    config_from_hf=config_from_hf, config_to_hf=config_to_hf, lora_targets=LORA_TARGETS, peft_names=PEFT_NAMES,
-    tokenizer=TOKENIZER_JSON, pad_id=0,
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, lora_targets=LORA_TARGETS, peft_names=layers.PEFT_MODULES,
+    hf_classifier=HfClassifier("LlamaForSequenceClassification", "model.layers"), tokenizer=TOKENIZER_JSON, pad_id=0,
 )

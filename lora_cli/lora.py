@@ -93,6 +93,17 @@ class LinearWithLoRA(nn.Module):
             return self(gelu(u))
         return _LinearLoRA.apply(u, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale, True)
 
+    def forward_after_swiglu(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """`self(silu(a) * b)`, SwiGLU's down projection (a: the gate's output, b: the up's).
+
+        In training this keeps only `a` and `b` for the backward pass and recomputes
+        `silu(a) * b` there: two hidden-wide activations per block instead of autograd's four
+        (a, silu(a), b and the product), for one extra sigmoid and two products.
+        """
+        if self.merged or not self._fusable(a) or b.dtype != a.dtype:
+            return self(F.silu(a) * b)
+        return _SwiGLULoRA.apply(a, b, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale)
+
     def delta(self) -> torch.Tensor:
         """scale * (A @ B).T in float32, shaped like `.linear.weight` (out, in)."""
         a, b = self.lora.A.detach().float(), self.lora.B.detach().float()
@@ -149,6 +160,38 @@ class GeluThenLoRA(nn.Sequential):
             return down.forward_after_gelu(up(x))
         return super().forward(x)
 
+    def unfused(self) -> nn.Module:
+        return nn.Sequential(*self)
+
+
+class SwiGLUThenLoRA(nn.Module):
+    """A SwiGLU MLP (`fc3(silu(fc1(x)) * fc2(x))`, `lora_cli.layers.FeedForward`) whose down
+    projection `fc3` is a LinearWithLoRA, run through `fc3.forward_after_swiglu`.
+
+    Installed by `apply_lora` in place of the model's FeedForward, holding the same three children
+    under the same names, so state_dict keys do not change and the model knows nothing of LoRA.
+    """
+
+    def __init__(self, ff: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = ff.fc1, ff.fc2, ff.fc3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.fc3, LinearWithLoRA):
+            return self.fc3.forward_after_swiglu(self.fc1(x), self.fc2(x))
+        return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))
+
+    def unfused(self) -> nn.Module:
+        from lora_cli.layers import FeedForward
+
+        with torch.device("meta"):  # only the shell: the children are this module's
+            ff = FeedForward(self.fc1.in_features, self.fc1.out_features)
+        ff.fc1, ff.fc2, ff.fc3 = self.fc1, self.fc2, self.fc3
+        return ff
+
+
+FUSED_MLPS = (GeluThenLoRA, SwiGLUThenLoRA)  # what `unfuse` turns back into the model's own modules
+
 
 def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
                  B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +238,39 @@ class _LinearLoRA(torch.autograd.Function):
         grad_A = (inp.t() @ gh).mul_(scale) if needs_A else None
         grad_x = None if grad_x is None else grad_x.view(ctx.input_shape)
         return grad_x, None, None, grad_A, grad_B, None, None
+
+
+class _SwiGLULoRA(torch.autograd.Function):
+    """`LinearWithLoRA(silu(a) * b)` in one autograd node that saves `a` and `b` (and the rank-r
+    product), not the hidden-wide `silu(a)` and `silu(a) * b`, and recomputes them backward."""
+
+    @staticmethod
+    def forward(ctx, a, b, weight, bias, A, B, scale):  # noqa: ANN001, ANN205 (autograd signature)
+        out, h = _lora_linear(F.silu(a) * b, weight, bias, A, B, scale)
+        ctx.save_for_backward(a, b, weight, A, B, h)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        a, b, weight, A, B, h = ctx.saved_tensors
+        needs_a, needs_b, needs_A, needs_B = (ctx.needs_input_grad[i] for i in (0, 1, 4, 5))
+        scale, shape = ctx.scale, a.shape
+        grad = grad.reshape(-1, grad.shape[-1])
+        a, b = a.reshape(-1, shape[-1]), b.reshape(-1, shape[-1])
+        gh = grad @ B.t()  # the gradient of `inp A`, before the scale
+        grad_B = (h.t() @ grad).mul_(scale) if needs_B else None
+        sig = torch.sigmoid(a)
+        silu = a * sig
+        grad_A = ((silu * b).t() @ gh).mul_(scale) if needs_A else None
+        grad_a = grad_b = None
+        if needs_a or needs_b:
+            grad_inp = (grad @ weight).addmm_(gh, A.t(), alpha=scale)
+            if needs_b:
+                grad_b = (grad_inp * silu).view(shape)
+            if needs_a:  # silu'(a) = sig * (1 + a * (1 - sig))
+                grad_a = grad_inp.mul_(b).mul_(sig * (1 + a * (1 - sig))).view(shape)
+        return grad_a, grad_b, None, None, grad_A, grad_B, None
 
 
 def resolve_targets(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
@@ -248,18 +324,34 @@ def apply_lora(
         lora = LinearWithLoRA(linear, rank, scale, dropout)
         lora.to(device=linear.weight.device)
         setattr(parent, child, lora)
-        _fuse_gelu(model, parent_name, parent)
+        _fuse_mlp(model, parent_name, parent)
 
 
-def _fuse_gelu(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Swap a `Sequential(Linear, tanh GELU, LinearWithLoRA)` for a `GeluThenLoRA` holding the same children."""
-    if not name or type(module) is not nn.Sequential or len(module) != 3:
+def _fuse_mlp(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Swap an MLP whose output layer now has a LoRA for its one-node version holding the same
+    children: a `Sequential(Linear, tanh GELU, LinearWithLoRA)` (GPT-2) for a `GeluThenLoRA`, a
+    SwiGLU `FeedForward` (Llama 3, Qwen3) for a `SwiGLUThenLoRA`."""
+    from lora_cli.layers import FeedForward
+
+    if not name:
         return
-    _, act, down = module
-    if isinstance(act, GELU) and isinstance(down, LinearWithLoRA):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, GeluThenLoRA(*module))
+    if type(module) is nn.Sequential and len(module) == 3 and isinstance(module[1], GELU) \
+            and isinstance(module[2], LinearWithLoRA):
+        fused: nn.Module = GeluThenLoRA(*module)
+    elif type(module) is FeedForward and isinstance(module.fc3, LinearWithLoRA):
+        fused = SwiGLUThenLoRA(module)
+    else:
+        return
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, fused)
+
+
+def unfuse(model: nn.Module) -> None:
+    """Put the model's own MLP modules back in place of the fused ones (after folding the LoRA away)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FUSED_MLPS):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.unfused())
 
 
 def validate_lora_args(rank: int, alpha: float, dropout: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,15 +17,15 @@ from lora_cli import __version__, families
 from lora_cli.adapter import DTYPES, Adapter, model_with_adapter
 from lora_cli.checkpoint import BASE_FORMAT, BaseCheckpoint
 from lora_cli.errors import LoraCliError
+from lora_cli.families import Family
 from lora_cli.fileio import atomic_dir, check_replaceable, save_safetensors, write_text
-from lora_cli.hf_gpt2 import BLOCK_LINEARS, config_to_hf, scratch_to_hf
-from lora_cli.lora import GeluThenLoRA, LinearWithLoRA
+from lora_cli.hf_gpt2 import BLOCK_LINEARS, scratch_to_hf
+from lora_cli.lora import LinearWithLoRA, unfuse
 from lora_cli.model import GPTModel
 
 FORMATS = ("native", "hf")
 HF_WEIGHTS = "model.safetensors"
 HF_FILES = (HF_WEIGHTS, "config.json")  # everything a `--format hf` directory holds
-HF_PAD_TOKEN_ID = 50256
 
 
 def _loras(model: nn.Module) -> dict[str, LinearWithLoRA]:
@@ -61,10 +62,7 @@ def fold_lora(model: nn.Module) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, linear)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, GeluThenLoRA):  # nothing left to fuse: the model's own Sequential again
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Sequential(*module))
+    unfuse(model)  # nothing left to fuse: the model's own MLP modules again
     return model
 
 
@@ -76,6 +74,17 @@ def merged_model(base: BaseCheckpoint, adapter: Adapter, force: bool = False) ->
 def merged_state(base: BaseCheckpoint, adapter: Adapter, force: bool = False) -> dict[str, torch.Tensor]:
     """The merged model's state_dict in the book's layout (float32; out_head = the task head)."""
     return {k: v.detach().clone() for k, v in merged_model(base, adapter, force=force).state_dict().items()}
+
+
+def _head_without_bias(state: dict[str, torch.Tensor], architecture: str) -> torch.Tensor:
+    """The head weight; a nonzero head bias is refused (HF's `score` has none), a zero one dropped."""
+    bias = state.get("out_head.bias")
+    if bias is not None and bool(torch.any(bias != 0)):
+        raise LoraCliError(
+            f"the classification head has a bias, but Hugging Face's {architecture} "
+            "`score` layer has none; train the adapter with --no-head-bias to save it in HF format"
+        )
+    return state["out_head.weight"]
 
 
 def hf_classifier_state(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
@@ -91,27 +100,37 @@ def hf_classifier_state(state: dict[str, torch.Tensor], n_layers: int) -> dict[s
             if f"{key}.bias" not in state:
                 w = state[f"{key}.weight"]
                 state[f"{key}.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
-    bias = state.get("out_head.bias")
-    if bias is not None and bool(torch.any(bias != 0)):
-        raise LoraCliError(
-            "the classification head has a bias, but Hugging Face's GPT2ForSequenceClassification "
-            "`score` layer has none; train the adapter with --no-head-bias to save it in HF format"
-        )
+    head = _head_without_bias(state, "GPT2ForSequenceClassification")
     out = {f"transformer.{k}": v for k, v in scratch_to_hf(state, n_layers).items()}
-    out["score.weight"] = state["out_head.weight"]
+    out["score.weight"] = head
     return out
 
 
-def hf_classifier_config(adapter: Adapter, dtype: str = "float32") -> dict:
-    """config.json of a GPT2ForSequenceClassification for this adapter's base and labels."""
+def decoder_classifier_state(state: dict[str, torch.Tensor], family: Family, cfg: Any) -> dict[str, torch.Tensor]:
+    """Llama- / Qwen3ForSequenceClassification tensors: the backbone by `family.native_to_hf`, the head as
+    `score.weight` (named here, so a class count equal to the vocabulary is no `lm_head`); no lm_head,
+    so tied embeddings need nothing."""
+    head = _head_without_bias(state, family.hf_classifier.architecture)
+    backbone = {k: v for k, v in state.items() if not k.startswith("out_head.")}
+    return family.native_to_hf(backbone, cfg) | {"score.weight": head}
+
+
+def hf_classifier_config(adapter: Adapter, dtype: str = "float32", pad_id: int | None = None) -> dict:
+    """config.json of the family's *ForSequenceClassification for this adapter's base and labels.
+
+    HF pools each row's rightmost token that is not pad_token_id, so that must be an id text never
+    encodes to: `pad_id` (the tokenizer's special token, `HFTokenizer.pad_id`), else the family's pad
+    id (GPT-2's 50256 is `<|endoftext|>`; the other families' 0 is an ordinary token in some vocabularies).
+    """
+    family = families.of(adapter.model_config)
     names = adapter.labels.names
-    cfg = config_to_hf(adapter.model_config)
+    cfg = family.config_to_hf(adapter.model_config)
     cfg.update(
-        architectures=["GPT2ForSequenceClassification"],
+        architectures=[family.hf_classifier.architecture],
         num_labels=len(names),
         id2label={str(i): n for i, n in enumerate(names)},
         label2id={n: i for i, n in enumerate(names)},
-        pad_token_id=HF_PAD_TOKEN_ID,
+        pad_token_id=family.pad_id if pad_id is None else pad_id,
         dtype=dtype,
     )
     return cfg
@@ -119,14 +138,14 @@ def hf_classifier_config(adapter: Adapter, dtype: str = "float32") -> dict:
 
 def save_merged(
     path: str | Path, base: BaseCheckpoint, adapter: Adapter, format: str = "native",
-    dtype: str = "float32", force: bool = False,
+    dtype: str = "float32", force: bool = False, pad_id: int | None = None,
 ) -> None:
     """Write the merged classifier.
 
     native: one .safetensors file in the book's layout with lora-cli base metadata (model_config,
     labels), loadable by `checkpoint.load_base` (its out_head is the task head).
-    hf: a directory with `model.safetensors` (GPT2ForSequenceClassification layout) and `config.json`,
-    replaced as a whole (`fileio.atomic_dir`).
+    hf: a directory with `model.safetensors` (the family's *ForSequenceClassification layout) and `config.json`,
+    replaced as a whole (`fileio.atomic_dir`); `pad_id` is its pad_token_id (`hf_classifier_config`).
     """
     if format not in FORMATS:
         raise LoraCliError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -136,9 +155,7 @@ def save_merged(
     if format == "native" and path.is_dir():
         raise LoraCliError(f"{path} is a directory; native format writes one .safetensors file")
     if format == "hf":
-        if base.family.name != families.GPT2:  # hf_classifier_state maps GPT-2's names
-            raise LoraCliError(f"--format hf writes a GPT2ForSequenceClassification, and {base.path} is a "
-                               f"{base.family.name} base; merge it with --format native")
+        hf_config = hf_classifier_config(adapter, dtype, pad_id)  # a config HF cannot express is refused before the merge
         check_replaceable(path, HF_FILES)  # before the merge, which takes a while on a large model
     state = merged_state(base, adapter, force=force)
     labels = json.dumps({"names": adapter.labels.names, "integer_ids": adapter.labels.integer_ids})
@@ -153,7 +170,9 @@ def save_merged(
         } | ({} if base.family.name == families.GPT2 else {"family": base.family.name})  # as checkpoint.save_base
         save_safetensors(path, {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, metadata)
         return
-    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_classifier_state(state, base.config.n_layers).items()}
+    hf_state = hf_classifier_state(state, base.config.n_layers) if base.family.name == families.GPT2 \
+        else decoder_classifier_state(state, base.family, base.config)
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_state.items()}
     with atomic_dir(path, HF_FILES) as tmp:
         save_safetensors(tmp / HF_WEIGHTS, tensors, {"format": "pt"})
-        write_text(tmp / "config.json", json.dumps(hf_classifier_config(adapter, dtype), indent=2) + "\n")
+        write_text(tmp / "config.json", json.dumps(hf_config, indent=2) + "\n")

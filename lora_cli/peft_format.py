@@ -1,27 +1,34 @@
 """Hugging Face PEFT adapter directories: export ours, import theirs, both exactly.
 
-An exported directory loads with `peft.PeftModel.from_pretrained` on top of
-`transformers.GPT2ForSequenceClassification` (the base converted with `hf_gpt2.scratch_to_hf`,
-`pad_token_id` set) and gives the same logits as `adapter.model_with_adapter`.
+An exported directory loads with `peft.PeftModel.from_pretrained` on top of the family's
+`transformers.*ForSequenceClassification` (`Family.hf_classifier`: GPT2-, Llama- or
+Qwen3ForSequenceClassification; the base converted with `family.native_to_hf`, `pad_token_id` set)
+and gives the same logits as `adapter.model_with_adapter`.
 
-The mapping (book -> PEFT, per block i; PEFT's lora_A/lora_B are nn.Linear, weight (out, in)):
+What is family-specific is data: `Family.peft_names` (block-relative native Linear -> HF module)
+and `Family.hf_classifier` (where the blocks are, Conv1D or Linear). Per block i, PEFT's
+lora_A/lora_B are nn.Linear, weight (out, in):
 
-* `att.out_proj` -> `attn.c_proj`, `ff.layers.0` -> `mlp.c_fc`, `ff.layers.2` -> `mlp.c_proj`:
-  `lora_A.weight = A.T` (r, in), `lora_B.weight = (scale * B).T` (out, r).
-* `att.W_query|W_key|W_value` -> the fused `attn.c_attn` (output = [q | k | v]) as ONE LoRA of
-  rank R = sum of the targeted parts' ranks: `lora_A.weight` = the parts' `A.T` stacked (R, in),
-  `lora_B.weight` (3d, R) block-diagonal: rows of q/k/v's output slice times that part's own
-  rank columns hold `(scale * B_part).T`, everything else is zero. So
-  x @ lora_A.T @ lora_B.T = [x A_q s B_q | x A_k s B_k | x A_v s B_v]: exact, and an untargeted
+* A native Linear alone on its HF module (GPT-2's `att.out_proj` -> `attn.c_proj`, `ff.layers.0`
+  -> `mlp.c_fc`, `ff.layers.2` -> `mlp.c_proj`; every Llama / Qwen3 Linear: `att.W_query` ->
+  `self_attn.q_proj`, ..., `ff.fc3` -> `mlp.down_proj`): `lora_A.weight = A.T` (r, in),
+  `lora_B.weight = (scale * B).T` (out, r).
+* Several native Linears fused in one HF module (GPT-2's `att.W_query|W_key|W_value` -> `attn.c_attn`,
+  output = [q | k | v]) as ONE LoRA of rank R = sum of the targeted parts' ranks: `lora_A.weight` =
+  the parts' `A.T` stacked (R, in), `lora_B.weight` (sum of outs, R) block-diagonal: rows of a part's
+  output slice times that part's own rank columns hold `(scale * B_part).T`, everything else is zero.
+  So x @ lora_A.T @ lora_B.T = [x A_q s B_q | x A_k s B_k | x A_v s B_v]: exact, and an untargeted
   part (e.g. W_key with targets W_query,W_value) simply has a zero block.
 * Our scale (alpha/r, alpha or alpha/sqrt(r)) is folded into B; every PEFT module gets
   `lora_alpha == r` (via `rank_pattern`/`alpha_pattern` with full-path escaped regex keys for
-  the fused c_attn) so PEFT's scaling alpha/r is exactly 1.0.
-* Conv1D layout: PEFT's LoRA branch is two nn.Linear on x whatever the base layer is;
-  `fan_in_fan_out: true` only tells PEFT how to merge into Conv1D's (in, out) weight.
-* `target_modules` lists full module paths (`transformer.h.0.attn.c_proj`), so attn.c_proj and
-  mlp.c_proj are never confused and per-layer subsets survive.
-* Head: HF's `score` is `Linear(n_embd, num_labels, bias=False)`, saved as a module to save
+  a fused module of another rank) so PEFT's scaling alpha/r is exactly 1.0.
+* Conv1D layout (GPT-2): PEFT's LoRA branch is two nn.Linear on x whatever the base layer is;
+  `fan_in_fan_out: true` only tells PEFT how to merge into Conv1D's (in, out) weight (false for
+  the Linear layers of Llama / Qwen3).
+* `target_modules` lists full module paths (`transformer.h.0.attn.c_proj`,
+  `model.layers.0.self_attn.q_proj`), so attn.c_proj and mlp.c_proj are never confused and
+  per-layer subsets survive.
+* Head: HF's `score` is `Linear(emb_dim, num_labels, bias=False)`, saved as a module to save
   (key `base_model.model.score.weight`). A nonzero head bias cannot be expressed and is refused
   (train with `--no-head-bias`); a zero bias is dropped. With all-linear targets the head's own
   LoRA is merged into the saved score weight (W + scale * (A @ B).T, float32): exact.
@@ -34,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +53,8 @@ from lora_cli.checkpoint import BaseCheckpoint
 from lora_cli.classifier import LoraSpec
 from lora_cli.data import LabelSet
 from lora_cli.errors import LoraCliError
+from lora_cli.families import Family
 from lora_cli.fileio import atomic_dir, read_json_object, save_safetensors, write_text
-from lora_cli.hf_gpt2 import BLOCK_LINEARS
 from lora_cli.lora import lora_scale
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -57,12 +65,8 @@ EXPORT_FORMAT = "lora-cli-peft-export"
 PREFIX = "base_model.model."
 SCORE_KEY = PREFIX + "score.weight"
 
-_OURS_TO_HF = {ours: (hf, j) for hf, parts in BLOCK_LINEARS.items() for j, ours in enumerate(parts)}
+HEAD = "out_head"
 _OUR_LORA = re.compile(r"^trf_blocks\.(\d+)\.(.+)\.lora\.([AB])$")
-_PEFT_LORA = re.compile(
-    r"^base_model\.model\.(?:transformer\.)?h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
-    r"\.lora_([AB])(?:\.default)?\.weight$"
-)
 _PEFT_SCORE = re.compile(r"^base_model\.model\.score(?:\.modules_to_save\.default)?\.weight$")
 # LoraConfig options whose effect lora-cli cannot reproduce: any truthy value is refused.
 _UNSUPPORTED_OPTIONS = {
@@ -81,10 +85,45 @@ _UNSUPPORTED_OPTIONS = {
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "mica", "loftq", "lora_ga")
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A family's PEFT naming, taken from `Family.peft_names` and `Family.hf_classifier`."""
+
+    family: Family
+    modules: dict[str, tuple[str, ...]]  # HF block module -> the native Linear(s) it holds, in output order
+    lora_key: re.Pattern[str]  # a PEFT key of a block LoRA factor; groups: layer, HF module, A or B
+
+    @classmethod
+    def of(cls, family: Family) -> Layout:
+        modules: dict[str, tuple[str, ...]] = {}
+        for native, hf in family.peft_names.items():
+            if native != HEAD:
+                modules[hf] = modules.get(hf, ()) + (native,)
+        # The model's own prefix (`transformer.`, `model.`) is optional: adapters made on the bare *Model lack it.
+        parent, _, blocks = family.hf_classifier.blocks.rpartition(".")
+        where = (rf"(?:{re.escape(parent)}\.)?" if parent else "") + re.escape(blocks)
+        names = "|".join(map(re.escape, modules))
+        return cls(family, modules, re.compile(
+            rf"^base_model\.model\.{where}\.(\d+)\.({names})\.lora_([AB])(?:\.default)?\.weight$"))
+
+    @property
+    def architecture(self) -> str:
+        return self.family.hf_classifier.architecture
+
+    def path(self, layer: int, module: str) -> str:
+        """The full module path PEFT's target_modules and state keys use."""
+        return f"{self.family.hf_classifier.blocks}.{layer}.{module}"
+
+    def native_order(self, n_layers: int) -> dict[str, tuple[int, int]]:
+        """Native module path -> its place in the model (block, then the family's order inside a block)."""
+        natives = [n for parts in self.modules.values() for n in parts]
+        return {f"trf_blocks.{i}.{n}": (i, k) for i in range(n_layers) for k, n in enumerate(natives)}
+
+
 # ---------------------------------------------------------------- export
 
 
-def _head_weight(adapter: Adapter) -> torch.Tensor:
+def _head_weight(adapter: Adapter, architecture: str) -> torch.Tensor:
     """The effective (bias-free) head weight; refuses a nonzero bias."""
     t = adapter.tensors
     if "out_head.linear.weight" in t:  # all-linear: the head is a LinearWithLoRA
@@ -98,7 +137,7 @@ def _head_weight(adapter: Adapter) -> torch.Tensor:
     if bias is not None and bool(torch.any(bias != 0)):
         raise LoraCliError(
             "the adapter's classification head has a bias, but Hugging Face's "
-            "GPT2ForSequenceClassification `score` layer has none; train the adapter with "
+            f"{architecture} `score` layer has none; train the adapter with "
             "--no-head-bias to export it to PEFT"
         )
     return w
@@ -106,15 +145,21 @@ def _head_weight(adapter: Adapter) -> torch.Tensor:
 
 def peft_tensors(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """PEFT state dict (float32) and the rank of each targeted HF module path."""
+    cfg = adapter.model_config
+    layout = Layout.of(families.of(cfg))
     scale = lora_scale(adapter.spec.alpha, adapter.spec.rank, adapter.spec.scaling)
-    d = adapter.model_config.emb_dim
+    to_hf = {native: (hf, j) for hf, parts in layout.modules.items() for j, native in enumerate(parts)}
+    shapes = layout.family.expected_shapes(cfg)  # (out, in) of every native Linear, from the meta device
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, value in adapter.tensors.items():
-        if ".lora." not in name or name.startswith("out_head."):
+        if ".lora." not in name or name.startswith(HEAD + "."):
             continue
         m = _OUR_LORA.match(name)
-        if not m or m.group(2) not in _OURS_TO_HF:
-            raise LoraCliError(f"adapter tensor {name} has no counterpart in Hugging Face GPT-2")
+        if not m or m.group(2) not in to_hf:
+            raise LoraCliError(f"adapter tensor {name} has no counterpart in Hugging Face's {layout.architecture}")
+        out_in = shapes.get(f"trf_blocks.{m.group(1)}.{m.group(2)}.weight")  # A is (in, r), B (r, out)
+        if value.ndim != 2 or out_in is None or value.shape[m.group(3) == "B"] != out_in[m.group(3) == "A"]:
+            raise LoraCliError(f"adapter tensor {name} of shape {tuple(value.shape)} does not fit the model config")
         found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value.float()
     if not found:
         raise LoraCliError(
@@ -123,29 +168,32 @@ def peft_tensors(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, i
         )
     grouped: dict[tuple[int, str], list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
     for (layer, ours), ab in sorted(found.items()):
-        if set(ab) != {"A", "B"}:
-            raise LoraCliError(f"adapter layer trf_blocks.{layer}.{ours} lacks lora.A or lora.B")
-        hf, part = _OURS_TO_HF[ours]
+        if set(ab) != {"A", "B"} or ab["A"].shape[1] != ab["B"].shape[0]:
+            raise LoraCliError(f"adapter layer trf_blocks.{layer}.{ours} lacks lora.A or lora.B, or their ranks differ")
+        hf, part = to_hf[ours]
         grouped.setdefault((layer, hf), []).append((part, ab["A"], ab["B"] * scale))
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for (layer, hf), parts in sorted(grouped.items()):
         parts.sort(key=lambda p: p[0])
-        path = f"transformer.h.{layer}.{hf}"
+        path = layout.path(layer, hf)
         rank = sum(a.shape[1] for _, a, _ in parts)
         lora_a = torch.cat([a.T for _, a, _ in parts], dim=0)  # (R, in)
-        if len(BLOCK_LINEARS[hf]) == 1:
+        natives = layout.modules[hf]
+        if len(natives) == 1:
             lora_b = parts[0][2].T
-        else:
-            lora_b = torch.zeros(d * len(BLOCK_LINEARS[hf]), rank)
+        else:  # fused: block-diagonal, each part's rows times its own rank columns
+            outs = [shapes[f"trf_blocks.{layer}.{n}.weight"][0] for n in natives]
+            lora_b = torch.zeros(sum(outs), rank)
             col = 0
             for part, a, b in parts:
-                lora_b[part * d:(part + 1) * d, col:col + a.shape[1]] = b.T
+                row = sum(outs[:part])
+                lora_b[row:row + outs[part], col:col + a.shape[1]] = b.T
                 col += a.shape[1]
         tensors[f"{PREFIX}{path}.lora_A.weight"] = lora_a.contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = lora_b.contiguous()
         ranks[path] = rank
-    tensors[SCORE_KEY] = _head_weight(adapter).contiguous()
+    tensors[SCORE_KEY] = _head_weight(adapter, layout.architecture).contiguous()
     return tensors, ranks
 
 
@@ -166,7 +214,7 @@ def peft_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
         "target_modules": list(ranks),
         "exclude_modules": None,
         "lora_dropout": float(adapter.spec.dropout),
-        "fan_in_fan_out": True,
+        "fan_in_fan_out": families.of(adapter.model_config).hf_classifier.conv1d,
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
@@ -178,17 +226,17 @@ def peft_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32") -> None:
+def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32", pad_id: int | None = None) -> None:
     """Write `adapter_model.safetensors`, `adapter_config.json` and `lora_cli.json` as directory out_dir.
+
+    A Llama 3 / Qwen3 export's lora_cli.json records `pad_token_id`, the id the user's HF config needs
+    (`merge.hf_classifier_config`): `pad_id`, else the family's pad id.
 
     The directory is replaced as a whole (`fileio.atomic_dir`): a reader never sees a mix of two exports.
     """
     if dtype not in DTYPES:
         raise LoraCliError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     family = families.of(adapter.model_config)
-    if family.name != families.GPT2:  # the mapping here is GPT-2's (c_attn, c_proj, c_fc)
-        raise LoraCliError(f"the adapter is for a {family.name} base; --format peft writes adapters of "
-                           "GPT2ForSequenceClassification only (the native format works for every family)")
     tensors, ranks = peft_tensors(adapter)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
     names = adapter.labels.names
@@ -202,7 +250,8 @@ def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32") -
         "base_fingerprint": adapter.base_fingerprint,
         "training_config": adapter.training_config,
         "tool_version": __version__,
-    }
+    } | ({} if family.name == families.GPT2 else  # a GPT-2 export's is as before
+         {"family": family.name, "pad_token_id": family.pad_id if pad_id is None else pad_id})
     with atomic_dir(out_dir, EXPORT_FILES) as tmp:
         save_safetensors(tmp / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
         write_text(tmp / ADAPTER_CONFIG, json.dumps(peft_config(adapter, ranks), indent=2) + "\n")
@@ -292,18 +341,38 @@ def _labels(in_dir: Path, num_labels: int) -> tuple[LabelSet, dict]:
     return LabelSet([str(i) for i in range(num_labels)], integer_ids=True), {}
 
 
+def _other_family(in_dir: Path, state: dict[str, torch.Tensor], base: BaseCheckpoint) -> str | None:
+    """The family this adapter is for when that is not the base's: from our lora_cli.json, else its key names."""
+    meta_path = in_dir / METADATA_FILE
+    if meta_path.is_file():
+        meta = read_json_object(meta_path)
+        if meta.get("format") == EXPORT_FORMAT and meta.get("family", families.GPT2) != base.family.name:
+            return str(meta.get("family", families.GPT2))
+    own = Layout.of(base.family).lora_key
+    if any(own.match(k) for k in state):
+        return None
+    for name in families.NAMES:
+        key = Layout.of(families.get(name)).lora_key
+        if name != base.family.name and any(key.match(k) for k in state):
+            return name
+    return None
+
+
 def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
-    """A lora-cli Adapter equivalent to a PEFT LoRA adapter directory for GPT2ForSequenceClassification.
+    """A lora-cli Adapter equivalent to a PEFT LoRA adapter directory for the base family's
+    *ForSequenceClassification (`Layout`: GPT-2's c_attn/c_proj/c_fc, Llama / Qwen3's q/k/v/o and
+    gate/up/down projections).
 
     Exact construction: PEFT's scaling (lora_alpha/r or lora_alpha/sqrt(r) with rslora, per
-    module through rank_pattern/alpha_pattern) is folded into B; a c_attn LoRA is split into
-    W_query/W_key/W_value adapters that share A's rows and each take its third of B, keeping
-    only the rank columns that part uses (so our own export round-trips to the same ranks, and
-    a part whose B block is zero gets no adapter). Modules of smaller rank are zero-padded to
-    the largest rank; the spec is alpha-over-rank with alpha = rank (scale exactly 1). Labels
-    come from lora_cli.json, else config.json's id2label, else "0", "1", ....
-    Refused: anything but LoRA on c_attn/c_proj/c_fc + a `score` head (DoRA, bias!="none",
-    embeddings, LayerNorms, ...), and a directory without the head's weights.
+    module through rank_pattern/alpha_pattern) is folded into B; a fused module's LoRA (GPT-2's
+    c_attn) is split into W_query/W_key/W_value adapters that share A's rows and each take its
+    slice of B, keeping only the rank columns that part uses (so our own export round-trips to
+    the same ranks, and a part whose B block is zero gets no adapter). Modules of smaller rank
+    are zero-padded to the largest rank; the spec is alpha-over-rank with alpha = rank (scale
+    exactly 1). Labels come from lora_cli.json, else config.json's id2label, else "0", "1", ....
+    Refused: anything but LoRA on the block projections + a `score` head (DoRA, bias!="none",
+    embeddings, norms, ...), an adapter of another family, shapes that do not fit the base, and
+    a directory without the head's weights.
     """
     in_dir = Path(in_dir)
     if not in_dir.is_dir():
@@ -314,9 +383,12 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
     cfg = read_json_object(cfg_path)
     _check_config(cfg, cfg_path)
     state = _read_weights(in_dir)
-    if base.family.name != families.GPT2:  # the mapping below is GPT-2's (c_attn, c_proj, c_fc)
-        raise LoraCliError(f"{base.path} is a {base.family.name} base; import-adapter reads PEFT adapters of "
-                           "GPT2ForSequenceClassification onto a GPT-2 base only")
+    other = _other_family(in_dir, state, base)
+    if other is not None:
+        arch = families.get(other).hf_classifier.architecture
+        raise LoraCliError(f"{in_dir} is a PEFT adapter of {arch} (a {other} model), but {base.path} is a "
+                           f"{base.family.name} base; import it onto the {other} base it was made for")
+    layout = Layout.of(base.family)
     mc = base.config
     d = mc.emb_dim
 
@@ -324,7 +396,7 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
     score = None
     unknown = []
     for key, value in state.items():
-        if m := _PEFT_LORA.match(key):
+        if m := layout.lora_key.match(key):
             factors.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value.float()
         elif _PEFT_SCORE.match(key):
             score = value.float()
@@ -334,7 +406,7 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
         raise LoraCliError(
             f"{in_dir}: tensors lora-cli cannot map exactly: {', '.join(sorted(unknown)[:5])}"
             + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            + " (only LoRA on attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj and the score head are supported)"
+            + f" (only LoRA on {', '.join(layout.modules)} and the score head are supported)"
         )
     if score is None:
         raise LoraCliError(
@@ -349,16 +421,17 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
     use_rslora = bool(cfg.get("use_rslora"))
     pieces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # our module path -> (A (in, r), B (r, out)), scale folded
     for (layer, hf), ab in sorted(factors.items()):
-        path = f"transformer.h.{layer}.{hf}"
+        path = layout.path(layer, hf)
         if set(ab) != {"A", "B"}:
             raise LoraCliError(f"{in_dir}: {path} lacks lora_A or lora_B")
         if layer >= mc.n_layers:
             raise LoraCliError(f"{in_dir}: {path} is beyond the base's {mc.n_layers} layers")
         lora_a, lora_b = ab["A"], ab["B"]  # (R, in), (out, R)
-        ours = BLOCK_LINEARS[hf]
-        in_dim = 4 * d if hf == "mlp.c_proj" else d
-        out_dim = (4 * d if hf == "mlp.c_fc" else d) * len(ours)
-        rank = lora_a.shape[0]
+        ours = layout.modules[hf]
+        weights = [base.state[f"trf_blocks.{layer}.{name}.weight"] for name in ours]  # (out, in) each
+        in_dim, outs = weights[0].shape[1], [w.shape[0] for w in weights]
+        out_dim = sum(outs)
+        rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
         if lora_a.shape != (rank, in_dim) or lora_b.shape != (out_dim, rank):
             raise LoraCliError(
                 f"{in_dir}: {path} LoRA shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit "
@@ -367,8 +440,7 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
         alpha = float(_pattern_value(cfg.get("alpha_pattern"), path, cfg.get("lora_alpha", 8)))
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         a_full, b_full = lora_a.T, lora_b.T * scale  # (in, R), (R, out)
-        width = out_dim // len(ours)
-        blocks = [b_full[:, j * width:(j + 1) * width] for j in range(len(ours))]
+        blocks = list(b_full.split(outs, dim=1))
         used = [torch.any(b != 0, dim=1) for b in blocks]
         if len(ours) > 1 and not any(bool(u.any()) for u in used):
             used = [torch.ones(rank, dtype=torch.bool)] * len(ours)  # all-zero B: keep every part
@@ -379,8 +451,7 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
                 keep = torch.ones(rank, dtype=torch.bool)
             pieces[f"trf_blocks.{layer}.{name}"] = (a_full[:, keep].contiguous(), b[keep].contiguous())
 
-    order = {f"trf_blocks.{i}.{n}": (i, k) for i in range(mc.n_layers) for k, n in enumerate(
-        ["att.W_query", "att.W_key", "att.W_value", "att.out_proj", "ff.layers.0", "ff.layers.2"])}
+    order = layout.native_order(mc.n_layers)
     targets = sorted(pieces, key=order.__getitem__)
     rank = max(a.shape[1] for a, _ in pieces.values())
     for name in targets:

@@ -7,18 +7,16 @@ from emb_dim / n_heads (0.6B: 16 heads of 128 on a width of 1024).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from lora_cli import layers
 from lora_cli.errors import LoraCliError
-from lora_cli.families import TOKENIZER_JSON, Family
-from lora_cli.schema import Bool, Float, Int, Obj, Rule, check
+from lora_cli.families import TOKENIZER_JSON, Family, HfClassifier
+from lora_cli.schema import Bool, CheckedConfig, Float, Int, Obj, Rule
 
 NORM_EPS = 1e-6
 NORM_WEIGHT = "scale"  # the book's Qwen3 RMSNorm
@@ -28,7 +26,7 @@ PEFT_NAMES = layers.PEFT_NAMES  # native leaf name -> Hugging Face's (PEFT targe
 
 
 @dataclass(frozen=True)
-class Qwen3Config:
+class Qwen3Config(CheckedConfig):
     """Shape of a Qwen3Model; field names are the book's QWEN_CONFIG_06_B keys (without dtype)."""
 
     vocab_size: int
@@ -43,19 +41,7 @@ class Qwen3Config:
     rope_base: float = 1_000_000.0
     tie_embeddings: bool = False
 
-    def __post_init__(self) -> None:
-        check(self.to_dict(), QWEN3_CONFIG, "qwen3 model config")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "qwen3 model config") -> Qwen3Config:
-        """Build from a dict with the book's keys; unknown keys are an error and `where` names the source."""
-        return cls(**check(data, QWEN3_CONFIG, where))
+    WHAT: ClassVar[str] = "qwen3 model config"
 
 
 QWEN3_CONFIG = Rule(Obj(
@@ -64,6 +50,7 @@ QWEN3_CONFIG = Rule(Obj(
     )},
     optional={"qk_norm": Bool(), "rope_base": Float(above=0), "tie_embeddings": Bool()},
 ), lambda cfg: layers.attention_problem(cfg["n_heads"], cfg["n_kv_groups"], cfg["head_dim"]))
+Qwen3Config.SCHEMA = QWEN3_CONFIG
 
 PRESETS: dict[str, Qwen3Config] = {
     # random, for tests: GQA (4 heads, 2 groups) and head_dim * n_heads (128) != emb_dim (64)
@@ -120,6 +107,6 @@ def config_to_hf(cfg: Qwen3Config) -> dict[str, Any]:
 FAMILY = Family(
     name="qwen3", config_class=Qwen3Config, config_schema=QWEN3_CONFIG, presets=PRESETS, model=Qwen3Model,
     hf_model_types=("qwen3",), hf_to_native=hf_to_native, native_to_hf=native_to_hf,
-    config_from_hf=config_from_hf, config_to_hf=config_to_hf, lora_targets=LORA_TARGETS, peft_names=PEFT_NAMES,
-    tokenizer=TOKENIZER_JSON, pad_id=0,
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, lora_targets=LORA_TARGETS, peft_names=layers.PEFT_MODULES,
+    hf_classifier=HfClassifier("Qwen3ForSequenceClassification", "model.layers"), tokenizer=TOKENIZER_JSON, pad_id=0,
 )

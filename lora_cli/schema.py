@@ -11,13 +11,14 @@ asked for) or raises `SchemaError` naming the first bad field by its path:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from lora_cli.errors import LoraCliError
 
@@ -327,3 +328,33 @@ def _at(path: str) -> str:
 
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
+
+
+_Config = TypeVar("_Config", bound="CheckedConfig")
+
+
+class CheckedConfig:
+    """Base of the frozen model-config dataclasses: every instance, however it is built, passes the
+    class's `SCHEMA`, so a config read from a file and one written in code are checked alike.
+
+    A subclass sets `SCHEMA` (assigned after the class when the schema's rules refer to its defaults)
+    and `WHAT`, the name a message gives an invalid config built in code.
+    """
+
+    SCHEMA: ClassVar[Schema]
+    WHAT: ClassVar[str] = "model config"
+
+    def __post_init__(self) -> None:
+        check(self.to_dict(), self.SCHEMA, self.WHAT)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[_Config], data: Any, where: str | None = None) -> _Config:
+        """Build from a dict with the book's keys (file metadata, a JSON file): unknown keys are an
+        error, not ignored, and `where` names the source in the message."""
+        return cls(**check(data, cls.SCHEMA, where or cls.WHAT))

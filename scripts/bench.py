@@ -15,6 +15,21 @@ weights, one LoRA fine-tuning step (batch 8, r=16, alpha=16, AdamW lr 8e-4 wd 0.
             converted with lora_cli.hf_gpt2.scratch_to_hf) + peft LoRA on c_attn/c_proj/c_fc
             with modules_to_save=["score"], per-batch right padding with an attention_mask.
 
+Model families (`FAMILIES`, one entry each): the GPT-2 presets run all four systems; the Llama 3 /
+SmolLM2 presets (llama3-tiny, smollm2-135m, ...) and the Qwen3 presets (qwen3-tiny, qwen3-0.6b)
+run lora-cli, lora-cli+bucket and peft, where peft is transformers' LlamaForSequenceClassification
+or Qwen3ForSequenceClassification built from family.config_to_hf + num_labels=2 and
+pad_token_id=family.pad_id (0), weights from family.native_to_hf, LoRA on q_proj, k_proj, v_proj,
+o_proj, gate_proj, up_proj, down_proj (lora-cli's `blocks`: W_query ... fc3), modules_to_save=
+["score"]. Its attention is what a PEFT user gets by default: transformers picks it (sdpa with
+torch 2.x; the JSON records it under build.attn_implementation). The book's pipeline for these
+families is not benchmarked: its chapter-6 data path is GPT-2's, and `--systems book` says so.
+Token ids: a vocabulary of >= 32,000 ids gets GPT-2's BPE ids of the SMS texts (folded into the
+vocabulary around the pad id, so lengths are those of a real ~50k BPE); a smaller one (the tiny
+test presets) gets a byte-level BPE trained on the SMS texts by scripts/make_tokenizer.py, so a
+tiny random model can still learn the task (`--accuracy-epochs`). The pad id never occurs in the
+texts, so Hugging Face's last-non-pad-token pooling finds each row's last real token.
+
 Each system lives in its own process (multiprocessing "spawn"), so its memory is its own: CPU
 peak = the process's resident-set high-water mark (VmHWM, reset after the model is built, so
 "train peak" is steady-state training; "process peak" is ru_maxrss over the whole life, loading
@@ -25,12 +40,13 @@ the loop in all three). Reported figures are medians over rounds.
 
 FLOP accounting ("useful" FLOPs, identical for the three systems, counted on real tokens only):
 for a sequence of L real tokens, with N_lin = weights of the frozen Linear layers in the blocks
-(12 * d^2 per layer), P_lora = LoRA factor elements per token (lora-cli's blocks targets,
-r * (in + out) summed over the six Linears of a block) and the causal attention matmuls,
-    forward  = 2 * N_lin * L + 2 * P_lora * L + n_layers * 2 * d * L^2
+(GPT-2: 12 * d^2 per layer; SwiGLU + GQA: q, k, v, o, gate, up and down, read off the model),
+P_lora = LoRA factor elements per token (lora-cli's blocks targets, r * (in + out) summed over the
+Linears of a block), a = query heads * head_dim (d in GPT-2) and the causal attention matmuls,
+    forward  = 2 * N_lin * L + 2 * P_lora * L + n_layers * 2 * a * L^2
     backward = 2 * N_lin * L (input grads only, the base is frozen)
-             + 4 * P_lora * L (input and weight grads of A and B) + n_layers * 4 * d * L^2
-Embeddings, layer norms, the 2-class head and optimizer work are left out (< 1 %).
+             + 4 * P_lora * L (input and weight grads of A and B) + n_layers * 4 * a * L^2
+Embeddings, norms, RoPE, activations, the 2-class head and optimizer work are left out (< 1 %).
 MFU = useful FLOPs / second / (this machine's dense matmul rate, measured here with torch.mm
 of --mm-size square float32 matrices on the same device and thread count; bf16 when autocast
 is on). Padding work is not useful work, so a system that pads more scores lower.
@@ -45,6 +61,8 @@ Usage:
   python scripts/bench.py --quick                          # under 2 minutes on 2 cores
   python scripts/bench.py                                  # gpt2-small, 15 steps x 3 rounds, about 7 minutes
   python scripts/bench.py --preset gpt2-tiny --accuracy-epochs 2
+  python scripts/bench.py --preset smollm2-135m --systems lora-cli,peft   # also qwen3-0.6b
+  python scripts/bench.py --preset qwen3-tiny --accuracy-epochs 3 --predict-rounds 0
   python scripts/bench.py --device cuda                    # bf16 autocast for all three
   python scripts/bench.py --device cuda --accuracy-epochs 5 --systems lora-cli,book   # the book's 5-epoch recipe, timed
   python scripts/bench.py --device cuda --preset gpt2-xl --seq-len 1024 --systems lora-cli,peft
@@ -60,6 +78,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +86,29 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 SYSTEMS = ("lora-cli", "lora-cli+bucket", "book", "peft")
-PAD = 50256
+PAD = 50256  # GPT-2's <|endoftext|>: the book's padding
+
+
+@dataclass(frozen=True)
+class BenchFamily:
+    """What the benchmark adds to a lora_cli.families.Family: the transformers classes PEFT wraps and
+    which systems run. PEFT's targets, the weight names and the FLOP shape come from the Family."""
+
+    hf_config: str  # transformers config class
+    hf_classifier: str  # its *ForSequenceClassification
+    hf_prefix: str  # what family.native_to_hf's names lack inside the classifier
+    hf_extra: tuple[tuple[str, object], ...] = ()  # config fields beyond family.config_to_hf
+    fan_in_fan_out: bool = False  # GPT-2's Conv1D stores its weights as (in, out)
+    systems: tuple[str, ...] = ("lora-cli", "lora-cli+bucket", "peft")
+
+
+FAMILIES = {
+    "gpt2": BenchFamily("GPT2Config", "GPT2ForSequenceClassification", "transformer.",
+                        hf_extra=(("summary_first_dropout", 0.0),), fan_in_fan_out=True, systems=SYSTEMS),
+    "llama3": BenchFamily("LlamaConfig", "LlamaForSequenceClassification", ""),
+    "qwen3": BenchFamily("Qwen3Config", "Qwen3ForSequenceClassification", ""),
+}
+MIN_BPE_VOCAB = 32_000  # below this, GPT-2's ids folded into the vocabulary would collide too much to learn from
 
 
 # --------------------------------------------------------------------------- memory helpers
@@ -154,7 +195,8 @@ class System:
     def run(self, order: list[int], warmup: int) -> dict:
         raise NotImplementedError
 
-    def evaluate(self) -> float:
+    def evaluate(self, split: str) -> float:
+        """Accuracy on the `val` or `test` texts."""
         raise NotImplementedError
 
     def sync(self) -> None:
@@ -199,7 +241,6 @@ class LoraCli(System):
         self.base = load_base(ctx["checkpoint"])
         self.base.drop_lm_head()
         self.train = Encoded(ctx["train_tokens"], ctx["train_labels"])
-        self.val = Encoded(ctx["val_tokens"], ctx["val_labels"])
         self.build()
 
     def build(self) -> None:
@@ -240,11 +281,13 @@ class LoraCli(System):
     def run(self, order, warmup):
         return self._timed(self.steps(order), warmup)
 
-    def evaluate(self) -> float:
+    def evaluate(self, split: str) -> float:
+        from lora_cli.data import Encoded
         from lora_cli.evaluation import predict_logits
 
-        logits = predict_logits(self.model, self.val, self.bs, self.device)
-        return float((logits.argmax(-1) == self.torch.tensor(self.val.labels)).float().mean())
+        data = Encoded(self.ctx[f"{split}_tokens"], self.ctx[f"{split}_labels"])
+        logits = predict_logits(self.model, data, self.bs, self.device)
+        return float((logits.argmax(-1) == self.torch.tensor(data.labels)).float().mean())
 
     def predict(self) -> dict:
         """`lora-cli predict`'s path: LoRA merged into the weights, length-sorted packed batches."""
@@ -371,14 +414,14 @@ class Book(System):
     def run(self, order, warmup):
         return self._timed(self.steps(order), warmup)
 
-    def evaluate(self) -> float:
+    def evaluate(self, split: str) -> float:
         import torch
         from torch.utils.data import DataLoader
 
         self.model.eval()
         correct = n = 0
         with torch.no_grad():
-            for x, y in DataLoader(self.val_ds, batch_size=self.bs, shuffle=False):  # ch06.calc_accuracy_loader
+            for x, y in DataLoader({"val": self.val_ds, "test": self.test_ds}[split], batch_size=self.bs, shuffle=False):  # ch06.calc_accuracy_loader
                 x, y = x.to(self.device), y.to(self.device)
                 with self.autocast():
                     pred = self.model(x)[:, -1, :].argmax(-1)
@@ -409,43 +452,42 @@ class Peft(System):
     def __init__(self, ctx: dict) -> None:
         super().__init__(ctx)
         self.train_tokens, self.train_labels = ctx["train_tokens"], ctx["train_labels"]
-        self.val_tokens, self.val_labels = ctx["val_tokens"], ctx["val_labels"]
+        self.pad = ctx["pad_id"]
         self.build()
 
     def build(self) -> None:
         import torch
         import transformers
         from peft import LoraConfig, get_peft_model
-        from transformers import GPT2Config, GPT2ForSequenceClassification
 
         from lora_cli.checkpoint import load_base
-        from lora_cli.config import ModelConfig
-        from lora_cli.hf_gpt2 import config_to_hf, scratch_to_hf
 
         transformers.logging.set_verbosity_error()
-        cfg = ModelConfig.from_dict(self.ctx["model_config"])
-        hf = config_to_hf(cfg) | {"num_labels": 2, "pad_token_id": PAD, "summary_first_dropout": 0.0}
-        torch.manual_seed(self.ctx["seed"])
-        model = GPT2ForSequenceClassification(GPT2Config(**hf))
         base = load_base(self.ctx["checkpoint"])
-        state = {"transformer." + k: v for k, v in scratch_to_hf(base.state, cfg.n_layers).items()}
-        del base
+        cfg, family = base.config, base.family
+        bench = FAMILIES[family.name]
+        hf = family.config_to_hf(cfg) | {"num_labels": 2, "pad_token_id": self.pad} | dict(bench.hf_extra)
+        torch.manual_seed(self.ctx["seed"])
+        model = getattr(transformers, bench.hf_classifier)(getattr(transformers, bench.hf_config)(**hf))
+        backbone = {k: v for k, v in base.state.items() if not k.startswith("out_head.")}
+        state = {bench.hf_prefix + k: v for k, v in family.native_to_hf(backbone, cfg).items()}
+        del base, backbone
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and set(missing) <= {"score.weight"}, (missing, unexpected)
         del state
         lcfg = LoraConfig(task_type="SEQ_CLS", r=self.ctx["rank"], lora_alpha=self.ctx["alpha"], lora_dropout=0.0,
-                          target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["score"], fan_in_fan_out=True)
+                          target_modules=peft_targets(family), modules_to_save=["score"],
+                          fan_in_fan_out=bench.fan_in_fan_out)
         self.model = get_peft_model(model, lcfg).to(self.device)
         self.attn_implementation = getattr(model.config, "_attn_implementation", None)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=self.ctx["lr"], weight_decay=self.ctx["weight_decay"])
 
-    @staticmethod
-    def collate(seqs):
+    def collate(self, seqs):
         import torch
 
         longest = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), longest), PAD, dtype=torch.long)
+        ids = torch.full((len(seqs), longest), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), longest), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
@@ -475,19 +517,20 @@ class Peft(System):
     def run(self, order, warmup):
         return self._timed(self.steps(order), warmup)
 
-    def evaluate(self) -> float:
+    def evaluate(self, split: str) -> float:
         import torch
 
+        tokens, labels = self.ctx[f"{split}_tokens"], self.ctx[f"{split}_labels"]
         self.model.eval()
-        order = sorted(range(len(self.val_tokens)), key=lambda i: len(self.val_tokens[i]))
+        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
         correct = 0
         with torch.no_grad():
             for start in range(0, len(order), self.bs):
                 idx = order[start : start + self.bs]
-                ids, mask = self.collate([self.val_tokens[i] for i in idx])
+                ids, mask = self.collate([tokens[i] for i in idx])
                 with self.autocast():
                     pred = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.argmax(-1)
-                correct += int((pred.cpu() == torch.tensor([self.val_labels[i] for i in idx])).sum())
+                correct += int((pred.cpu() == torch.tensor([labels[i] for i in idx])).sum())
         self.model.train()
         return correct / len(order)
 
@@ -558,7 +601,7 @@ def worker(conn, name: str, ctx: dict) -> None:
             info["gpu_allocated_after_build_mb"] = torch.cuda.memory_allocated() / 2**20
             torch.cuda.reset_peak_memory_stats()
         conn.send(("ready", info))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         import traceback
 
         conn.send(("error", traceback.format_exc()))
@@ -583,7 +626,8 @@ def worker(conn, name: str, ctx: dict) -> None:
                         pass
                 system.sync()
                 seconds = time.perf_counter() - t0
-                conn.send(("ok", {"val_accuracy": system.evaluate(), "train_seconds": seconds}))
+                conn.send(("ok", {"val_accuracy": system.evaluate("val"), "test_accuracy": system.evaluate("test"),
+                                  "train_seconds": seconds}))
             elif cmd == "predict":
                 conn.send(("ok", system.predict()))
             elif cmd == "profile":
@@ -615,11 +659,29 @@ def matmul_rate(device, dtype, n: int, seconds: float = 1.5) -> float:
     return statistics.median(rates)
 
 
-def useful_flops(lengths, cfg: dict, rank: int) -> float:
-    d, n_layers = cfg["emb_dim"], cfg["n_layers"]
-    n_lin = n_layers * 12 * d * d
-    p_lora = n_layers * rank * (4 * (d + d) + (d + 4 * d) + (4 * d + d))
-    return float(sum(L * (4 * n_lin + 6 * p_lora) + n_layers * 6 * d * L * L for L in lengths))
+def block_shape(family, cfg) -> dict:
+    """The FLOP-relevant shape of a block, read off the family's model on the meta device: (in, out) of
+    each Linear (what lora-cli's `blocks` targets: GPT-2's six, SwiGLU + GQA's q, k, v, o, gate, up,
+    down) and the attention width a = query heads x head_dim."""
+    import torch
+
+    with torch.device("meta"):
+        block = family.build(cfg).trf_blocks[0]
+    linears = [(m.in_features, m.out_features) for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    return {"n_layers": cfg.n_layers, "linears": linears, "attention_width": block.att.W_query.out_features}
+
+
+def useful_flops(lengths, shape: dict, rank: int) -> float:
+    n_layers, a = shape["n_layers"], shape["attention_width"]
+    n_lin = n_layers * sum(i * o for i, o in shape["linears"])
+    p_lora = n_layers * rank * sum(i + o for i, o in shape["linears"])
+    return float(sum(L * (4 * n_lin + 6 * p_lora) + n_layers * 6 * a * L * L for L in lengths))
+
+
+def peft_targets(family) -> list[str]:
+    """PEFT target_modules for lora-cli's `blocks`: the Hugging Face names of the blocks' Linear layers."""
+    names = (hf.rpartition(".")[2] for native, hf in family.peft_names.items() if native != "out_head")
+    return list(dict.fromkeys(names))
 
 
 def batch_plan(n: int, batch_size: int, seed: int, steps: int, start_epoch: int = 1):
@@ -634,13 +696,53 @@ def batch_plan(n: int, batch_size: int, seed: int, steps: int, start_epoch: int 
     return flat[: steps * batch_size]
 
 
+def skip_pad(ids, pad: int):
+    """Ids in [0, vocab - 1) moved onto [0, vocab) minus `pad` (ids >= pad shift up by one), so no text holds the pad id."""
+    return ids + (ids >= pad)
+
+
+def encode_splits(texts: dict[str, list[str]], cfg, pad: int, shared: Path, tmpdir: Path) -> tuple[dict, str]:
+    """Token ids of each split, and where they came from (see the module docstring).
+
+    A vocabulary of >= MIN_BPE_VOCAB ids: GPT-2's BPE ids (unchanged for GPT-2: every id is below its
+    pad 50256), folded into the vocabulary without its pad id. A smaller one: scripts/make_tokenizer.py's
+    tokenizer of min(400, vocab) ids trained on the SMS texts, whose id 0 (its special token) never occurs in text.
+    """
+    import subprocess
+
+    import torch
+
+    from lora_cli.data import encode_texts
+
+    if cfg.vocab_size >= MIN_BPE_VOCAB:
+        from lora_cli.tokenizer import get_tokenizer
+
+        tokenizer, source = get_tokenizer(shared / "gpt2_bpe"), "GPT-2 BPE"
+    else:
+        from lora_cli.hf_tokenizer import load_tokenizer
+
+        path, vocab = tmpdir / "tokenizer.json", min(400, cfg.vocab_size)
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tokenizer.py"),
+                        str(shared / "sms_spam" / "SMSSpamCollection"), str(path), "--vocab-size", str(vocab)],
+                       check=True, capture_output=True)
+        tokenizer, source = load_tokenizer(path), f"scripts/make_tokenizer.py's {vocab}-id SMS tokenizer"
+    tokens = {s: encode_texts(tokenizer, t, cfg.context_length)[0] for s, t in texts.items()}
+    if tokenizer.n_vocab > cfg.vocab_size or any(pad in seq for split in tokens.values() for seq in split):
+        folded = {s: [skip_pad(torch.tensor(seq) % (cfg.vocab_size - 1), pad).tolist() for seq in split]
+                  for s, split in tokens.items()}
+        return folded, f"{source} folded into {cfg.vocab_size:,} ids without the pad id {pad}"
+    return tokens, source
+
+
 def fmt(x, spec=",.1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpt2-small", help="model shape (lora_cli.config.PRESETS); random weights")
+    p.add_argument("--preset", default="gpt2-small",
+                   help="model shape: a preset of any family (gpt2-*, llama3-tiny, smollm2-135m, qwen3-tiny, qwen3-0.6b, "
+                        "...); random weights")
     p.add_argument("--steps", type=int, default=None, help="timed steps per system per round [15; --quick 5]")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them, every round [3; --quick 1]")
     p.add_argument("--rounds", type=int, default=None, help="rounds; systems alternate A B C A B C ... [3; --quick 2]")
@@ -658,7 +760,8 @@ def main(argv=None) -> int:
     p.add_argument("--amp", choices=["auto", "off", "bf16"], default="auto",
                    help="bf16 autocast around forward+loss (auto: on for CUDA, off on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list among " + ", ".join(SYSTEMS))
+    p.add_argument("--systems", default=None,
+                   help="comma list among " + ", ".join(SYSTEMS) + " [all the preset's family runs: book for GPT-2 only]")
     p.add_argument("--shared", default=os.environ.get("LORA_CLI_SHARED_DATA", str(REPO.parent / "shared" / "data")),
                    help="folder with sms_spam/SMSSpamCollection and gpt2_bpe/")
     p.add_argument("--mm-size", type=int, default=None, help="matmul size for the peak rate (2048 CPU, 8192 CUDA)")
@@ -678,41 +781,48 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lora_cli import sms_spam
+    from lora_cli import families, sms_spam
     from lora_cli.checkpoint import init_checkpoint, save_base
-    from lora_cli.config import PRESETS
-    from lora_cli.data import encode_texts, read_table
+    from lora_cli.data import read_table
     from lora_cli.device import resolve_device
-    from lora_cli.tokenizer import get_tokenizer
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    found = families.preset(args.preset)
+    if found is None:
+        p.error(f"--preset: choose among {', '.join(n for names in families.PRESET_NAMES.values() for n in names)}")
+    family, cfg = found
+    bench_family = FAMILIES[family.name]
+    systems = [s.strip() for s in (args.systems or ",".join(bench_family.systems)).split(",") if s.strip()]
     if not systems or any(s not in SYSTEMS for s in systems):
         p.error(f"--systems: choose among {', '.join(SYSTEMS)}")
+    if any(s not in bench_family.systems for s in systems):
+        p.error(f"--systems: the book's pipeline is benchmarked on GPT-2 presets only (its chapter-6 data path reads "
+                f"GPT-2 tokens); for {args.preset} choose among {', '.join(bench_family.systems)}")
     if args.seq_len and "book" in systems:
         p.error("--seq-len: the book's pipeline reads the SMS texts themselves; use --systems lora-cli,peft")
     device = resolve_device(args.device)
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    cfg = PRESETS[args.preset]
     shared = Path(args.shared)
 
     tmp = tempfile.TemporaryDirectory(prefix="lora-bench-")
     tmpdir = Path(tmp.name)
     t0 = time.perf_counter()
     sms_spam.prepare(tmpdir / "data", shared / "sms_spam" / "SMSSpamCollection")
-    tokenizer = get_tokenizer(shared / "gpt2_bpe")
     os.environ.setdefault("LORA_CLI_BPE_DIR", str(shared / "gpt2_bpe"))
     tables = {s: read_table(tmpdir / "data" / f"{s}.csv") for s in ("train", "validation", "test")}
-    tokens = {s: encode_texts(tokenizer, t.texts, cfg.context_length)[0] for s, t in tables.items()}
+    tokens, token_source = encode_splits({s: t.texts for s, t in tables.items()}, cfg, family.pad_id, shared, tmpdir)
     if args.seq_len:  # long-input throughput (e.g. gpt2-xl at 1,024 tokens): random ids, every text that long
         g = torch.Generator().manual_seed(args.seed)
-        tokens = {s: torch.randint(0, PAD, (len(t), args.seq_len), generator=g).tolist() for s, t in tokens.items()}
+        tokens = {s: skip_pad(torch.randint(0, cfg.vocab_size - 1, (len(t), args.seq_len), generator=g),
+                              family.pad_id).tolist() for s, t in tokens.items()}
+        token_source = f"random ids, {args.seq_len} per text"
     labels = {s: [int(x) for x in t.labels] for s, t in tables.items()}
     ckpt = tmpdir / "base.safetensors"
     save_base(ckpt, init_checkpoint(cfg, args.seed), cfg)
+    shape = block_shape(family, cfg)
     print(f"data + random {args.preset} base ready in {time.perf_counter() - t0:.1f}s "
-          f"({len(tokens['train'])} train / {len(tokens['validation'])} val texts)", flush=True)
+          f"({len(tokens['train'])} train / {len(tokens['validation'])} val texts; tokens: {token_source})", flush=True)
 
     mm_size = args.mm_size or (8192 if device.type == "cuda" else 2048)
     peak = {"float32": matmul_rate(device, torch.float32, mm_size)}
@@ -723,12 +833,12 @@ def main(argv=None) -> int:
     ctx = {
         "device": str(device), "amp": amp, "threads": threads, "batch_size": args.batch_size, "rank": args.rank,
         "alpha": args.alpha, "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
-        "checkpoint": str(ckpt), "model_config": cfg.to_dict(), "bpe_dir": str(shared / "gpt2_bpe"),
+        "checkpoint": str(ckpt), "model_config": cfg.to_dict(), "pad_id": family.pad_id, "bpe_dir": str(shared / "gpt2_bpe"),
         "train_csv": str(tmpdir / "data" / "train.csv"), "val_csv": str(tmpdir / "data" / "validation.csv"),
         "test_csv": str(tmpdir / "data" / "test.csv"), "test_tokens": tokens["test"],
         "predict_texts": min(args.predict_texts, len(tokens["test"])),
         "train_tokens": tokens["train"], "train_labels": labels["train"],
-        "val_tokens": tokens["validation"], "val_labels": labels["validation"],
+        "val_tokens": tokens["validation"], "val_labels": labels["validation"], "test_labels": labels["test"],
     }
     spawn = mp.get_context("spawn")
     procs, conns, info = {}, {}, {}
@@ -742,7 +852,9 @@ def main(argv=None) -> int:
         if status != "ready":
             raise SystemExit(f"{name} failed to build:\n{payload}")
         info[name] = payload
-        print(f"{name}: built in {payload['build_seconds']:.1f}s, trainable {payload['counts']['trainable']:,}", flush=True)
+        attention = f", attention {payload['attn_implementation']}" if "attn_implementation" in payload else ""
+        print(f"{name}: built in {payload['build_seconds']:.1f}s, trainable {payload['counts']['trainable']:,}{attention}",
+              flush=True)
 
     def ask(name: str, cmd: str, payload=None):
         conns[name].send((cmd, payload))
@@ -758,7 +870,7 @@ def main(argv=None) -> int:
         order = plan[r * per_round * args.batch_size : (r + 1) * per_round * args.batch_size]
         timed = order[args.warmup * args.batch_size :]
         lengths = [len(tokens["train"][i]) for i in timed[: len(timed) - len(timed) % args.batch_size]]
-        flops = useful_flops(lengths, ctx["model_config"], args.rank)
+        flops = useful_flops(lengths, shape, args.rank)
         for name in systems:
             time.sleep(0.2)  # let the previous worker's threads go idle
             res = ask(name, "bench", {"order": order, "warmup": args.warmup})
@@ -811,7 +923,7 @@ def main(argv=None) -> int:
     summary = {}
     for name in systems:
         rs = rounds[name]
-        med = lambda key: statistics.median(x[key] for x in rs)  # noqa: E731
+        med = lambda key, rs=rs: statistics.median(x[key] for x in rs)
         steps_all = [t for x in rs for t in x["step_seconds"]]
         summary[name] = {
             "examples_per_s": med("examples_per_s"),
@@ -851,7 +963,7 @@ def main(argv=None) -> int:
     if args.predict_rounds:
         cols.append(("predict ex/s", "predict_examples_per_s", ",.1f"))
     if accuracy:
-        cols.append(("val acc", "val_accuracy", ".4f"))
+        cols += [("val acc", "val_accuracy", ".4f"), ("test acc", "test_accuracy", ".4f")]
 
     def cell(name, key, spec):
         v = summary[name].get(key)
@@ -886,7 +998,7 @@ def main(argv=None) -> int:
                      for a, b in zip(rounds[mine], rounds[other])]
         round_ratios[label] = {"per_round": per_round, "median": statistics.median(per_round)}
     print()
-    print(f"{args.preset}, batch {args.batch_size}, LoRA r={args.rank} alpha={args.alpha:g}, {device}"
+    print(f"{args.preset} ({family.name}), batch {args.batch_size}, LoRA r={args.rank} alpha={args.alpha:g}, {device}"
           f"{' bf16 autocast' if amp else ' float32'}, {threads} threads, {args.steps} timed steps after "
           f"{args.warmup} warm-up x {args.rounds} rounds (medians)")
     print(f"{peak_key} torch.mm {mm_size}x{mm_size}: {peak[peak_key] / 1e9:,.1f} GFLOP/s at start, "
@@ -906,9 +1018,10 @@ def main(argv=None) -> int:
                     "cpu_count": os.cpu_count(), "threads": threads, "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "amp_bf16": amp,
         "matmul_peak_flops": peak, "matmul_peak_flops_end": peak_end, "mfu_denominator": peak_key,
-        "model_config": ctx["model_config"],
-        "flops_formula": "per sequence of L real tokens: L*(4*N_lin + 6*P_lora) + n_layers*6*d*L^2, "
-                         "N_lin = 12*d^2*n_layers, P_lora = r*18*d*n_layers (lora-cli blocks targets)",
+        "model_config": ctx["model_config"], "family": family.name, "tokens": token_source, "block_shape": shape,
+        "flops_formula": "per sequence of L real tokens: L*(4*N_lin + 6*P_lora) + n_layers*6*a*L^2, "
+                         "N_lin = n_layers * sum(in*out), P_lora = r * n_layers * sum(in+out) over block_shape.linears "
+                         "(lora-cli blocks targets), a = block_shape.attention_width",
         "systems": {n: {"summary": summary[n], "build": info[n], "rounds": rounds[n], "predict": predictions.get(n, [])}
                     for n in systems},
         "ratios": ratios,

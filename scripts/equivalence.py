@@ -110,10 +110,74 @@ def main() -> None:
                 tmp / f"hf-merged-{targets.replace(',', '_')}").eval()
             rows.append((f"merge --format hf ({targets}) in transformers vs adapted", diff(hf_merged(input_ids=ids).logits, reference)))
 
+    rows += _families(tmp, diff)
+
     width = max(len(name) for name, _ in rows)
     print(f"float32, shape {args.layers} layers x width {args.width}, inputs 4 x 24 tokens; max |difference|:")
     for name, value in rows:
         print(f"  {name:<{width}}  {value:.3e}")
+
+
+def _families(tmp: Path, diff) -> list[tuple[str, float]]:  # noqa: ANN001
+    """The Llama 3 and Qwen3 tiny presets (GQA, tied embeddings; Qwen3's QK-norm) against the book's
+    Llama3Model / Qwen3Model and transformers, and their PEFT export and `merge --format hf`."""
+    import peft
+    import transformers
+    from llms_from_scratch.llama3 import Llama3Model as BookLlama
+    from llms_from_scratch.qwen3 import Qwen3Model as BookQwen
+
+    from lora_cli import families
+    from lora_cli.adapter import adapter_from_model, model_with_adapter
+    from lora_cli.checkpoint import init_checkpoint, load_base, save_base
+    from lora_cli.classifier import LoraSpec, build_classifier
+    from lora_cli.data import LabelSet
+    from lora_cli.merge import save_merged
+    from lora_cli.peft_format import export_peft
+
+    rows: list[tuple[str, float]] = []
+    pad = 511  # a token id the random texts below never hold (as a tokenizer's special token would be)
+    for name, preset, book_class, hf_config, hf_lm, hf_cls in [
+        ("llama3", "llama3-tiny", BookLlama, transformers.LlamaConfig, transformers.LlamaForCausalLM,
+         transformers.LlamaForSequenceClassification),
+        ("qwen3", "qwen3-tiny", BookQwen, transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+         transformers.Qwen3ForSequenceClassification),
+    ]:
+        family, cfg = families.preset(preset)
+        torch.manual_seed(0)
+        ids = torch.randint(0, pad, (4, 24))
+        with torch.no_grad():
+            ours = family.build(cfg).eval()
+            for p in ours.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+            book = book_class({**cfg.to_dict(), "dtype": torch.float32}).eval()
+            book.load_state_dict(ours.state_dict())
+            rows.append((f"{preset} logits vs the book's {book_class.__name__}", diff(ours(ids), book(ids))))
+            hf = hf_lm(hf_config(**family.config_to_hf(cfg))).eval()
+            hf.load_state_dict(family.native_to_hf(ours.state_dict(), cfg), strict=False)
+            rows.append((f"{preset} logits vs transformers {hf_lm.__name__}", diff(ours(ids), hf(ids).logits)))
+
+        save_base(tmp / f"{preset}.safetensors", init_checkpoint(cfg, seed=1), cfg)
+        base = load_base(tmp / f"{preset}.safetensors")
+        spec = LoraSpec(rank=4, alpha=8, target_spec=["blocks"], head_bias=False)
+        trained = build_classifier(base, 2, spec, seed=2)
+        with torch.no_grad():
+            for pname, p in trained.named_parameters():
+                if ".lora." in pname or pname.startswith("out_head."):
+                    p.copy_(torch.randn_like(p) * 0.3)
+        adapter = adapter_from_model(trained, spec, LabelSet(["ham", "spam"]), base, {})
+        with torch.no_grad():
+            reference = model_with_adapter(base, adapter)(ids)[:, -1]
+            export_peft(adapter, tmp / f"peft-{preset}", pad_id=pad)
+            seq = hf_cls(hf_config(**family.config_to_hf(cfg), num_labels=2, pad_token_id=pad))
+            seq.load_state_dict(family.native_to_hf(base.state, cfg), strict=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                peft_model = peft.PeftModel.from_pretrained(seq, str(tmp / f"peft-{preset}")).eval()
+            rows.append((f"{preset} PEFT export vs lora-cli", diff(peft_model(input_ids=ids).logits, reference)))
+            save_merged(tmp / f"hf-{preset}", base, adapter, format="hf", pad_id=pad)
+            merged = hf_cls.from_pretrained(tmp / f"hf-{preset}").eval()
+            rows.append((f"{preset} merge --format hf in transformers vs adapted", diff(merged(input_ids=ids).logits, reference)))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""scripts/bench.py runs end to end: the four systems on a tiny model, one step per round.
+"""scripts/bench.py runs end to end: the four systems on a tiny GPT-2, lora-cli and PEFT on a tiny Llama.
 
 A smoke test of the benchmark's plumbing (same batches, counted tokens, JSON); no speed is asserted.
 """
@@ -38,6 +38,42 @@ def test_bench_measures_every_system_and_writes_its_json(tmp_path: Path) -> None
         assert len(rr["per_round"]) == 2 and rr["median"] > 0, label
     assert {p["examples"] for n in ("lora-cli", "book", "peft") for p in systems[n]["predict"]} == {8}
     assert "round by round" in run.stdout and "the benchmark took" in run.stdout
+
+
+
+def test_bench_runs_a_llama_preset_against_peft_on_the_same_projections(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "llama3-tiny", "--steps", "1", "--warmup", "1",
+         "--rounds", "2", "--predict-rounds", "1", "--predict-texts", "8", "--shared", str(SHARED_DATA),
+         "--json-out", str(out)],
+        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "warning:" not in run.stdout
+    result = json.loads(out.read_text())
+    systems = result["systems"]
+    assert list(systems) == ["lora-cli", "lora-cli+bucket", "peft"]  # no book for a Llama preset
+    assert "make_tokenizer" in result["tokens"]  # a 512-id vocabulary gets the SMS-trained tokenizer
+    # FLOPs count q, k, v, o (GQA: k and v are 2 groups of 16) and SwiGLU's gate, up and down
+    assert result["block_shape"]["linears"] == [[64, 64], [64, 32], [64, 32], [64, 64], [64, 128], [64, 128], [128, 64]]
+    # the same LoRA factors on both sides (16 x 1,024 per layer); PEFT's `score` has no bias
+    assert systems["lora-cli"]["summary"]["trainable_params"] == 2 * 16 * 1024 + 64 * 2 + 2
+    assert systems["peft"]["summary"]["trainable_params"] == 2 * 16 * 1024 + 64 * 2
+    assert systems["peft"]["build"]["attn_implementation"]
+    tokens = {name: [r["real_tokens"] for r in s["rounds"]] for name, s in systems.items()}
+    assert tokens["lora-cli"] == tokens["peft"] and all(t > 0 for t in tokens["peft"])
+    assert {p["examples"] for n in ("lora-cli", "peft") for p in systems[n]["predict"]} == {8}
+
+
+def test_bench_refuses_the_book_for_a_non_gpt2_preset(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "qwen3-tiny", "--systems", "lora-cli,book",
+         "--shared", str(SHARED_DATA), "--json-out", str(tmp_path / "bench.json")],
+        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert run.returncode == 2 and "GPT-2 presets only" in run.stderr and "lora-cli, lora-cli+bucket, peft" in run.stderr
+    assert not (tmp_path / "bench.json").exists()
 
 
 def test_ablation_switches_each_speedup_off_and_reports_it(tmp_path: Path) -> None:

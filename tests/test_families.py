@@ -286,7 +286,7 @@ def test_import_adapter_refuses_a_base_of_another_family(bases: dict[str, Path],
 
     export_peft(random_adapter(narrow_gpt2_base(tmp_path)), tmp_path / "peft")
     proc = run_cli("import-adapter", tmp_path / "peft", "--model", bases["qwen3"], "--out", tmp_path / "a.safetensors")
-    assert_one_error(proc, "is a qwen3 base", "GPT-2 base only")
+    assert_one_error(proc, "is a qwen3 base", "GPT2ForSequenceClassification")
     assert not (tmp_path / "a.safetensors").exists()
 
 
@@ -324,16 +324,17 @@ def test_train_and_eval_a_family_through_the_cli(trained: dict, bases: dict[str,
     assert json.loads(proc.stdout)[0]["label"] in ("ham", "spam")
 
 
-def test_a_merged_family_classifier_is_a_base_and_gpt2_only_formats_refuse(trained: dict, tmp_path: Path) -> None:
+def test_a_merged_family_classifier_is_a_base_and_the_hf_formats_need_a_bias_free_head(trained: dict, tmp_path: Path) -> None:
     run = trained["llama3"]
     proc = run_cli("merge", "--adapter", run, "--out", tmp_path / "merged.safetensors")
     assert proc.returncode == 0, proc.stderr
     merged = load_base(tmp_path / "merged.safetensors")
     assert merged.family.name == "llama3" and merged.task_head()[0].shape == (2, 64)
-    assert_one_error(run_cli("merge", "--adapter", run, "--format", "hf", "--out", tmp_path / "hf"),
-                     "--format hf writes a GPT2ForSequenceClassification", "llama3 base")
-    assert_one_error(run_cli("export-adapter", run, "--format", "peft", "--out", tmp_path / "peft"),
-                     "for a llama3 base", "GPT2ForSequenceClassification only")
+    # trained with a head bias, which the Hugging Face `score` layer cannot hold (tests/test_peft_decoders.py
+    # covers both formats of a bias-free head)
+    for args in (["merge", "--adapter", run, "--format", "hf", "--out", tmp_path / "hf"],
+                 ["export-adapter", run, "--format", "peft", "--out", tmp_path / "peft"]):
+        assert_one_error(run_cli(*args), "bias", "--no-head-bias")
     assert not (tmp_path / "hf").exists() and not (tmp_path / "peft").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,40 @@ def test_corrupt_tokenizer_json_is_one_error_naming_the_file(tmp_path: Path, tok
 def test_missing_tokenizer_json_is_one_error(tmp_path: Path) -> None:
     with pytest.raises(LoraCliError, match=f"tokenizer file {tmp_path / 'tokenizer.json'} does not exist"):
         load_tokenizer(tmp_path)
+
+
+def word_tokenizer(path: Path, special: list[str], ordinary: Sequence[str] = (), padding: str | None = None) -> HFTokenizer:
+    """A word-level tokenizer.json whose id 0 is "!" (as in Llama 3 and Qwen3), `special` and `ordinary` added after."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"!": 0, "win": 1, "now": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(special)
+    tok.add_tokens(list(ordinary))
+    if padding is not None:
+        tok.enable_padding(pad_id=tok.token_to_id(padding), pad_token=padding)
+    tok.save(str(path))
+    return load_tokenizer(path)
+
+
+@pytest.mark.parametrize("special,ordinary,padding,expected", [
+    (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], [], None, "<|endoftext|>"),  # Qwen3
+    (["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"], [], None, "<|end_of_text|>"),  # Llama 3
+    (["<s>", "<eos>"], [], None, "<eos>"),
+    (["<|im_start|>", "<|im_end|>"], [], None, "<|im_start|>"),  # none named like eos or pad: the first special one
+    (["<|endoftext|>", "<pad>"], [], "<pad>", "<pad>"),  # the tokenizer.json's own padding token
+    (["<|endoftext|>"], ["<pad>"], "<pad>", "<|endoftext|>"),  # a padding token that text can encode to is no use
+], ids=["qwen3", "llama3", "eos", "first-special", "padding", "ordinary-padding"])
+def test_pad_id_is_a_special_token(tmp_path: Path, special: list[str], ordinary: list[str], padding: str | None,
+                                   expected: str) -> None:
+    from tokenizers import Tokenizer
+
+    tok = word_tokenizer(tmp_path / "tokenizer.json", special, ordinary, padding)
+    assert tok.pad_id == Tokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id(expected)
+    assert tok.pad_id >= 4 and tok.pad_id not in tok.encode(f"win {expected} now !")
+    assert tok.encode("win now !")[-1] == 0
+
+
+def test_pad_id_is_none_without_a_special_token(tmp_path: Path, tokenizer_json: Path) -> None:
+    assert word_tokenizer(tmp_path / "tokenizer.json", [], ["<|endoftext|>"]).pad_id is None
+    assert load_tokenizer(tokenizer_json).pad_id == 0  # SmolLM2's way: <|endoftext|> is id 0, and special

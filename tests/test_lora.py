@@ -499,3 +499,63 @@ def test_linear_with_lora_merges_and_unmerges_itself() -> None:
         assert not layer.merged
         torch.testing.assert_close(layer.linear.weight, weight, rtol=0, atol=1e-6)
         torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-6)
+
+
+def test_swiglu_lora_node_equals_autograd_and_passes_gradcheck() -> None:
+    """`forward_after_swiglu` (one node saving a and b only) gives autograd's numbers for
+    fc3(silu(a) * b) and its gradients, in float64, and passes gradcheck."""
+    import torch.nn.functional as F
+
+    from lora_cli.lora import LinearWithLoRA
+
+    layer = _float64_layer(bias=False)
+    a = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    fused = layer.forward_after_swiglu(a, b)
+    assert "_SwiGLULoRA" in type(fused.grad_fn).__name__
+    plain = _unfused(layer, F.silu(a) * b)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
+    w = torch.randn_like(plain)
+    params = [a, b, layer.lora.A, layer.lora.B]
+    for x, y in zip(torch.autograd.grad((fused * w).sum(), params), torch.autograd.grad((plain * w).sum(), params)):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x, y, A, B: LinearWithLoRA.forward_after_swiglu(_with_factors(layer, A, B), x, y),
+        (a.detach()[0].clone().requires_grad_(), b.detach()[0].clone().requires_grad_(),
+         layer.lora.A.detach().clone().requires_grad_(), layer.lora.B.detach().clone().requires_grad_()))
+
+
+def test_lora_surgery_installs_the_swiglu_node_and_fold_restores_the_feedforward() -> None:
+    """A LoRA on a Llama block's fc3 makes its FeedForward a SwiGLUThenLoRA over the same children (same
+    state_dict names, same numbers, the one-node path in training); folding restores the FeedForward."""
+    from lora_cli import layers
+    from lora_cli.llama3 import PRESETS, Llama3Model
+    from lora_cli.lora import SwiGLUThenLoRA, apply_lora, lora_modules
+    from lora_cli.merge import fold_lora
+
+    torch.manual_seed(0)
+    model = Llama3Model(PRESETS["llama3-tiny"]).double().eval()
+    ids = torch.randint(0, 512, (2, 7))
+    with torch.no_grad():
+        base = model(ids)
+    names = set(model.state_dict())
+    apply_lora(model, resolve_targets(model, ["fc1", "fc2", "fc3", "W_query"]), rank=2, alpha=2, scaling="alpha")
+    model.double().requires_grad_(False)
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora.B)
+        m.lora.requires_grad_(True)
+    assert all(type(block.ff) is SwiGLUThenLoRA for block in model.trf_blocks)
+    assert {k.replace(".linear.", ".") for k in model.state_dict() if ".lora." not in k} == names
+    out = model(ids)
+    nodes, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in nodes:
+            nodes.add(fn)
+            stack.extend(f for f, _ in fn.next_functions)
+    assert "_SwiGLULoRABackward" in {type(fn).__name__ for fn in nodes}
+    fold_lora(model)
+    assert all(type(block.ff) is layers.FeedForward for block in model.trf_blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), out.detach(), rtol=1e-4, atol=1e-4)  # the merge rounds to float32
+        assert not torch.allclose(model(ids), base)
