@@ -37,7 +37,7 @@ from conftest import SHARED_DATA
 
 README_PATH = Path(__file__).resolve().parents[1] / "README.md"
 README = README_PATH.read_text(encoding="utf-8")
-MAX_SKIPPED = 7  # blocks that need the internet, a GPU cluster or a fresh virtual environment
+MAX_SKIPPED = 9  # blocks that need the internet, a GPU cluster or a fresh virtual environment
 
 TEST_COMMAND = re.compile(r"<!-- test-command -->.*?<!-- /test-command -->", re.S)
 BLOCK = re.compile(
