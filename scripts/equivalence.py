@@ -27,11 +27,9 @@ def main() -> None:
     from llms_from_scratch.appendix_e import LinearWithLoRA as BookLoRA
     from llms_from_scratch.ch04 import GPTModel as BookGPT
 
-    from lora_cli.adapter import adapter_from_model, model_with_adapter
+    from lora_cli.adapter import model_with_adapter
     from lora_cli.checkpoint import init_checkpoint, load_base, save_base
-    from lora_cli.classifier import LoraSpec, build_classifier
     from lora_cli.config import ModelConfig
-    from lora_cli.data import LabelSet
     from lora_cli.gpt2 import convert_hf
     from lora_cli.hf_gpt2 import config_to_hf, scratch_to_hf
     from lora_cli.lora import LinearWithLoRA
@@ -80,13 +78,7 @@ def main() -> None:
     save_base(tmp / "base.safetensors", init_checkpoint(cfg, seed=1), cfg)
     base = load_base(tmp / "base.safetensors")
     for targets in ("blocks", "all-linear", "W_query,W_value"):
-        spec = LoraSpec(rank=4, alpha=8, target_spec=[targets], head_bias=False)
-        trained = build_classifier(base, 2, spec, seed=2)
-        with torch.no_grad():
-            for name, p in trained.named_parameters():
-                if ".lora." in name or name.startswith("out_head."):
-                    p.copy_(torch.randn_like(p) * 0.3)
-        adapter = adapter_from_model(trained, spec, LabelSet(["ham", "spam"]), base, {})
+        adapter = _random_adapter(base, targets)
         adapted = model_with_adapter(base, adapter)
         with torch.no_grad():
             reference = adapted(ids)[:, -1]
@@ -118,6 +110,21 @@ def main() -> None:
         print(f"  {name:<{width}}  {value:.3e}")
 
 
+def _random_adapter(base, targets: str):  # noqa: ANN001, ANN202
+    """An adapter on `targets` with random nonzero factors and a bias-free head, as if trained."""
+    from lora_cli.adapter import adapter_from_model
+    from lora_cli.classifier import LoraSpec, build_classifier
+    from lora_cli.data import LabelSet
+
+    spec = LoraSpec(rank=4, alpha=8, target_spec=[targets], head_bias=False)
+    trained = build_classifier(base, 2, spec, seed=2)
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if ".lora." in name or name.startswith("out_head."):
+                p.copy_(torch.randn_like(p) * 0.3)
+    return adapter_from_model(trained, spec, LabelSet(["ham", "spam"]), base, {})
+
+
 def _families(tmp: Path, diff) -> list[tuple[str, float]]:  # noqa: ANN001
     """The Llama 3 and Qwen3 tiny presets (GQA, tied embeddings; Qwen3's QK-norm) against the book's
     Llama3Model / Qwen3Model and transformers, and their PEFT export and `merge --format hf`."""
@@ -127,10 +134,8 @@ def _families(tmp: Path, diff) -> list[tuple[str, float]]:  # noqa: ANN001
     from llms_from_scratch.qwen3 import Qwen3Model as BookQwen
 
     from lora_cli import families
-    from lora_cli.adapter import adapter_from_model, model_with_adapter
+    from lora_cli.adapter import model_with_adapter
     from lora_cli.checkpoint import init_checkpoint, load_base, save_base
-    from lora_cli.classifier import LoraSpec, build_classifier
-    from lora_cli.data import LabelSet
     from lora_cli.merge import save_merged
     from lora_cli.peft_format import export_peft
 
@@ -158,13 +163,7 @@ def _families(tmp: Path, diff) -> list[tuple[str, float]]:  # noqa: ANN001
 
         save_base(tmp / f"{preset}.safetensors", init_checkpoint(cfg, seed=1), cfg)
         base = load_base(tmp / f"{preset}.safetensors")
-        spec = LoraSpec(rank=4, alpha=8, target_spec=["blocks"], head_bias=False)
-        trained = build_classifier(base, 2, spec, seed=2)
-        with torch.no_grad():
-            for pname, p in trained.named_parameters():
-                if ".lora." in pname or pname.startswith("out_head."):
-                    p.copy_(torch.randn_like(p) * 0.3)
-        adapter = adapter_from_model(trained, spec, LabelSet(["ham", "spam"]), base, {})
+        adapter = _random_adapter(base, "blocks")
         with torch.no_grad():
             reference = model_with_adapter(base, adapter)(ids)[:, -1]
             export_peft(adapter, tmp / f"peft-{preset}", pad_id=pad)
