@@ -40,7 +40,7 @@ def build_classifier(
     cfg = base.config
     with torch.device("meta"):  # no time or memory spent initialising weights we overwrite
         model = base.family.build(cfg)
-    backbone = {k: v.float() for k, v in base.state.items() if not k.startswith("out_head.")}
+    backbone = {k: _compute_copy(k, v) for k, v in base.state.items() if not k.startswith("out_head.")}
     model.load_state_dict(backbone, strict=False, assign=True)
     torch.manual_seed(seed)
     model.out_head = nn.Linear(cfg.emb_dim, num_classes, bias=spec.head_bias)
@@ -61,6 +61,18 @@ def build_classifier(
         for p in model.out_head.linear.parameters():  # the book's all-linear: head base frozen
             p.requires_grad_(False)
     return model.to(device)
+
+
+def _compute_copy(name: str, weight: torch.Tensor) -> torch.Tensor:
+    """The frozen weight as the model holds it: float32, but a 16-bit embedding table as it is.
+
+    A lookup reads a few rows, which the model widens to float32 (exactly), so the table of a
+    bf16 checkpoint (as the Hub ships them: 622 MB as float32 in Qwen3-0.6B) keeps half the size
+    and stays mapped from the file, of which only the rows of tokens that occur are ever read.
+    """
+    if name == "tok_emb.weight" and weight.dtype in (torch.bfloat16, torch.float16):
+        return weight
+    return weight.float()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int, int, int]:

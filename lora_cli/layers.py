@@ -245,6 +245,11 @@ class Decoder(nn.Module):
             self._rope[device] = cos, sin
         return cos[:positions], sin[:positions]
 
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of `ids` in the blocks' dtype. The table may be stored narrower (a frozen
+        bf16 table stays bf16: widening only the rows looked up gives the same numbers, in half the memory)."""
+        return self.tok_emb(ids).to(self.final_norm.get_parameter(self.final_norm.weight_name).dtype)
+
     def forward(
         self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True,
         attention: str = "auto",
@@ -260,7 +265,7 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence length {seq_len} exceeds the context length {self.cfg.context_length}")
         if last_index is not None and packed:
             return self._forward_packed(in_idx, Packing.from_last_index(last_index, seq_len, in_idx.device, attention))
-        x = self.tok_emb(in_idx)
+        x = self.embed(in_idx)
         cos, sin = self.rope(seq_len, x.device)
         for block in self.trf_blocks:
             x = block(x, cos, sin)
@@ -269,7 +274,7 @@ class Decoder(nn.Module):
         return self.out_head(self.final_norm(x))
 
     def _forward_packed(self, in_idx: torch.Tensor, packing: Packing) -> torch.Tensor:
-        x = self.tok_emb(in_idx.flatten()[packing.token_index])
+        x = self.embed(in_idx.flatten()[packing.token_index])
         pos = packing.token_index % packing.seq_len
         cos, sin = (t[pos] for t in self.rope(packing.seq_len, x.device))
         *blocks, last = self.trf_blocks

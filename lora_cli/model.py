@@ -210,6 +210,7 @@ class GPTModel(nn.Module):
 
     def _forward_packed(self, in_idx: torch.Tensor, packing: Packing) -> torch.Tensor:
         ids = in_idx.flatten()[packing.token_index]
+        # A table stored narrower than pos_emb (a frozen bf16 one) is widened by the sum's type promotion.
         x = self.drop_emb(self.tok_emb(ids) + self.pos_emb(packing.token_index % packing.seq_len))
         *blocks, last = self.trf_blocks
         for block in blocks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -499,3 +500,45 @@ def test_load_base_fingerprint_changes_with_backbone_not_head(tmp_path: Path, na
     assert fa == fb
     assert fa != fc
     assert len(fa) == 64 and int(fa, 16) >= 0
+
+
+# --- memory: a frozen table the model reads in part stays on disk ------------------------------
+
+WIDE_VOCAB = ModelConfig(vocab_size=131072, context_length=32, emb_dim=128, n_heads=4, n_layers=1, qkv_bias=True)
+_RSS_GROWTH = """
+import sys
+import torch
+from lora_cli.checkpoint import load_base
+from lora_cli.classifier import LoraSpec, build_classifier
+
+def rss() -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024
+
+for path in sys.argv[1:]:  # the first, a small base, warms up imports and allocator: the second is measured
+    before = rss()
+    base = load_base(path)
+    base.drop_lm_head()
+    model = build_classifier(base, 2, LoraSpec(rank=2, alpha=2), seed=0)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 511]]))
+print(model.tok_emb.weight.dtype, rss() - before)
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_embedding_table_is_not_read_into_memory(tmp_path: Path, dtype: torch.dtype) -> None:
+    """Loading, hashing and building a classifier of a base keeps the embedding table file-backed:
+    the process grows by the rows it looks up, not by the table (64 MB as float32 here)."""
+    import subprocess
+    import sys
+
+    paths = []
+    for cfg in (dataclasses.replace(WIDE_VOCAB, vocab_size=512), WIDE_VOCAB):
+        state = {k: v.to(dtype) for k, v in init_checkpoint(cfg, seed=0).items()}
+        paths.append(tmp_path / f"vocab{cfg.vocab_size}.safetensors")
+        save_base(paths[-1], state, cfg)
+    table = state["tok_emb.weight"].numel() * state["tok_emb.weight"].element_size()
+    proc = subprocess.run([sys.executable, "-c", _RSS_GROWTH, *map(str, paths)], capture_output=True, text=True, check=True)
+    kept, growth = proc.stdout.split()
+    assert kept == str(dtype), proc.stdout
+    assert int(growth) < table / 4, f"grew by {int(growth) / 2**20:.1f} MB for a {table / 2**20:.0f} MB table"

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lora_cli import families
-from lora_cli.checkpoint import fingerprint, init_checkpoint, load_base
+from lora_cli.checkpoint import fingerprint, init_checkpoint, load_base, save_base
 from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
 from lora_cli.data import Encoded, batches
 from lora_cli.errors import LoraCliError
@@ -188,6 +188,30 @@ def test_classifier_trains_only_lora_and_head_and_packs_exactly(bases: dict[str,
                              pad_id=families.get(family).pad_id))
         assert int(batch.input_ids.max()) < base.config.vocab_size
         assert max_diff(model(batch.input_ids, last_index=batch.last_index, packed=False), padded) < 1e-5
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_a_bf16_base_keeps_its_table_narrow_and_computes_as_if_widened(
+    bases: dict[str, Path], family: str, tmp_path: Path
+) -> None:
+    """The Hub ships bf16: the embedding table stays bf16 (half the memory, still file-backed), every
+    other frozen weight runs in float32, and the logits equal those of the base widened to float32."""
+    base = load_base(bases[family])
+    narrow = {k: v.to(torch.bfloat16) for k, v in base.state.items()}
+    models = []
+    for name, state in (("bf16", narrow), ("fp32", {k: v.float() for k, v in narrow.items()})):
+        path = tmp_path / f"{name}.safetensors"
+        save_base(path, state, base.config)
+        loaded = load_base(path)
+        loaded.drop_lm_head()
+        models.append(build_classifier(loaded, 3, LoraSpec(rank=4, alpha=8), seed=5).eval())
+    model, widened = models
+    assert model.tok_emb.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if n != "tok_emb.weight"} == {torch.float32}
+    ids, last = right_padded([7, 19, 3, 12], base.config.vocab_size, pad=families.get(family).pad_id)
+    with torch.no_grad():
+        for kwargs in ({"packed": False}, {"attention": "per-sequence"}, {"attention": "grid"}):
+            assert torch.equal(model(ids, last_index=last, **kwargs), widened(ids, last_index=last, **kwargs)), kwargs
 
 
 def test_classifier_targets_resolve_on_the_familys_names(bases: dict[str, Path]) -> None:

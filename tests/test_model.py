@@ -103,7 +103,11 @@ def test_layer_norm_and_gelu_match_book(spread: float) -> None:
     book.load_state_dict(ours.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(ours(x), book(x), rtol=1e-7, atol=1e-7)
-        torch.testing.assert_close(GELU()(x), ch04.GELU()(x), rtol=1e-7, atol=1e-9)
+        exact = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+        torch.testing.assert_close(GELU()(x), exact, rtol=1e-12, atol=1e-15)
+        # The book's sqrt(2/pi) is a float32 tensor (4.6e-8 relative off), which moves its float64
+        # GELU by up to 1.18e-8 (near x = +-1.4): where that falls depends on the random draws.
+        torch.testing.assert_close(GELU()(x), ch04.GELU()(x), rtol=1e-7, atol=2e-8)
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
