@@ -98,7 +98,7 @@ class LinearWithLoRA(nn.Module):
 
         In training this keeps only `a` and `b` for the backward pass and recomputes
         `silu(a) * b` there: two hidden-wide activations per block instead of autograd's four
-        (a, silu(a), b and the product), for one extra sigmoid and two products.
+        (a, silu(a), b and the product), for one extra SiLU and product.
         """
         if self.merged or not self._fusable(a) or b.dtype != a.dtype:
             return self(F.silu(a) * b)
@@ -260,16 +260,15 @@ class _SwiGLULoRA(torch.autograd.Function):
         a, b = a.reshape(-1, shape[-1]), b.reshape(-1, shape[-1])
         gh = grad @ B.t()  # the gradient of `inp A`, before the scale
         grad_B = (h.t() @ grad).mul_(scale) if needs_B else None
-        sig = torch.sigmoid(a)
-        silu = a * sig
+        silu = F.silu(a)  # the forward's, bit for bit
         grad_A = ((silu * b).t() @ gh).mul_(scale) if needs_A else None
         grad_a = grad_b = None
         if needs_a or needs_b:
             grad_inp = (grad @ weight).addmm_(gh, A.t(), alpha=scale)
             if needs_b:
                 grad_b = (grad_inp * silu).view(shape)
-            if needs_a:  # silu'(a) = sig * (1 + a * (1 - sig))
-                grad_a = grad_inp.mul_(b).mul_(sig * (1 + a * (1 - sig))).view(shape)
+            if needs_a:  # autograd's own silu derivative, in one pass over (grad * b, a)
+                grad_a = torch.ops.aten.silu_backward(grad_inp.mul_(b), a).view(shape)
         return grad_a, grad_b, None, None, grad_A, grad_B, None
 
 

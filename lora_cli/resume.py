@@ -318,6 +318,10 @@ def _checked(s: Setup, path: Path, optimizer: torch.optim.Optimizer) -> dict[str
     return ckpt
 
 
+# How the update is computed, not which: a checkpoint of another torch (or lora-cli) resumes with its own.
+_IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "capturable", "differentiable"})
+
+
 def _check_optimizer(saved: dict, optimizer: torch.optim.Optimizer, names: dict[int, str],
                      damaged: Callable[[str], Exception]) -> None:
     """The saved state must fit this run's parameters: torch's load_state_dict checks only the group sizes."""
@@ -326,7 +330,9 @@ def _check_optimizer(saved: dict, optimizer: torch.optim.Optimizer, names: dict[
         raise damaged(f"optimizer.param_groups: {[len(g['params']) for g in groups]} parameters, this run trains "
                       f"{[len(g['params']) for g in ours]}")
     for i, (group, own) in enumerate(zip(groups, ours)):
-        for key, value in group.items():  # the option flags (amsgrad, foreach, ...) must be the run's own
+        for key, value in group.items():  # the option flags (amsgrad, maximize, ...) must be the run's own
+            if key in _IMPLEMENTATION_FLAGS:
+                continue
             if key in own and isinstance(own[key], (bool, type(None))) and value is not own[key]:
                 raise damaged(f"optimizer.param_groups[{i}].{key}: expected {own[key]!r}, got {_shown(value)}")
     param = dict(zip((i for g in groups for i in g["params"]), (p for g in ours for p in g["params"])))

@@ -202,6 +202,21 @@ def evaluate_split(model: GPTModel, data: Encoded, labels: LabelSet | MultiLabel
             "auroc": report["roc_auc"]}
 
 
+_FUSED_ADAMW_ON_CPU = torch.torch_version.TorchVersion(torch.__version__) >= (2, 4)
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW updating all LoRA factors in one fused kernel where torch has one for their device.
+
+    The same update as the per-tensor loops (to float rounding); a few hundred small tensors make
+    the loops' per-tensor overhead count: 5% of a SmolLM2-135M step on a CPU.
+    """
+    device = params[0].device.type if params else "cpu"
+    if device == "cuda" or (device == "cpu" and _FUSED_ADAMW_ON_CPU):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
 def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bool | Path = False) -> RunResult:
     """Train for `cfg.epochs`, with a checkpoint every epoch (and every `checkpoint_every` steps).
 
@@ -216,7 +231,7 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
         run_dir.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(run_dir, cfg.tensorboard)  # fails before anything is written if tensorboard is missing
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    optimizer = adamw(trainable, cfg.lr, cfg.weight_decay)
     torch.manual_seed(cfg.seed + s.dist.rank)  # dropout draws, if any
     t = TrainState.fresh(s.device, cfg.select_metric)
     s.dist.barrier()  # every rank has checked the run directory before rank 0 writes to it

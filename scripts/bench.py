@@ -247,11 +247,12 @@ class LoraCli(System):
         import torch
 
         from lora_cli.classifier import LoraSpec, build_classifier
+        from lora_cli.training import adamw
 
         spec = LoraSpec(rank=self.ctx["rank"], alpha=self.ctx["alpha"])
         self.model = build_classifier(self.base, 2, spec, self.ctx["seed"], self.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=self.ctx["lr"], weight_decay=self.ctx["weight_decay"], foreach=True)
+        self.optimizer = adamw(trainable, self.ctx["lr"], self.ctx["weight_decay"])  # as lora_cli.training builds it
         torch.manual_seed(self.ctx["seed"])
         self.acc = _accumulator(self.device)
         self.step_no = 0

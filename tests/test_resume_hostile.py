@@ -92,6 +92,8 @@ DAMAGES = {
     "rng-python-state": (edit(lambda c: c["rng"].update(python=(3, (1,) * 624 + (9999,), None))), ["rng.python"]),
     "optimizer-other-shape": (edit(lambda c: c["optimizer"]["state"][0].update(exp_avg=torch.zeros(3, 3))),
                               ["optimizer.state.0.exp_avg", "shape (3, 3)"]),
+    "optimizer-other-option": (edit(lambda c: c["optimizer"]["param_groups"][0].update(amsgrad=True)),
+                               ["optimizer.param_groups[0].amsgrad", "expected False, got True"]),
     "data-order": (edit(lambda c: c.update(data_order=[0] * len(c["data_order"]))), ["data_order"]),
     "step-of-another-file": (edit(lambda c: c["progress"].update(step=6)), ["progress.step is 6", NEWEST]),
     "other-classes": (edit(relabel), ["does not fit this run", "classes ham, spam", "has classes neg, pos"]),
@@ -127,6 +129,17 @@ def test_damaged_newest_checkpoint(runs: dict[str, Path], run: Path, case: str) 
     assert hashes(run) == before  # the refusal wrote, moved and deleted nothing
     if case in FOLLOWED:
         follow_advice(run, before, runs["main"])
+
+
+def test_a_checkpoint_of_the_per_tensor_adamw_resumes(runs: dict[str, Path], run: Path) -> None:
+    """How AdamW computes its update (foreach loops, as earlier lora-cli builds did, or one fused kernel) is not
+    the run's identity: such a checkpoint resumes, to the same adapter up to float rounding."""
+    older = run / "checkpoints" / OLDER
+    edit(lambda c: c["optimizer"]["param_groups"][0].update(foreach=True, fused=None))(older, runs)
+    r = run_cli("train", "--resume", older, "--quiet")  # 2 more steps, with the loops the checkpoint names
+    assert r.returncode == 0, r.stderr
+    ours, theirs = load_file(str(run / "adapter.safetensors")), load_file(str(runs["main"] / "adapter.safetensors"))
+    assert all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-7) for k in theirs)
 
 
 def test_no_usable_older_checkpoint_says_start_over(runs: dict[str, Path], run: Path) -> None:
