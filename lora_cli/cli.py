@@ -771,8 +771,10 @@ def predict(
     precision: PrecisionOption = "auto",
     bpe_dir: BpeDirOption = None,
     force: ForceOption = False,
-    merge: Annotated[bool, typer.Option(
-        help="Fold LoRA into the base weights first (no LoRA cost per token); --no-merge runs the two branches.")] = True,
+    merge: Annotated[Optional[bool], typer.Option(
+        help="Fold LoRA into the base weights first (no LoRA cost per token, a second copy of the adapted "
+             "weights); --no-merge runs the two branches. Default: merge on a GPU, and on the CPU from "
+             "8,192 tokens of input on, where it starts to pay.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The same as --format json.")] = False,
     max_length: MaxLengthOption = None,
     calibration: CalibrationOption = True,
@@ -805,14 +807,14 @@ def predict(
     if any(not t.strip() for t in items):
         raise LoraCliError("cannot classify an empty text")
     ad, net, dev = _load_for_inference(adapter, model, model_config, device, force)
-    if merge:
-        from lora_cli.merge import merge_lora
-
-        merge_lora(net)
     length = _max_length(ad, net, max_length)
     tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir, model), items, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
+    from lora_cli.merge import merge_lora, worth_merging
+
+    if merge or (merge is None and worth_merging(sum(map(len, tokens)), dev)):
+        merge_lora(net)
     logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
     if ad.multi_label:
         _print_multilabel(ad.labels, items, logits, output_format)

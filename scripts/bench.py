@@ -52,8 +52,8 @@ of --mm-size square float32 matrices on the same device and thread count; bf16 w
 is on). Padding work is not useful work, so a system that pads more scores lower.
 
 Inference ("predict ex/s"): the first --predict-texts test texts, batch 8, timed per system in alternating rounds:
-lora-cli as `lora-cli predict` runs it (LoRA merged into the weights, length-sorted packed
-batches, inference mode), the book's model with its LoRA layers unmerged through its own batched
+lora-cli as `lora-cli predict` runs it (LoRA merged into the weights where its default merges:
+on a GPU, or from 8,192 tokens on; length-sorted packed batches, inference mode), the book's model with its LoRA layers unmerged through its own batched
 evaluation (ch06.calc_accuracy_loader: padded to the longest training text, last position), and
 PEFT unmerged with length-sorted batches and an attention mask.
 
@@ -291,18 +291,22 @@ class LoraCli(System):
         return float((logits.argmax(-1) == self.torch.tensor(data.labels)).float().mean())
 
     def predict(self) -> dict:
-        """`lora-cli predict`'s path: LoRA merged into the weights, length-sorted packed batches."""
+        """`lora-cli predict`'s path: LoRA merged into the weights where its default merges
+        (`worth_merging`), length-sorted packed batches."""
         from lora_cli.data import Encoded
         from lora_cli.evaluation import predict_logits
-        from lora_cli.merge import merge_lora, unmerge_lora
+        from lora_cli.merge import merge_lora, unmerge_lora, worth_merging
 
         texts = Encoded(self.ctx["test_tokens"][: self.ctx["predict_texts"]], None)
+        merge = worth_merging(sum(map(len, texts.tokens)), self.device)
         t0 = time.perf_counter()
-        merge_lora(self.model)
+        if merge:
+            merge_lora(self.model)
         predict_logits(self.model, texts, self.bs, self.device)
         self.sync()
         seconds = time.perf_counter() - t0
-        unmerge_lora(self.model)
+        if merge:
+            unmerge_lora(self.model)
         return {"seconds": seconds, "examples": len(texts)}
 
 

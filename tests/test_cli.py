@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from lora_cli.cli import app
@@ -277,11 +278,34 @@ def test_merge_and_predict_merge(workspace: Path) -> None:
     texts = ["Free entry in a weekly competition! Text WIN now", "ok see you soon"]
     args = ["predict", "--adapter", str(workspace / "runs" / "t"), *texts, "--format", "json"]
     plain = json.loads(runner.invoke(app, [*args, "--no-merge"]).stdout)
-    fused = json.loads(runner.invoke(app, args).stdout)  # merged is the default
+    fused = json.loads(runner.invoke(app, [*args, "--merge"]).stdout)
     for p, f in zip(plain, fused):
         assert p["label"] == f["label"] and abs(p["probability"] - f["probability"]) < 1e-4
     r = runner.invoke(app, ["merge", "--adapter", str(workspace / "runs" / "t"), "--out", str(native)])
     assert r.exit_code == 1 and "--overwrite" in r.output
+
+
+def test_predict_merges_by_default_only_where_it_pays(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU, a few texts run unmerged (merging would cost more than it saves); from
+    MERGE_MIN_CPU_TOKENS tokens on, or with --merge, LoRA is folded in first; --no-merge never."""
+    import lora_cli.merge as merge_module
+
+    assert merge_module.worth_merging(8192, torch.device("cpu")) and not merge_module.worth_merging(8191, torch.device("cpu"))
+    assert merge_module.worth_merging(1, torch.device("cuda"))
+    merged: list[bool] = []
+    real = merge_module.merge_lora
+    monkeypatch.setattr(merge_module, "merge_lora", lambda net: (merged.append(True), real(net)))
+    args = ["predict", "--adapter", str(workspace / "runs" / "t"), "Free entry! Text WIN now", "--format", "json"]
+    results = {}
+    for flags, threshold, expected in (([], 8192, False), (["--merge"], 8192, True), ([], 1, True),
+                                       (["--no-merge"], 1, False)):
+        monkeypatch.setattr(merge_module, "MERGE_MIN_CPU_TOKENS", threshold)
+        merged.clear()
+        r = runner.invoke(app, [*args, *flags])
+        assert r.exit_code == 0, r.output
+        assert merged == ([True] if expected else []), (flags, threshold)
+        results[expected] = json.loads(r.stdout)[0]["probability"]
+    assert abs(results[True] - results[False]) < 1e-5
 
 
 def test_info_describes_files(workspace: Path) -> None:
