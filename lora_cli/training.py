@@ -209,7 +209,7 @@ def adamw(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> t
     """AdamW updating all LoRA factors in one fused kernel where torch has one for their device.
 
     The same update as the per-tensor loops (to float rounding); a few hundred small tensors make
-    the loops' per-tensor overhead count: 5% of a SmolLM2-135M step on a CPU.
+    the loops' per-tensor overhead count: 23 -> 7 ms of a 700 ms SmolLM2-135M step on a CPU.
     """
     device = params[0].device.type if params else "cpu"
     if device == "cuda" or (device == "cpu" and _FUSED_ADAMW_ON_CPU):
