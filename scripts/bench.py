@@ -53,9 +53,9 @@ is on). Padding work is not useful work, so a system that pads more scores lower
 
 Inference ("predict ex/s"): the first --predict-texts test texts, batch 8, timed per system in alternating rounds:
 lora-cli as `lora-cli predict` runs it (LoRA merged into the weights where its default merges:
-on a GPU, or from 8,192 tokens on; length-sorted packed batches, inference mode), the book's model with its LoRA layers unmerged through its own batched
-evaluation (ch06.calc_accuracy_loader: padded to the longest training text, last position), and
-PEFT unmerged with length-sorted batches and an attention mask.
+on a GPU, or from 8,192 tokens on; length-sorted packed batches, inference mode), the book's
+model with its LoRA layers unmerged through its own batched evaluation (ch06.calc_accuracy_loader:
+padded to the longest training text, last position), and PEFT unmerged with length-sorted batches and an attention mask.
 
 Usage:
   python scripts/bench.py --quick                          # under 2 minutes on 2 cores
