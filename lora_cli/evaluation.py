@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lora_cli import families
+from lora_cli import allocator, families
 from lora_cli.data import Encoded, batches
 from lora_cli.model import GPTModel
 from lora_cli.precision import autocast
@@ -19,6 +19,8 @@ def predict_logits(
     model: GPTModel, data: Encoded, batch_size: int, device: torch.device, precision: str = "fp32"
 ) -> torch.Tensor:
     """Logits (N, classes) in data order; batches are formed by length so padding stays small."""
+    if device.type == "cpu":
+        allocator.keep_freed_memory()
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.tokens[i]))

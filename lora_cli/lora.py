@@ -177,9 +177,14 @@ class SwiGLUThenLoRA(nn.Module):
         self.fc1, self.fc2, self.fc3 = ff.fc1, ff.fc2, ff.fc3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.fc3, LinearWithLoRA):
-            return self.fc3.forward_after_swiglu(self.fc1(x), self.fc2(x))
-        return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))
+        gate, up, down = self.fc1, self.fc2, self.fc3
+        if not isinstance(down, LinearWithLoRA):
+            return down(F.silu(gate(x)) * up(x))
+        if isinstance(gate, LinearWithLoRA) and isinstance(up, LinearWithLoRA) and all(
+            not m.merged and m._fusable(x) for m in (gate, up, down)
+        ):
+            return _SwiGLUMLPLoRA.apply(x, *_factors(gate), *_factors(up), *_factors(down))
+        return down.forward_after_swiglu(gate(x), up(x))
 
     def unfused(self) -> nn.Module:
         from lora_cli.layers import FeedForward
@@ -270,6 +275,61 @@ class _SwiGLULoRA(torch.autograd.Function):
             if needs_a:  # autograd's own silu derivative, in one pass over (grad * b, a)
                 grad_a = torch.ops.aten.silu_backward(grad_inp.mul_(b), a).view(shape)
         return grad_a, grad_b, None, None, grad_A, grad_B, None
+
+
+def _factors(layer: LinearWithLoRA) -> tuple:
+    return layer.linear.weight, layer.linear.bias, layer.lora.A, layer.lora.B, layer.lora.scale
+
+
+class _SwiGLUMLPLoRA(torch.autograd.Function):
+    """A SwiGLU MLP whose three Linears all carry LoRA, `down(silu(gate(x)) * up(x))`, in one node.
+
+    What `_LinearLoRA` twice and `_SwiGLULoRA` would compute, with the work the three share done
+    once: gate and up read the same `x`, so their A factors are applied in one product forward and
+    their A gradients come out of one product backward, and the input gradient is accumulated in
+    place instead of autograd adding the two branches. It saves `x`, `a`, `b` and the rank-r
+    products, as the three nodes did (they shared `x`), and recomputes `silu(a) * b` backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, Wg, bg, Ag, Bg, sg, Wu, bu, Au, Bu, su, Wd, bd, Ad, Bd, sd):  # noqa: ANN001, ANN205, PLR0913
+        x2 = x.reshape(-1, x.shape[-1])
+        A = torch.cat([Ag, Au], 1)
+        h = x2 @ A
+        rg = Ag.shape[1]
+        a = F.linear(x2, Wg, bg).addmm_(h[:, :rg], Bg, alpha=sg)
+        b = F.linear(x2, Wu, bu).addmm_(h[:, rg:], Bu, alpha=su)
+        out, hd = _lora_linear(F.silu(a) * b, Wd, bd, Ad, Bd, sd)
+        ctx.save_for_backward(x2, a, b, h, hd, Wg, Bg, Wu, Bu, Wd, Ad, Bd, A)
+        ctx.scales, ctx.input_shape = (sg, su, sd), x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x2, a, b, h, hd, Wg, Bg, Wu, Bu, Wd, Ad, Bd, A = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        sg, su, sd = ctx.scales
+        rg = Bg.shape[0]
+        grad = grad.reshape(-1, grad.shape[-1])
+        # The down projection, as _SwiGLULoRA.backward.
+        gh = grad @ Bd.t()
+        grad_Bd = (hd.t() @ grad).mul_(sd) if needs[14] else None
+        silu = F.silu(a)  # the forward's, bit for bit
+        grad_Ad = ((silu * b).t() @ gh).mul_(sd) if needs[13] else None
+        grad_inp = (grad @ Wd).addmm_(gh, Ad.t(), alpha=sd)
+        grad_b = grad_inp * silu
+        grad_a = torch.ops.aten.silu_backward(grad_inp.mul_(b), a)
+        # Gate and up: their B gradients, then both A gradients (already scaled) in one product.
+        grad_Bg = (h[:, :rg].t() @ grad_a).mul_(sg) if needs[4] else None
+        grad_Bu = (h[:, rg:].t() @ grad_b).mul_(su) if needs[9] else None
+        gh = torch.cat([(grad_a @ Bg.t()).mul_(sg), (grad_b @ Bu.t()).mul_(su)], 1)
+        grad_A = x2.t() @ gh if needs[3] or needs[8] else None
+        grad_x = None
+        if needs[0]:
+            grad_x = (grad_a @ Wg).addmm_(grad_b, Wu).addmm_(gh, A.t()).view(ctx.input_shape)
+        grad_Ag, grad_Au = (None, None) if grad_A is None else (grad_A[:, :rg], grad_A[:, rg:])
+        return (grad_x, None, None, grad_Ag, grad_Bg, None, None, None, grad_Au, grad_Bu, None,
+                None, None, grad_Ad, grad_Bd, None)
 
 
 def resolve_targets(model: nn.Module, spec: str | Sequence[str]) -> list[str]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lora_cli import distributed, multilabel
+from lora_cli import allocator, distributed, multilabel
 from lora_cli import run_dir as rd
 from lora_cli.adapter import Adapter, adapter_from_model, save_adapter
 from lora_cli.calibration import calibrate
@@ -226,6 +226,8 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
     In a multi-process run every rank calls this; only rank 0 writes to `run_dir`.
     """
     cfg, model, main = s.cfg, s.model, s.dist.is_main
+    if s.device.type == "cpu":
+        allocator.keep_freed_memory()
     log = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)

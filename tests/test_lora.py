@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -525,6 +526,75 @@ def test_swiglu_lora_node_equals_autograd_and_passes_gradcheck() -> None:
          layer.lora.A.detach().clone().requires_grad_(), layer.lora.B.detach().clone().requires_grad_()))
 
 
+def _swiglu_mlp(ranks: tuple[int, int, int], bias: bool):
+    """A float64 SwiGLUThenLoRA (12 -> 10 -> 12) whose three Linears carry LoRA of the given ranks."""
+    from lora_cli.layers import FeedForward
+    from lora_cli.lora import LinearWithLoRA, SwiGLUThenLoRA
+
+    torch.manual_seed(0)
+    ff = FeedForward(12, 10)
+    if bias:
+        ff.fc1.bias = torch.nn.Parameter(torch.randn(10))
+    for name, rank in zip(("fc1", "fc2", "fc3"), ranks):
+        setattr(ff, name, LinearWithLoRA(getattr(ff, name), rank=rank, scale=4.0 / rank))
+    mlp = SwiGLUThenLoRA(ff).double().requires_grad_(False)
+    for name in ("fc1", "fc2", "fc3"):
+        lora = getattr(mlp, name).lora
+        torch.nn.init.normal_(lora.B)
+        lora.requires_grad_(True)
+    return mlp
+
+
+@pytest.mark.parametrize("ranks, bias", [((3, 3, 3), False), ((2, 5, 3), True)], ids=["same-rank", "ranks-bias"])
+def test_swiglu_mlp_node_equals_autograd_and_passes_gradcheck(ranks: tuple[int, int, int], bias: bool) -> None:
+    """With LoRA on gate, up and down, the MLP runs as one node (gate and up share their A product);
+    its output and every gradient equal plain autograd's in float64, and it passes gradcheck. Ranks
+    (and so scales) may differ between gate and up, and a gate bias is carried through."""
+    import torch.nn.functional as F
+
+    mlp = _swiglu_mlp(ranks, bias)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    fused = mlp(x)
+    assert "_SwiGLUMLPLoRA" in type(fused.grad_fn).__name__
+    plain = _unfused(mlp.fc3, F.silu(_unfused(mlp.fc1, x)) * _unfused(mlp.fc2, x))
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-12)
+    w = torch.randn_like(plain)
+    params = [x] + [p for name in ("fc1", "fc2", "fc3") for p in getattr(mlp, name).lora.parameters()]
+    for got, want in zip(torch.autograd.grad((fused * w).sum(), params), torch.autograd.grad((plain * w).sum(), params)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # Without an input gradient (a frozen block below), only the factors get theirs.
+    fused = mlp(x.detach())
+    grads = torch.autograd.grad(fused.sum(), params[1:])
+    assert all(g is not None and g.shape == p.shape for g, p in zip(grads, params[1:]))
+
+    def run(x, *factors):  # noqa: ANN001, ANN202
+        twins = [_with_factors(getattr(mlp, n), *factors[2 * i:2 * i + 2]) for i, n in enumerate(("fc1", "fc2", "fc3"))]
+        twin = copy.copy(mlp)
+        twin._modules = dict(mlp._modules, fc1=twins[0], fc2=twins[1], fc3=twins[2])
+        return twin(x)
+
+    inputs = [x.detach()[0].clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params[1:]]
+    assert torch.autograd.gradcheck(run, inputs)
+
+
+def test_swiglu_mlp_takes_the_per_layer_nodes_unless_all_three_are_lora() -> None:
+    """A LoRA on the down projection alone keeps the two-input node; a merged gate takes the plain path."""
+    import torch.nn.functional as F
+
+    mlp = _swiglu_mlp((3, 3, 3), bias=False)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    want = _unfused(mlp.fc3, F.silu(_unfused(mlp.fc1, x)) * _unfused(mlp.fc2, x))
+    mlp.fc1.merge()
+    got = mlp(x)
+    assert "_SwiGLULoRA" in type(got.grad_fn).__name__ and "MLP" not in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # the merge works in float32
+    mlp.fc1.unmerge()
+    mlp.fc1 = mlp.fc1.linear
+    got = mlp(x)
+    assert "MLP" not in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, _unfused(mlp.fc3, F.silu(mlp.fc1(x)) * _unfused(mlp.fc2, x)), rtol=0, atol=1e-12)
+
+
 def test_lora_surgery_installs_the_swiglu_node_and_fold_restores_the_feedforward() -> None:
     """A LoRA on a Llama block's fc3 makes its FeedForward a SwiGLUThenLoRA over the same children (same
     state_dict names, same numbers, the one-node path in training); folding restores the FeedForward."""
@@ -553,7 +623,7 @@ def test_lora_surgery_installs_the_swiglu_node_and_fold_restores_the_feedforward
         if fn is not None and fn not in nodes:
             nodes.add(fn)
             stack.extend(f for f, _ in fn.next_functions)
-    assert "_SwiGLULoRABackward" in {type(fn).__name__ for fn in nodes}
+    assert "_SwiGLUMLPLoRABackward" in {type(fn).__name__ for fn in nodes}  # all three Linears: one node
     fold_lora(model)
     assert all(type(block.ff) is layers.FeedForward for block in model.trf_blocks)
     with torch.no_grad():
