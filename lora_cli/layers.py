@@ -145,6 +145,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> 
     return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kwargs)
 
 
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to the same `x`.
+
+    Layers that share an input may do shared work once: a layer class with a static
+    `forward_shared(x, layers)` gets the call for the group, and returns the outputs or None where
+    it cannot (then each layer runs on its own). This keeps the model free of any layer type's details.
+    """
+    shared = getattr(type(linears[0]), "forward_shared", None)
+    if shared is not None and len(linears) > 1 and all(type(m) is type(linears[0]) for m in linears):
+        out = shared(x, linears)
+        if out is not None:
+            return out
+    return tuple(m(x) for m in linears)
+
+
 class FeedForward(nn.Module):
     """SwiGLU: fc3(silu(fc1(x)) * fc2(x)); fc1 is the gate, fc2 the up and fc3 the down projection."""
 
@@ -182,33 +197,36 @@ class GroupedQueryAttention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def _heads(
-        self, proj: nn.Module, x: torch.Tensor, heads: int, norm: nn.Module | None,
+        self, t: torch.Tensor, heads: int, norm: nn.Module | None,
         cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(..., tokens, d) -> (..., tokens, heads, head_dim), normalized and rotated if asked."""
-        t = proj(x).unflatten(-1, (heads, self.head_dim))
+        """A projection (..., tokens, d) -> (..., tokens, heads, head_dim), normalized and rotated if asked."""
+        t = t.unflatten(-1, (heads, self.head_dim))
         if norm is not None:
             t = norm(t)
         return t if cos is None else apply_rope(t, cos.unsqueeze(-2), sin.unsqueeze(-2))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self._heads(self.W_query, x, self.num_heads, self.q_norm, cos, sin).transpose(1, 2)
-        k = self._heads(self.W_key, x, self.num_kv_groups, self.k_norm, cos, sin).transpose(1, 2)
-        v = self._heads(self.W_value, x, self.num_kv_groups, None).transpose(1, 2)
+        q, k, v = project(x, self.W_query, self.W_key, self.W_value)
+        q = self._heads(q, self.num_heads, self.q_norm, cos, sin).transpose(1, 2)
+        k = self._heads(k, self.num_kv_groups, self.k_norm, cos, sin).transpose(1, 2)
+        v = self._heads(v, self.num_kv_groups, None).transpose(1, 2)
         return self.out_proj(attend(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
 
     def forward_packed(
         self, x: torch.Tensor, packing: Packing, cos: torch.Tensor, sin: torch.Tensor, last_only: bool = False
     ) -> torch.Tensor:
         """Attention over packed tokens (N, d); with `last_only`, queries only at each last token (B, d)."""
-        k = self._heads(self.W_key, x, self.num_kv_groups, self.k_norm, cos, sin)
-        v = self._heads(self.W_value, x, self.num_kv_groups, None)
         if last_only:
+            k, v = project(x, self.W_key, self.W_value)
             rows = packing.last_rows
-            q = self._heads(self.W_query, x[rows], self.num_heads, self.q_norm, cos[rows], sin[rows])
+            q = self._heads(self.W_query(x[rows]), self.num_heads, self.q_norm, cos[rows], sin[rows])
         else:
-            q = self._heads(self.W_query, x, self.num_heads, self.q_norm, cos, sin)
+            q, k, v = project(x, self.W_query, self.W_key, self.W_value)
+            q = self._heads(q, self.num_heads, self.q_norm, cos, sin)
+        k = self._heads(k, self.num_kv_groups, self.k_norm, cos, sin)
+        v = self._heads(v, self.num_kv_groups, None)
         if packing.lengths is not None:  # one call per sequence on its rows: no padding anywhere
             # Each tensor is viewed once as (1, heads, tokens, head_dim) (SDPA's fused CPU kernel takes
             # 4-D inputs only) and split along the tokens: no per-sequence view ops, forward or backward.

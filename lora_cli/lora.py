@@ -104,6 +104,14 @@ class LinearWithLoRA(nn.Module):
             return self(F.silu(a) * b)
         return _SwiGLULoRA.apply(a, b, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale)
 
+    @staticmethod
+    def forward_shared(x: torch.Tensor, layers: Sequence[LinearWithLoRA]) -> tuple[torch.Tensor, ...] | None:
+        """`tuple(layer(x) for layer in layers)` as one node (`lora_cli.layers.project`), or None where
+        that does not apply (a merged layer, or one `_fusable` refuses)."""
+        if not all(not m.merged and m._fusable(x) for m in layers):
+            return None
+        return _SharedInputLoRA.apply(x, *(f for m in layers for f in _factors(m)))
+
     def delta(self) -> torch.Tensor:
         """scale * (A @ B).T in float32, shaped like `.linear.weight` (out, in)."""
         a, b = self.lora.A.detach().float(), self.lora.B.detach().float()
@@ -279,6 +287,57 @@ class _SwiGLULoRA(torch.autograd.Function):
 
 def _factors(layer: LinearWithLoRA) -> tuple:
     return layer.linear.weight, layer.linear.bias, layer.lora.A, layer.lora.B, layer.lora.scale
+
+
+class _SharedInputLoRA(torch.autograd.Function):
+    """Several LinearWithLoRA on one input (attention's query, key and value) in one node.
+
+    Their A factors are applied in one product forward and get their gradients from one product
+    backward, and the input gradient is accumulated in place rather than autograd summing one
+    per layer. Inputs: `x`, then (weight, bias, A, B, scale) per layer. Saves `x` and the rank-r
+    products, as one `_LinearLoRA` per layer would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, *factors):  # noqa: ANN001, ANN002, ANN205
+        layers = [factors[i:i + 5] for i in range(0, len(factors), 5)]
+        x2 = x.reshape(-1, x.shape[-1])
+        A = torch.cat([f[2] for f in layers], 1)
+        h = x2 @ A
+        outs, start = [], 0
+        for weight, bias, a, b, scale in layers:
+            r = a.shape[1]
+            out = F.linear(x2, weight, bias).addmm_(h[:, start:start + r], b, alpha=scale)
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+            start += r
+        ctx.save_for_backward(x2, h, A, *(t for f in layers for t in (f[0], f[3])))
+        ctx.scales, ctx.input_shape = [f[4] for f in layers], x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: ANN001, ANN002, ANN205
+        x2, h, A, *weights_and_bs = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = [g.reshape(-1, g.shape[-1]) for g in grads]
+        out: list[torch.Tensor | None] = [None]
+        ghs, grad_x, start = [], None, 0
+        for i, (g, scale) in enumerate(zip(grads, ctx.scales)):
+            weight, B = weights_and_bs[2 * i], weights_and_bs[2 * i + 1]
+            r = B.shape[0]
+            grad_B = (h[:, start:start + r].t() @ g).mul_(scale) if needs[5 * i + 4] else None
+            ghs.append((g @ B.t()).mul_(scale))  # the gradient of `x A`, scaled
+            if needs[0]:
+                grad_x = g @ weight if grad_x is None else grad_x.addmm_(g, weight)
+            out += [None, None, None, grad_B, None]
+            start += r
+        gh = torch.cat(ghs, 1)
+        if any(needs[5 * i + 3] for i in range(len(grads))):
+            grad_A, start = x2.t() @ gh, 0
+            for i, g in enumerate(ghs):
+                out[5 * i + 3], start = grad_A[:, start:start + g.shape[1]], start + g.shape[1]
+        if needs[0]:
+            out[0] = grad_x.addmm_(gh, A.t()).view(ctx.input_shape)
+        return tuple(out)
 
 
 class _SwiGLUMLPLoRA(torch.autograd.Function):

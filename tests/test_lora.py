@@ -595,6 +595,74 @@ def test_swiglu_mlp_takes_the_per_layer_nodes_unless_all_three_are_lora() -> Non
     torch.testing.assert_close(got, _unfused(mlp.fc3, F.silu(mlp.fc1(x)) * _unfused(mlp.fc2, x)), rtol=0, atol=1e-12)
 
 
+def _shared_input_layers(ranks: tuple[int, ...], bias: bool):
+    from lora_cli.lora import LinearWithLoRA
+
+    torch.manual_seed(0)
+    layers = [LinearWithLoRA(torch.nn.Linear(12, n, bias=bias), rank=r, scale=4.0 / r).double()
+              for n, r in zip((8, 4, 4), ranks)]
+    for layer in layers:
+        layer.linear.requires_grad_(False)
+        with torch.no_grad():
+            layer.lora.B.normal_()
+    return layers
+
+
+@pytest.mark.parametrize("ranks, bias", [((3, 3, 3), False), ((2, 4, 3), True)], ids=["same-rank", "ranks-bias"])
+def test_layers_sharing_an_input_run_as_one_node_with_autograds_numbers(ranks: tuple[int, ...], bias: bool) -> None:
+    """`layers.project(x, q, k, v)` on LinearWithLoRA layers is one node (one A product for all three);
+    outputs and gradients equal plain autograd's in float64, and it passes gradcheck, also when an
+    output is unused (its gradient is zero) and when the input needs no gradient."""
+    from lora_cli.layers import project
+
+    layers = _shared_input_layers(ranks, bias)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    fused = project(x, *layers)
+    assert all("_SharedInputLoRA" in type(t.grad_fn).__name__ for t in fused)
+    plain = [_unfused(layer, x) for layer in layers]
+    params = [x] + [p for layer in layers for p in layer.lora.parameters()]
+    ws = [torch.randn_like(t) for t in plain]
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+    def loss(outs, skip=None):  # noqa: ANN001, ANN202
+        return sum((t * w).sum() for i, (t, w) in enumerate(zip(outs, ws)) if i != skip)
+
+    for skip in (None, 1):
+        got = torch.autograd.grad(loss(project(x, *layers), skip), params, allow_unused=True)
+        want = torch.autograd.grad(loss([_unfused(layer, x) for layer in layers], skip), params, allow_unused=True)
+        for g, w, p in zip(got, want, params):
+            torch.testing.assert_close(g, torch.zeros_like(p) if w is None else w, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(loss(project(x.detach(), *layers)), params[1:])
+    assert all(g.shape == p.shape for g, p in zip(grads, params[1:]))
+
+    def run(x, *factors):  # noqa: ANN001, ANN202
+        twins = [_with_factors(layer, *factors[2 * i:2 * i + 2]) for i, layer in enumerate(layers)]
+        return project(x, *twins)
+
+    inputs = [x.detach()[0].clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params[1:]]
+    assert torch.autograd.gradcheck(run, inputs)
+
+
+def test_project_runs_layers_one_by_one_where_they_cannot_share() -> None:
+    """A merged layer, or a plain Linear among the group, sends every layer through its own forward."""
+    from lora_cli.layers import project
+
+    layers = _shared_input_layers((3, 3, 3), bias=False)
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    want = [_unfused(layer, x) for layer in layers]
+    layers[1].merge()
+    got = project(x, *layers)
+    assert not any("_SharedInputLoRA" in type(t.grad_fn).__name__ for t in got)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)  # the merge works in float32
+    layers[1].unmerge()
+    plain = layers[1].linear
+    got = project(x, layers[0], plain, layers[2])
+    assert "_SharedInputLoRA" not in type(got[0].grad_fn).__name__
+    torch.testing.assert_close(got[1], plain(x), rtol=0, atol=0)
+
+
 def test_lora_surgery_installs_the_swiglu_node_and_fold_restores_the_feedforward() -> None:
     """A LoRA on a Llama block's fc3 makes its FeedForward a SwiGLUThenLoRA over the same children (same
     state_dict names, same numbers, the one-node path in training); folding restores the FeedForward."""
