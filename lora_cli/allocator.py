@@ -23,13 +23,16 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TO
 _applied: bool | None = None
 
 
-def keep_freed_memory() -> bool:
-    """Set glibc's mmap and trim thresholds once per process; True when they are set.
+def keep_freed_memory(device_type: str = "cpu") -> bool:
+    """Set glibc's mmap and trim thresholds once per process for work on `device_type`; True when they are set.
 
-    Nothing happens off Linux, with another C library, or when the user tunes malloc already
-    (`MALLOC_*_` variables or `glibc.malloc` tunables), so an explicit choice always wins.
+    Nothing happens for an accelerator (its activations are not host memory), off Linux, with
+    another C library, or when the user tunes malloc already (`MALLOC_*_` variables or
+    `glibc.malloc` tunables), so an explicit choice always wins.
     """
     global _applied
+    if device_type != "cpu":
+        return bool(_applied)
     if _applied is None:
         _applied = _apply()
     return _applied

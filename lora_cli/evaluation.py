@@ -19,8 +19,7 @@ def predict_logits(
     model: GPTModel, data: Encoded, batch_size: int, device: torch.device, precision: str = "fp32"
 ) -> torch.Tensor:
     """Logits (N, classes) in data order; batches are formed by length so padding stays small."""
-    if device.type == "cpu":
-        allocator.keep_freed_memory()
+    allocator.keep_freed_memory(device.type)
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.tokens[i]))

@@ -268,21 +268,32 @@ class _SwiGLULoRA(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         a, b, weight, A, B, h = ctx.saved_tensors
         needs_a, needs_b, needs_A, needs_B = (ctx.needs_input_grad[i] for i in (0, 1, 4, 5))
-        scale, shape = ctx.scale, a.shape
-        grad = grad.reshape(-1, grad.shape[-1])
-        a, b = a.reshape(-1, shape[-1]), b.reshape(-1, shape[-1])
-        gh = grad @ B.t()  # the gradient of `inp A`, before the scale
-        grad_B = (h.t() @ grad).mul_(scale) if needs_B else None
-        silu = F.silu(a)  # the forward's, bit for bit
-        grad_A = ((silu * b).t() @ gh).mul_(scale) if needs_A else None
-        grad_a = grad_b = None
-        if needs_a or needs_b:
-            grad_inp = (grad @ weight).addmm_(gh, A.t(), alpha=scale)
-            if needs_b:
-                grad_b = (grad_inp * silu).view(shape)
-            if needs_a:  # autograd's own silu derivative, in one pass over (grad * b, a)
-                grad_a = torch.ops.aten.silu_backward(grad_inp.mul_(b), a).view(shape)
+        shape = a.shape
+        grad_a, grad_b, grad_A, grad_B = _swiglu_down_backward(
+            grad.reshape(-1, grad.shape[-1]), a.reshape(-1, shape[-1]), b.reshape(-1, shape[-1]), weight, A, B, h,
+            ctx.scale, needs_a, needs_b, needs_A, needs_B,
+        )
+        grad_a, grad_b = (None if g is None else g.view(shape) for g in (grad_a, grad_b))
         return grad_a, grad_b, None, None, grad_A, grad_B, None
+
+
+def _swiglu_down_backward(
+    grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    h: torch.Tensor, scale: float, needs_a: bool, needs_b: bool, needs_A: bool, needs_B: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of `LinearWithLoRA(silu(a) * b)` for a, b, A and B (2-D), recomputing silu(a) * b."""
+    gh = grad @ B.t()  # the gradient of `inp A`, before the scale
+    grad_B = (h.t() @ grad).mul_(scale) if needs_B else None
+    silu = F.silu(a)  # the forward's, bit for bit
+    grad_A = ((silu * b).t() @ gh).mul_(scale) if needs_A else None
+    grad_a = grad_b = None
+    if needs_a or needs_b:
+        grad_inp = (grad @ weight).addmm_(gh, A.t(), alpha=scale)
+        if needs_b:
+            grad_b = grad_inp * silu
+        if needs_a:  # autograd's own silu derivative, in one pass over (grad * b, a)
+            grad_a = torch.ops.aten.silu_backward(grad_inp.mul_(b), a)
+    return grad_a, grad_b, grad_A, grad_B
 
 
 def _factors(layer: LinearWithLoRA) -> tuple:
@@ -369,15 +380,8 @@ class _SwiGLUMLPLoRA(torch.autograd.Function):
         needs = ctx.needs_input_grad
         sg, su, sd = ctx.scales
         rg = Bg.shape[0]
-        grad = grad.reshape(-1, grad.shape[-1])
-        # The down projection, as _SwiGLULoRA.backward.
-        gh = grad @ Bd.t()
-        grad_Bd = (hd.t() @ grad).mul_(sd) if needs[14] else None
-        silu = F.silu(a)  # the forward's, bit for bit
-        grad_Ad = ((silu * b).t() @ gh).mul_(sd) if needs[13] else None
-        grad_inp = (grad @ Wd).addmm_(gh, Ad.t(), alpha=sd)
-        grad_b = grad_inp * silu
-        grad_a = torch.ops.aten.silu_backward(grad_inp.mul_(b), a)
+        grad_a, grad_b, grad_Ad, grad_Bd = _swiglu_down_backward(
+            grad.reshape(-1, grad.shape[-1]), a, b, Wd, Ad, Bd, hd, sd, True, True, needs[13], needs[14])
         # Gate and up: their B gradients, then both A gradients (already scaled) in one product.
         grad_Bg = (h[:, :rg].t() @ grad_a).mul_(sg) if needs[4] else None
         grad_Bu = (h[:, rg:].t() @ grad_b).mul_(su) if needs[9] else None

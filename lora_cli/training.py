@@ -226,8 +226,7 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
     In a multi-process run every rank calls this; only rank 0 writes to `run_dir`.
     """
     cfg, model, main = s.cfg, s.model, s.dist.is_main
-    if s.device.type == "cpu":
-        allocator.keep_freed_memory()
+    allocator.keep_freed_memory(s.device.type)
     log = None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)

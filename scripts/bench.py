@@ -246,13 +246,11 @@ class LoraCli(System):
     def build(self) -> None:
         import torch
 
+        from lora_cli.allocator import keep_freed_memory
         from lora_cli.classifier import LoraSpec, build_classifier
         from lora_cli.training import adamw
 
-        if self.device.type == "cpu":  # as lora_cli.training.train does
-            from lora_cli.allocator import keep_freed_memory
-
-            keep_freed_memory()
+        keep_freed_memory(self.device.type)  # as lora_cli.training.train does
         spec = LoraSpec(rank=self.ctx["rank"], alpha=self.ctx["alpha"])
         self.model = build_classifier(self.base, 2, spec, self.ctx["seed"], self.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]

@@ -36,6 +36,7 @@ def faults():
 
 threading.Thread(target=worker, daemon=True).start()
 faults()
+assert not allocator.keep_freed_memory("cuda")  # an accelerator's activations are not host memory
 default = faults()
 applied = allocator.keep_freed_memory()
 again = allocator.keep_freed_memory()
