@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_cli import recompute
 from lora_cli.errors import LoraCliError
 from lora_cli.model import Packing
 from lora_cli.schema import Bool, Float, Int, Nullable, Obj, Str, check
@@ -55,7 +56,8 @@ class RMSNorm(nn.Module):
         weight = getattr(self, self.weight_name)
         if x.dtype == weight.dtype == torch.float32:
             if not (weight.requires_grad and torch.is_grad_enabled()):
-                return _FrozenRMSNorm.apply(x, weight, self.eps)
+                y, r = _FrozenRMSNorm.apply(x, weight, self.eps)
+                return recompute.derive(y, _normed, x, r, weight)
             return F.rms_norm(x, weight.shape, weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -74,15 +76,21 @@ class _FrozenRMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205 (autograd signature)
         r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, weight, r)
-        return (x * r).mul_(weight)
+        ctx.mark_non_differentiable(r)
+        return _normed(x, r, weight), r
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
+    def backward(ctx, grad, _):  # noqa: ANN001, ANN205
         # y = x r w with r = (mean(x^2) + eps)^-1/2, so dx = r (g w) - x r^3 mean((g w) x)
         x, weight, r = ctx.saved_tensors
         gw = grad * weight
         c = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(r.pow(3) / x.shape[-1])
         return gw.mul_(r).addcmul_(x, c, value=-1), None, None
+
+
+def _normed(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x r w, the frozen norm's output: one expression for the forward and its recomputation."""
+    return (x * r).mul_(weight)
 
 
 def rope_tables(
@@ -112,7 +120,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     One autograd node that keeps only the tables: the backward pass is the inverse rotation of the
     gradient, so no rotated copy of q or k is stored, and each direction takes three passes.
     """
-    return _Rotation.apply(x, cos, sin)
+    out = _Rotation.apply(x, cos, sin)
+    # SDPA saves the rotated q and k; after QK-norm they are recomputed from the norm's input instead.
+    return recompute.derive(out, _rotate, x, cos, sin, 1.0, only_if_derived=True)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
@@ -235,14 +245,24 @@ class GroupedQueryAttention(nn.Module):
                 t.transpose(0, 1)[None].split(n, 2) for t, n in ((q, 1 if last_only else packing.lengths),
                                                                    (k, packing.lengths), (v, packing.lengths))
             )
-            ctx = torch.cat([attend(*qkv, is_causal=not last_only) for qkv in zip(queries, keys, values)], 2)
-            return self.out_proj(ctx[0].transpose(0, 1).flatten(1))
+            outs = [attend(*qkv, is_causal=not last_only) for qkv in zip(queries, keys, values)]
+            return self.out_proj(recompute.derive(_merge_sequences(*outs), _merge_sequences, *outs))
         k, v = (packing.grid(t.flatten(1), self.num_kv_groups) for t in (k, v))
         if last_only:  # one query per sequence, padded keys masked
             ctx = attend(q[:, :, None], k, v, attn_mask=packing.key_mask)
             return self.out_proj(ctx.reshape(packing.batch, -1))
         ctx = attend(packing.grid(q.flatten(1), self.num_heads), k, v, is_causal=True)
-        return self.out_proj(ctx.transpose(1, 2).reshape(packing.batch * packing.seq_len, -1)[packing.token_index])
+        return self.out_proj(recompute.derive(_ungrid(ctx, packing.token_index), _ungrid, ctx, packing.token_index))
+
+
+def _merge_sequences(*outs: torch.Tensor) -> torch.Tensor:
+    """Per-sequence attention outputs, each (1, heads, tokens, head_dim), as one packed (N, heads * head_dim)."""
+    return torch.cat(outs, 2)[0].transpose(0, 1).flatten(1)
+
+
+def _ungrid(ctx: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """Grid attention output (B, heads, T, head_dim) at the real tokens, packed (N, heads * head_dim)."""
+    return ctx.transpose(1, 2).reshape(ctx.shape[0] * ctx.shape[2], -1)[token_index]
 
 
 class TransformerBlock(nn.Module):
@@ -325,15 +345,17 @@ class Decoder(nn.Module):
         seq_len = in_idx.shape[1]
         if seq_len > self.cfg.context_length:
             raise ValueError(f"sequence length {seq_len} exceeds the context length {self.cfg.context_length}")
-        if last_index is not None and packed:
-            return self._forward_packed(in_idx, Packing.from_last_index(last_index, seq_len, in_idx.device, attention))
-        x = self.embed(in_idx)
-        cos, sin = self.rope(seq_len, x.device)
-        for block in self.trf_blocks:
-            x = block(x, cos, sin)
-        if last_index is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last_index.to(x.device)]
-        return self.out_head(self.final_norm(x))
+        with recompute.recomputed():
+            if last_index is not None and packed:
+                packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
+                return self._forward_packed(in_idx, packing)
+            x = self.embed(in_idx)
+            cos, sin = self.rope(seq_len, x.device)
+            for block in self.trf_blocks:
+                x = block(x, cos, sin)
+            if last_index is not None:
+                x = x[torch.arange(x.shape[0], device=x.device), last_index.to(x.device)]
+            return self.out_head(self.final_norm(x))
 
     def _forward_packed(self, in_idx: torch.Tensor, packing: Packing) -> torch.Tensor:
         x = self.embed(in_idx.flatten()[packing.token_index])
