@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lora_cli import families, recompute
 from lora_cli.checkpoint import init_checkpoint, save_base, load_base
 from lora_cli.classifier import LoraSpec, build_classifier
-from tests.decoders import right_padded
+from decoders import right_padded
 
 
 def _gen(seed: int) -> torch.Generator:
