@@ -32,8 +32,8 @@ texts, so Hugging Face's last-non-pad-token pooling finds each row's last real t
 
 Each system lives in its own process (multiprocessing "spawn"), so its memory is its own: CPU
 peak = the process's resident-set high-water mark (VmHWM, reset after the model is built, so
-"train peak" is steady-state training; "process peak" is ru_maxrss over the whole life, loading
-included); GPU peak = torch.cuda.max_memory_allocated. The parent only orchestrates: systems
+"train peak" is steady-state training; "process peak" is the higher of the mark before that reset
+and the one after it: the whole life, loading included); GPU peak = torch.cuda.max_memory_allocated. The parent only orchestrates: systems
 run one at a time, alternated in rounds (A B C A B C ...) to cancel drift, and every system sees
 the same batches in a round. Timings include building each batch (the data loader is part of
 the loop in all three). Reported figures are medians over rounds.
@@ -155,6 +155,8 @@ def hwm_mb() -> float | None:
 
 
 def maxrss_mb() -> float | None:
+    """ru_maxrss: only a fallback where VmHWM is missing. On Linux a spawned process inherits, across
+    fork and exec, the RSS its parent had when it forked (here: the parent's random base model)."""
     try:
         import resource
 
@@ -599,7 +601,7 @@ def worker(conn, name: str, ctx: dict) -> None:
 
         gc.collect()
         info = {"counts": system.counts(), "rss_after_imports_mb": baseline, "rss_after_build_mb": rss_mb(),
-                "build_seconds": build_seconds, "malloc_trim": malloc_trim()}
+                "build_seconds": build_seconds, "build_peak_rss_mb": hwm_mb() or maxrss_mb(), "malloc_trim": malloc_trim()}
         info["rss_after_trim_mb"] = rss_mb()
         info["hwm_reset"] = reset_hwm()
         if name == "peft":
@@ -617,7 +619,9 @@ def worker(conn, name: str, ctx: dict) -> None:
         cmd, payload = conn.recv()
         try:
             if cmd == "stop":
-                conn.send(("ok", {"process_peak_rss_mb": maxrss_mb()}))
+                since_build = hwm_mb()  # the high-water mark since its reset after the build
+                peak = maxrss_mb() if since_build is None else max(since_build, info["build_peak_rss_mb"])
+                conn.send(("ok", {"process_peak_rss_mb": peak}))
                 return
             if cmd == "bench":
                 result = system.run(payload["order"], payload["warmup"])
