@@ -757,6 +757,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per system per round [15; --quick 5]")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them, every round [3; --quick 1]")
     p.add_argument("--rounds", type=int, default=None, help="rounds; systems alternate A B C A B C ... [3; --quick 2]")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no training or inference round after SECONDS since the start (every system finishes "
+                        "the round it is in), then summarize what ran: for machines lent for a fixed time")
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds: under 2 minutes for gpt2-small on 2 cores")
     p.add_argument("--predict-rounds", type=int, default=None,
                    help="rounds of inference on the test texts (lora-cli, book, peft) [3; --quick 1; 0: skip]")
@@ -877,7 +880,18 @@ def main(argv=None) -> int:
     per_round = args.warmup + args.steps
     plan = batch_plan(len(tokens["train"]), args.batch_size, args.seed, per_round * args.rounds)
     rounds: dict[str, list[dict]] = {s: [] for s in systems}
+    stopped_early = []
+
+    def over_budget(what: str) -> bool:
+        if args.time_budget is None or time.perf_counter() - started < args.time_budget:
+            return False
+        stopped_early.append(what)
+        print(f"--time-budget {args.time_budget:g}s spent: no more {what}", flush=True)
+        return True
+
     for r in range(args.rounds):
+        if r and over_budget("training rounds"):
+            break
         order = plan[r * per_round * args.batch_size : (r + 1) * per_round * args.batch_size]
         timed = order[args.warmup * args.batch_size :]
         lengths = [len(tokens["train"][i]) for i in timed[: len(timed) - len(timed) % args.batch_size]]
@@ -894,11 +908,14 @@ def main(argv=None) -> int:
             res["flops_per_s"] = flops / res["seconds"]
             res["mfu"] = res["flops_per_s"] / peak[peak_key]
             rounds[name].append(res)
+            gpu = f", GPU peak {res['gpu_peak_allocated_mb']:,.0f} MB" if "gpu_peak_allocated_mb" in res else ""
             print(f"round {r + 1}/{args.rounds} {name:8s} {res['examples_per_s']:8.2f} ex/s "
-                  f"{res['real_tokens_per_s']:9.1f} real tok/s  ({res['seconds']:.1f}s)", flush=True)
+                  f"{res['real_tokens_per_s']:9.1f} real tok/s  ({res['seconds']:.1f}s{gpu})", flush=True)
     predict_systems = [s for s in systems if s != "lora-cli+bucket"]  # it predicts exactly as lora-cli
     predictions: dict[str, list[dict]] = {s: [] for s in predict_systems}
     for r in range(args.predict_rounds):
+        if over_budget("inference rounds"):
+            break
         for name in predict_systems:
             time.sleep(0.2)
             res = ask(name, "predict")
@@ -909,7 +926,7 @@ def main(argv=None) -> int:
     peak_end = matmul_rate(device, torch.float32 if not amp else torch.bfloat16, mm_size)
 
     accuracy = {}
-    if args.accuracy_epochs:
+    if args.accuracy_epochs and not over_budget("accuracy check"):
         n_steps = (len(tokens["train"]) // args.batch_size) * args.accuracy_epochs
         flat = batch_plan(len(tokens["train"]), args.batch_size, args.seed, n_steps)
         per_epoch = (len(tokens["train"]) // args.batch_size) * args.batch_size
@@ -920,7 +937,7 @@ def main(argv=None) -> int:
                   f"val accuracy {accuracy[name]['val_accuracy']:.4f}", flush=True)
 
     profiles = {}
-    if args.profile_steps:
+    if args.profile_steps and not over_budget("profiles"):
         order = plan[: (args.profile_steps + 1) * args.batch_size]
         for name in systems:
             profiles[name] = ask(name, "profile", {"order": order})
@@ -971,7 +988,7 @@ def main(argv=None) -> int:
         cols += [("RSS imports MB", "rss_after_imports_mb", ",.0f"), ("RSS built MB", "rss_after_build_mb", ",.0f"),
                  ("train peak MB", "train_peak_rss_mb", ",.0f"),
                  ("peak-imports MB", "train_peak_over_imports_mb", ",.0f"), ("proc peak MB", "process_peak_rss_mb", ",.0f")]
-    if args.predict_rounds:
+    if any(predictions.values()):
         cols.append(("predict ex/s", "predict_examples_per_s", ",.1f"))
     if accuracy:
         cols += [("val acc", "val_accuracy", ".4f"), ("test acc", "test_accuracy", ".4f")]
@@ -1011,7 +1028,8 @@ def main(argv=None) -> int:
     print()
     print(f"{args.preset} ({family.name}), batch {args.batch_size}, LoRA r={args.rank} alpha={args.alpha:g}, {device}"
           f"{' bf16 autocast' if amp else ' float32'}, {threads} threads, {args.steps} timed steps after "
-          f"{args.warmup} warm-up x {args.rounds} rounds (medians)")
+          f"{args.warmup} warm-up x {len(rounds[systems[0]])} rounds (medians)"
+          + (f"; --time-budget stopped the {', '.join(stopped_early)}" if stopped_early else ""))
     print(f"{peak_key} torch.mm {mm_size}x{mm_size}: {peak[peak_key] / 1e9:,.1f} GFLOP/s at start, "
           f"{peak_end / 1e9:,.1f} at end; MFU = useful FLOPs on real tokens / that rate")
     for i, r in enumerate(rows):
@@ -1038,6 +1056,7 @@ def main(argv=None) -> int:
         "ratios": ratios,
         "round_ratios": round_ratios,
         "profiles": profiles,
+        "stopped_early": stopped_early,
         "seconds": time.perf_counter() - started,
     }
     Path(args.json_out).write_text(json.dumps(out, indent=2, default=str) + "\n")
