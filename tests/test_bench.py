@@ -66,6 +66,24 @@ def test_bench_runs_a_llama_preset_against_peft_on_the_same_projections(tmp_path
     assert {p["examples"] for n in ("lora-cli", "peft") for p in systems[n]["predict"]} == {8}
 
 
+def test_a_spent_time_budget_ends_the_rounds_with_a_summary_of_what_ran(tmp_path: Path) -> None:
+    """--time-budget 0: the first training round always runs, then nothing more starts; the summary still comes."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "llama3-tiny", "--systems", "lora-cli,peft",
+         "--steps", "1", "--warmup", "1", "--rounds", "3", "--predict-rounds", "2", "--predict-texts", "8",
+         "--accuracy-epochs", "1", "--time-budget", "0", "--shared", str(SHARED_DATA), "--json-out", str(out)],
+        check=False, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["stopped_early"] == ["training rounds", "inference rounds", "accuracy check"]
+    assert all(len(s["rounds"]) == 1 and not s["predict"] for s in result["systems"].values())
+    assert "val_accuracy" not in result["systems"]["lora-cli"]["summary"]
+    assert "x 1 rounds (medians); --time-budget stopped the training rounds" in run.stdout
+    assert "predict ex/s" not in run.stdout and "round by round" in run.stdout
+
+
 def test_bench_refuses_the_book_for_a_non_gpt2_preset(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "qwen3-tiny", "--systems", "lora-cli,book",
