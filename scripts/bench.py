@@ -271,7 +271,7 @@ class LoraCli(System):
         for batch in batches(self.train, self.bs, order, drop_last=True):
             ids, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.labels))
             with self.autocast():  # last_index stays on the CPU, as in lora_cli.training: no device sync
-                logits = model(ids, batch.last_index).float()
+                logits = model(ids, batch.last_index, attention=self.ctx["attention"]).float()
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -575,7 +575,29 @@ def _profile(system: System, order: list[int]) -> str:
             pass
         system.sync()
     key = "self_cuda_time_total" if system.device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=44)
+    table = prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=44)
+    return table + "\n" + _launch_count(prof, len(order) // system.bs - 1)
+
+
+def _launch_count(prof, steps: int) -> str:
+    """Kernels per step, what bounds a step whose arithmetic is cheap (a small batch on a GPU): CUDA kernels
+    and copies as launched on a GPU; on the CPU, ATen calls that call no other ATen op (each one kernel there)."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    if any(e.device_type == DeviceType.CUDA for e in events):
+        n = sum(e.device_type == DeviceType.CUDA for e in events)
+        return f"per step: {n / steps:,.0f} CUDA kernels and copies"
+    leaves = sum(e.name.startswith("aten::") and e.name[6:] not in _NO_KERNEL
+                 and not any(c.name.startswith("aten::") for c in e.cpu_children) for e in events)
+    return f"per step: {leaves / steps:,.0f} leaf ATen calls that compute (the kernels it would launch on a GPU)"
+
+
+# ATen ops that only make a view or allocate: no kernel runs
+_NO_KERNEL = frozenset(
+    "view _unsafe_view as_strided t transpose slice select unsqueeze squeeze expand permute alias detach "
+    "split split_with_sizes unbind narrow unflatten flatten reshape empty empty_strided empty_like "
+    "lift_fresh resolve_conj resolve_neg _reshape_alias view_as numpy_T".split())
 
 
 def worker(conn, name: str, ctx: dict) -> None:
@@ -757,6 +779,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps per system per round [15; --quick 5]")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them, every round [3; --quick 1]")
     p.add_argument("--rounds", type=int, default=None, help="rounds; systems alternate A B C A B C ... [3; --quick 2]")
+    p.add_argument("--attention", choices=["auto", "per-sequence", "grid"], default="auto",
+                   help="lora-cli's packed attention layout (auto: per sequence on the CPU, a padded grid on a GPU)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no training or inference round after SECONDS since the start (every system finishes "
                         "the round it is in), then summarize what ran: for machines lent for a fixed time")
@@ -850,7 +874,7 @@ def main(argv=None) -> int:
         "checkpoint": str(ckpt), "model_config": cfg.to_dict(), "pad_id": family.pad_id, "bpe_dir": str(shared / "gpt2_bpe"),
         "train_csv": str(tmpdir / "data" / "train.csv"), "val_csv": str(tmpdir / "data" / "validation.csv"),
         "test_csv": str(tmpdir / "data" / "test.csv"), "test_tokens": tokens["test"],
-        "predict_texts": min(args.predict_texts, len(tokens["test"])),
+        "predict_texts": min(args.predict_texts, len(tokens["test"])), "attention": args.attention,
         "train_tokens": tokens["train"], "train_labels": labels["train"],
         "val_tokens": tokens["validation"], "val_labels": labels["validation"], "test_labels": labels["test"],
     }

@@ -5,6 +5,10 @@
 #                   lora-cli vs transformers + PEFT;
 #   cli             the CLI end to end on CUDA on tiny presets (train / eval / predict / merge / export, bf16 and
 #                   fp16 with a 16-bit base), eval's numbers on CUDA in fp32 against the CPU's for the same adapter;
+#   profile         one SmolLM2 round of each system under torch.profiler: the top CUDA kernels and kernels per step
+#                   (lora-cli launched 3,924 a step to PEFT's 8,561 in the same count on the CPU, yet ran no faster);
+#   warmup          a gpt2-tiny epoch with CUDA's lazy module loading and with eager loading, to tell whether the slow
+#                   first epoch (15-26 s against 3-5 s on 2026-12-04) is loading kernels;
 #   gpt2            the book's 5-epoch GPT-2 small recipe timed on the GPU: lora-cli vs PEFT and the book's code
 #                   (the book's only where llms-from-scratch is importable).
 # Usage: scripts/device_check.sh DATA_DIR OUT_DIR [STAGES]   (DATA_DIR holds sms_spam/ and gpt2_bpe/, a copy of
@@ -17,7 +21,7 @@
 set -uo pipefail
 data="$(cd "$1" && pwd)"
 out="$(mkdir -p "$2" && cd "$2" && pwd)"
-stages="${3:-cli,smollm2,qwen3,gpt2}"
+stages="${3:-smollm2,qwen3,cli,profile,warmup,gpt2}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 LORA_CLI_SHARED_DATA="$data" \
   LORA_CLI_BPE_DIR="$data/gpt2_bpe" LORA_CLI_HOME="$(mktemp -d)"
@@ -93,6 +97,21 @@ has smollm2 && bench cuda-smollm2-135m 170 --preset smollm2-135m --systems lora-
 has qwen3 && bench cuda-qwen3-0.6b 170 --preset qwen3-0.6b --systems lora-cli,peft \
   --steps 30 --warmup 10 --rounds 5 --predict-rounds 2 --predict-texts 64 --time-budget 100
 has cli && cli_stage
+has profile && bench cuda-smollm2-135m-profile 120 --preset smollm2-135m --systems lora-cli,peft \
+  --steps 20 --warmup 10 --rounds 1 --predict-rounds 0 --profile-steps 5 --time-budget 60
+if has warmup; then
+  step "first epoch, lazy vs eager CUDA module loading"
+  work="$(mktemp -d)"
+  (
+    cd "$work" && lc data sms-spam --source "$data/sms_spam/SMSSpamCollection" --out data/sms >/dev/null &&
+      lc init --preset gpt2-tiny --out tiny.safetensors >/dev/null
+    for loading in LAZY EAGER LAZY EAGER; do
+      echo "CUDA_MODULE_LOADING=$loading"
+      CUDA_MODULE_LOADING=$loading timeout 120 "$py" -m lora_cli train --rank 16 --alpha 16 --model tiny.safetensors \
+        --data data/sms --epochs 2 --device "$dev" --out "runs/$loading" --overwrite --quiet 2>&1 | grep -E "^epoch|^done"
+    done
+  ) 2>&1 | tee "$out/warmup.log"
+fi
 book=,book; "$py" -c "import llms_from_scratch" 2>/dev/null || book=
 has gpt2 && bench cuda-gpt2-small-recipe 200 --preset gpt2-small --systems "lora-cli,peft$book" \
   --steps 30 --warmup 10 --rounds 3 --predict-rounds 1 --predict-texts 64 --accuracy-epochs 5 --time-budget 60

@@ -84,6 +84,24 @@ def test_a_spent_time_budget_ends_the_rounds_with_a_summary_of_what_ran(tmp_path
     assert "predict ex/s" not in run.stdout and "round by round" in run.stdout
 
 
+def test_a_profile_counts_the_kernels_of_a_step_in_either_attention_layout(tmp_path: Path) -> None:
+    counts = {}
+    for layout in ("per-sequence", "grid"):
+        run = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "llama3-tiny", "--systems", "lora-cli,peft",
+             "--steps", "1", "--warmup", "1", "--rounds", "1", "--predict-rounds", "0", "--profile-steps", "2",
+             "--attention", layout, "--shared", str(SHARED_DATA), "--json-out", str(tmp_path / f"{layout}.json")],
+            check=False, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        lines = [line for line in run.stdout.splitlines() if line.startswith("per step: ")]
+        assert len(lines) == 2, run.stdout[-2000:]  # lora-cli's, then PEFT's
+        counts[layout] = [int(line.split()[2].replace(",", "")) for line in lines]
+    assert counts["grid"][1] == counts["per-sequence"][1] > 0  # the switch is lora-cli's alone
+    # per-sequence attention runs its kernels once per sequence, the grid once per layer
+    assert counts["per-sequence"][0] > counts["grid"][0] > 0
+
+
 def test_bench_refuses_the_book_for_a_non_gpt2_preset(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--preset", "qwen3-tiny", "--systems", "lora-cli,book",
