@@ -66,6 +66,9 @@ Usage:
   python scripts/bench.py --device cuda                    # bf16 autocast for all three
   python scripts/bench.py --device cuda --accuracy-epochs 5 --systems lora-cli,book   # the book's 5-epoch recipe, timed
   python scripts/bench.py --device cuda --preset gpt2-xl --seq-len 1024 --systems lora-cli,peft
+  python scripts/bench.py --preset smollm2-135m --systems lora-cli,peft --profile-steps 2 --attention grid --rounds 1
+                                                           # kernels per step of the GPU's layout, counted on the CPU
+  python scripts/bench.py --device cuda --preset qwen3-0.6b --systems lora-cli,peft --time-budget 100   # a short lease
 """
 
 from __future__ import annotations
@@ -780,7 +783,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before them, every round [3; --quick 1]")
     p.add_argument("--rounds", type=int, default=None, help="rounds; systems alternate A B C A B C ... [3; --quick 2]")
     p.add_argument("--attention", choices=["auto", "per-sequence", "grid"], default="auto",
-                   help="lora-cli's packed attention layout (auto: per sequence on the CPU, a padded grid on a GPU)")
+                   help="lora-cli's packed attention layout in the training steps (auto: per sequence on the CPU, a padded "
+                        "grid on a GPU); with --profile-steps, the grid's kernel count on the CPU is the GPU's")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no training or inference round after SECONDS since the start (every system finishes "
                         "the round it is in), then summarize what ran: for machines lent for a fixed time")
