@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(tmp) / "base.safetensors"
         save_base(ckpt, init_checkpoint(cfg, 123), cfg)
         ctx = {"device": "cpu", "amp": False, "batch_size": 8, "rank": 16, "alpha": 16.0, "lr": 8e-4,
-               "weight_decay": 0.1, "seed": 123, "checkpoint": str(ckpt),
+               "weight_decay": 0.1, "seed": 123, "checkpoint": str(ckpt), "attention": "auto",  # the switches pick the layout
                "train_tokens": tokens["train"], "train_labels": labels["train"],
                "val_tokens": tokens["validation"], "val_labels": labels["validation"]}
         system = bench.LoraCli(ctx)
