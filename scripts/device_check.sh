@@ -12,7 +12,8 @@
 #   gpt2            the book's 5-epoch GPT-2 small recipe timed on the GPU: lora-cli vs PEFT and the book's code
 #                   (the book's only where llms-from-scratch is importable).
 # Usage: scripts/device_check.sh DATA_DIR OUT_DIR [STAGES]   (DATA_DIR holds sms_spam/ and gpt2_bpe/, a copy of
-#        ../shared/data inside the checkout, since only the checkout travels; STAGES: a comma list [all]).
+#        ../shared/data inside the checkout, since only the checkout travels; STAGES: a comma list, by default
+#        smollm2,qwen3,profile,warmup: about 7 minutes there, one call of a 15-minute lease; cli,gpt2 make a second).
 #        lora-cli runs from the checkout (python -m lora_cli) on the machine's own torch, transformers and peft.
 # With the device tool: copy ../shared/data/{sms_spam,gpt2_bpe} to .devdata/ (listed in .git/info/exclude),
 # `pip download --no-deps llms-from-scratch -d .whl`, carry both, and run
@@ -21,7 +22,7 @@
 set -uo pipefail
 data="$(cd "$1" && pwd)"
 out="$(mkdir -p "$2" && cd "$2" && pwd)"
-stages="${3:-smollm2,qwen3,cli,profile,warmup,gpt2}"
+stages="${3:-smollm2,qwen3,profile,warmup}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 LORA_CLI_SHARED_DATA="$data" \
   LORA_CLI_BPE_DIR="$data/gpt2_bpe" LORA_CLI_HOME="$(mktemp -d)"
@@ -89,9 +90,9 @@ bench() {  # name, timeout, bench.py arguments
     --json-out "$out/$name.json" 2>&1 | tee "$out/$name.txt"
   echo "bench $name exit ${PIPESTATUS[0]}"
 }
-# Sized for a 15-minute lease: on 2026-12-04 a bench round took 8-15 s per system there (the step is host-bound:
-# about 220 ms for SmolLM2 at batch 8) and every fresh CUDA process 15-25 s of warm-up; --time-budget ends each
-# benchmark with its summary, the timeout is only the backstop.
+# Sizes: on 2026-12-04 a bench round took 8-15 s per system there (the step is host-bound: about 220 ms for SmolLM2
+# at batch 8) and every fresh CUDA process 15-25 s of warm-up; --time-budget ends each benchmark with its summary,
+# the timeout is only the backstop.
 has smollm2 && bench cuda-smollm2-135m 170 --preset smollm2-135m --systems lora-cli,peft \
   --steps 30 --warmup 10 --rounds 5 --predict-rounds 2 --predict-texts 64 --time-budget 100
 has qwen3 && bench cuda-qwen3-0.6b 170 --preset qwen3-0.6b --systems lora-cli,peft \
@@ -105,7 +106,7 @@ if has warmup; then
   (
     cd "$work" && lc data sms-spam --source "$data/sms_spam/SMSSpamCollection" --out data/sms >/dev/null &&
       lc init --preset gpt2-tiny --out tiny.safetensors >/dev/null
-    for loading in LAZY EAGER LAZY EAGER; do
+    for loading in LAZY EAGER; do
       echo "CUDA_MODULE_LOADING=$loading"
       CUDA_MODULE_LOADING=$loading timeout 120 "$py" -m lora_cli train --rank 16 --alpha 16 --model tiny.safetensors \
         --data data/sms --epochs 2 --device "$dev" --out "runs/$loading" --overwrite --quiet 2>&1 | grep -E "^epoch|^done"
