@@ -166,8 +166,21 @@ class ProcessGroup(Context):
         dist.barrier(group=self.control)
 
     def shutdown(self) -> None:
+        """Tear the groups down together, once nothing holds them.
+
+        Once, under CI load, rank 1 of a finished run died at exit with SIGABRT ('terminate called
+        without an active exception'). Its groups had been destroyed while rank 0 still wrote the
+        run's files, and DDP's reducer, which keeps a group alive in C++, was left to the
+        interpreter's exit. Both are known ways to that abort. So every rank first waits for the
+        others, then collects the reference cycles that hold the wrapped model, and only then
+        destroys the groups.
+        """
+        import gc
+
         import torch.distributed as dist
 
+        self.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
