@@ -79,19 +79,19 @@ class LinearWithLoRA(nn.Module):
             return self.linear(x)
         if not self._fusable(x):
             return self.linear(x) + self.lora(x)
-        return _LinearLoRA.apply(x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale, False)
+        return _fused(_LinearLoRA, x, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale, False)
 
     def forward_after_gelu(self, u: torch.Tensor) -> torch.Tensor:
         """`self(gelu(u))` (tanh GELU), the MLP's output layer.
 
-        In float32 training this keeps `u` (which GELU's backward needs anyway) instead of
+        In training (float32, or under autocast) this keeps `u` (which GELU's backward needs anyway) instead of
         also keeping `gelu(u)` for A's gradient, and recomputes `gelu(u)` in the backward pass:
         the MLP's 4*d-wide activation is stored once instead of twice, a quarter of the
         activation memory of a block, for one extra GELU.
         """
         if self.merged or not self._fusable(u):
             return self(gelu(u))
-        return _LinearLoRA.apply(u, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale, True)
+        return _fused(_LinearLoRA, u, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale, True)
 
     def forward_after_swiglu(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """`self(silu(a) * b)`, SwiGLU's down projection (a: the gate's output, b: the up's).
@@ -102,7 +102,7 @@ class LinearWithLoRA(nn.Module):
         """
         if self.merged or not self._fusable(a) or b.dtype != a.dtype:
             return self(F.silu(a) * b)
-        return _SwiGLULoRA.apply(a, b, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale)
+        return _fused(_SwiGLULoRA, a, b, self.linear.weight, self.linear.bias, self.lora.A, self.lora.B, self.lora.scale)
 
     @staticmethod
     def forward_shared(x: torch.Tensor, layers: Sequence[LinearWithLoRA]) -> tuple[torch.Tensor, ...] | None:
@@ -110,7 +110,7 @@ class LinearWithLoRA(nn.Module):
         that does not apply (a merged layer, or one `_fusable` refuses)."""
         if not all(not m.merged and m._fusable(x) for m in layers):
             return None
-        return _SharedInputLoRA.apply(x, *(f for m in layers for f in _factors(m)))
+        return _fused(_SharedInputLoRA, x, *(f for m in layers for f in _factors(m)))
 
     def delta(self) -> torch.Tensor:
         """scale * (A @ B).T in float32, shaped like `.linear.weight` (out, in)."""
@@ -142,12 +142,12 @@ class LinearWithLoRA(nn.Module):
         self.linear.weight = nn.Parameter(value.to(w.dtype), requires_grad=False)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """Whether the hand-written autograd function below applies: one dtype, no autocast,
-        a frozen base (it returns no base gradients) or no autograd, and no LoRA dropout."""
+        """Whether the hand-written autograd functions below apply: one dtype (or autocast, which
+        `_fused` casts everything for), a frozen base (they return no base gradients) or no
+        autograd, and no LoRA dropout."""
         frozen = not self.linear.weight.requires_grad and (self.linear.bias is None or not self.linear.bias.requires_grad)
         return (
-            x.dtype == self.linear.weight.dtype == self.lora.A.dtype
-            and not torch.is_autocast_enabled(x.device.type)
+            (x.dtype == self.linear.weight.dtype == self.lora.A.dtype or _autocast_dtype(x.device.type) is not None)
             and (frozen or not torch.is_grad_enabled())
             and (isinstance(self.lora.dropout, nn.Identity) or not self.training)
         )
@@ -191,7 +191,7 @@ class SwiGLUThenLoRA(nn.Module):
         if isinstance(gate, LinearWithLoRA) and isinstance(up, LinearWithLoRA) and all(
             not m.merged and m._fusable(x) for m in (gate, up, down)
         ):
-            return _SwiGLUMLPLoRA.apply(x, *_factors(gate), *_factors(up), *_factors(down))
+            return _fused(_SwiGLUMLPLoRA, x, *_factors(gate), *_factors(up), *_factors(down))
         return down.forward_after_swiglu(gate(x), up(x))
 
     def unfused(self) -> nn.Module:
@@ -221,7 +221,7 @@ def _lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 class _LinearLoRA(torch.autograd.Function):
     """`LinearWithLoRA` (of `gelu(x)` with `gelu_first`) in one autograd node.
 
-    The float32 training path without autograd's extra passes (a separate scale on `x A`, a
+    The training path (float32, or under autocast through `_fused`) without autograd's extra passes (a separate scale on `x A`, a
     separate add of the two branches, in each direction). It saves `x` and the rank-r product
     only: with `gelu_first` the backward pass recomputes gelu(x) for A's gradient together with
     GELU's own derivative, so the MLP's 4*d-wide activation is stored once, not twice.
@@ -294,6 +294,33 @@ def _swiglu_down_backward(
         if needs_a:  # autograd's own silu derivative, in one pass over (grad * b, a)
             grad_a = torch.ops.aten.silu_backward(grad_inp.mul_(b), a)
     return grad_a, grad_b, grad_A, grad_B
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matrix products in on this device type, or None outside autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def _fused(fn: type[torch.autograd.Function], *args: object) -> torch.Tensor:
+    """`fn.apply(*args)`; under autocast, on every floating tensor cast to autocast's dtype, with
+    autocast off inside.
+
+    That is the precision autocast gives the unfused layers: their products in bf16 or fp16, from
+    copies of the weights made per call. The casts are autograd's, so the float32 LoRA factors get
+    float32 gradients. Without this, a bf16 GPU run would fall back to autograd's path. That path
+    costs several nodes per layer and runs no faster than PEFT's there, where each launch counts.
+    """
+    device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+    dtype = _autocast_dtype(device)
+    if dtype is None:
+        return fn.apply(*args)
+    cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    with torch.autocast(device_type=device, enabled=False):
+        return fn.apply(*cast)
 
 
 def _factors(layer: LinearWithLoRA) -> tuple:

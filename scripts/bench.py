@@ -868,7 +868,7 @@ def main(argv=None) -> int:
 
     mm_size = args.mm_size or (8192 if device.type == "cuda" else 2048)
     peak = {"float32": matmul_rate(device, torch.float32, mm_size)}
-    if device.type == "cuda":
+    if device.type == "cuda" or amp:  # --amp bf16 on the CPU too
         peak["bfloat16"] = matmul_rate(device, torch.bfloat16, mm_size)
     peak_key = "bfloat16" if amp else "float32"
 
