@@ -706,9 +706,12 @@ def _node_names(root: torch.autograd.graph.Node) -> set[str]:
     return {type(n).__name__ for n in seen}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("preset", ["narrow-gpt2", "llama3-tiny", "qwen3-tiny"])
-def test_under_autocast_the_fused_nodes_run_in_its_dtype_as_close_to_fp32_as_autograds_path(preset: str, monkeypatch) -> None:
-    """bf16 autocast (the GPU default) takes the one-node-per-layer path too, its products in bf16
+def test_under_autocast_the_fused_nodes_run_in_its_dtype_as_close_to_fp32_as_autograds_path(
+    preset: str, dtype: torch.dtype, monkeypatch
+) -> None:
+    """bf16 autocast (the GPU default; fp16 likewise) takes the one-node-per-layer path too, its products in bf16
     as autocast runs the unfused layers. Its logits and float32 LoRA gradients are no further from
     the float32 result than autograd's autocast path is (bf16 rounds both, differently)."""
     import torch.nn.functional as F
@@ -729,9 +732,9 @@ def test_under_autocast_the_fused_nodes_run_in_its_dtype_as_close_to_fp32_as_aut
     ids, last = right_padded([5, 9, 3, 7], cfg.vocab_size, pad=1)
     y = torch.tensor([0, 1, 1, 0])
 
-    def run(bf16: bool) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
+    def run(low: bool) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=dtype, enabled=low):
             logits = model(ids, last)
         loss = F.cross_entropy(logits.float(), y)
         loss.backward()
@@ -739,10 +742,10 @@ def test_under_autocast_the_fused_nodes_run_in_its_dtype_as_close_to_fp32_as_aut
         assert all(g.dtype == torch.float32 for g in grads)
         return logits.detach().float(), torch.cat([g.flatten() for g in grads]), _node_names(loss.grad_fn)
 
-    fp32_logits, fp32_grads, _ = run(bf16=False)
-    logits, grads, nodes = run(bf16=True)
+    fp32_logits, fp32_grads, _ = run(low=False)
+    logits, grads, nodes = run(low=True)
     monkeypatch.setattr(LinearWithLoRA, "_fusable", lambda self, x: False)
-    plain_logits, plain_grads, plain_nodes = run(bf16=True)
+    plain_logits, plain_grads, plain_nodes = run(low=True)
     assert any(n.endswith("LoRABackward") for n in nodes), nodes
     assert not any(n.endswith("LoRABackward") for n in plain_nodes)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
