@@ -1,4 +1,5 @@
-"""Checks shared by the Llama 3 and Qwen3 family tests (tests/test_llama3.py, tests/test_qwen3.py)."""
+"""Checks shared by the Llama 3 and Qwen3 family tests (tests/test_llama3.py, tests/test_qwen3.py), and the
+autograd-graph walk the LoRA and benchmark tests use."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ from typing import Any
 
 import torch
 from torch import nn
+
+
+def autograd_node_names(root: Any) -> set[str]:
+    """The class names of every autograd node `root` (a tensor's grad_fn) reaches."""
+    seen, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:

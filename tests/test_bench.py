@@ -130,6 +130,7 @@ def test_ablation_switches_reach_the_code_they_name() -> None:
     import torch
 
     from adapters import lora_classifier
+    from decoders import autograd_node_names
     from lora_cli import gelu, lora
     from lora_cli.config import ModelConfig
 
@@ -139,19 +140,10 @@ def test_ablation_switches_reach_the_code_they_name() -> None:
     net = lora_classifier(ModelConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=4, n_layers=2), 2, seed=0)
     ids, last = torch.randint(0, 300, (3, 9)), torch.tensor([8, 2, 5])
 
-    def autograd_nodes() -> set[str]:
-        visited, stack = set(), [net(ids, last).grad_fn]
-        while stack:
-            fn = stack.pop()
-            if fn is not None and fn not in visited:
-                visited.add(fn)
-                stack.extend(f for f, _ in fn.next_functions)
-        return {type(fn).__name__ for fn in visited}
-
     seen = {}
     for name, off in ablate.switches().items():
         with off():
-            seen[name] = autograd_nodes()
+            seen[name] = autograd_node_names(net(ids, last).grad_fn)
             if name == "sigmoid-gelu":
                 assert lora.gelu_tanh is not gelu.gelu_tanh and lora.gelu_tanh_backward is not gelu.gelu_tanh_backward
     assert lora.gelu_tanh is gelu.gelu_tanh  # restored

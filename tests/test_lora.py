@@ -696,16 +696,6 @@ def test_lora_surgery_installs_the_swiglu_node_and_fold_restores_the_feedforward
         assert not torch.allclose(model(ids), base)
 
 
-def _node_names(root: torch.autograd.graph.Node) -> set[str]:
-    seen, todo = set(), [root]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            todo.extend(n for n, _ in node.next_functions)
-    return {type(n).__name__ for n in seen}
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("preset", ["narrow-gpt2", "llama3-tiny", "qwen3-tiny"])
 def test_under_autocast_the_fused_nodes_run_in_its_dtype_as_close_to_fp32_as_autograds_path(
@@ -716,7 +706,7 @@ def test_under_autocast_the_fused_nodes_run_in_its_dtype_as_close_to_fp32_as_aut
     the float32 result than autograd's autocast path is (bf16 rounds both, differently)."""
     import torch.nn.functional as F
     from adapters import NARROW_GPT2
-    from decoders import right_padded
+    from decoders import autograd_node_names, right_padded
 
     from lora_cli import families
     from lora_cli.checkpoint import init_checkpoint
@@ -740,7 +730,7 @@ def test_under_autocast_the_fused_nodes_run_in_its_dtype_as_close_to_fp32_as_aut
         loss.backward()
         grads = [p.grad for p in model.parameters() if p.requires_grad]
         assert all(g.dtype == torch.float32 for g in grads)
-        return logits.detach().float(), torch.cat([g.flatten() for g in grads]), _node_names(loss.grad_fn)
+        return logits.detach().float(), torch.cat([g.flatten() for g in grads]), autograd_node_names(loss.grad_fn)
 
     fp32_logits, fp32_grads, _ = run(low=False)
     logits, grads, nodes = run(low=True)
