@@ -298,16 +298,12 @@ def _swiglu_down_backward(
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs matrix products in on this device type, or None outside autocast."""
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        return torch.get_autocast_dtype(device_type)
-    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _fused(fn: type[torch.autograd.Function], *args: object) -> torch.Tensor:
-    """`fn.apply(*args)`; under autocast, on every floating tensor cast to autocast's dtype, with
-    autocast off inside.
+    """`fn.apply(*args)`; under autocast, applied to the floating tensors cast to autocast's dtype,
+    with autocast off inside.
 
     That is the precision autocast gives the unfused layers: their products in bf16 or fp16, from
     copies of the weights made per call. The casts are autograd's, so the float32 LoRA factors get
