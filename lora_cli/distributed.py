@@ -122,9 +122,8 @@ class ProcessGroup(Context):
         from torch.nn.parallel import DistributedDataParallel
 
         known = inspect.signature(DistributedDataParallel).parameters
-        options: dict[str, Any] = {"forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers": False}
-        if "init_sync" in known:  # torch >= 2.4
-            options["init_sync"] = False
+        sync_buffers = "forward_sync_buffers" if "forward_sync_buffers" in known else "broadcast_buffers"
+        options: dict[str, Any] = {sync_buffers: False, "init_sync": False}
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lora_cli import allocator, families
-from lora_cli.data import Encoded, batches
+from lora_cli import allocator, families, halves
+from lora_cli.data import Batch, Encoded, batches
 from lora_cli.model import GPTModel
 from lora_cli.precision import autocast
 
@@ -18,16 +20,31 @@ from lora_cli.precision import autocast
 def predict_logits(
     model: GPTModel, data: Encoded, batch_size: int, device: torch.device, precision: str = "fp32"
 ) -> torch.Tensor:
-    """Logits (N, classes) in data order; batches are formed by length so padding stays small."""
+    """Logits (N, classes) in data order; batches are formed by length so padding stays small.
+
+    On a CPU with two or more threads, batches run two at a time, one on each of `halves`' workers
+    (each batch's logits are its own rows' alone, so the pairing changes nothing but the time).
+    """
     allocator.keep_freed_memory(device.type)
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.tokens[i]))
     out = torch.empty(len(data), model.out_head.out_features)
-    for batch in batches(Encoded(data.tokens, None), batch_size, order, pad_id=families.of(model.cfg).pad_id):
-        with autocast(device, precision):  # last_index stays on the CPU: packing is planned there
-            logits = model(batch.input_ids.to(device, non_blocking=True), batch.last_index)
-        out[batch.indices] = logits.float().cpu()
+
+    def run(batch: Batch) -> None:
+        with torch.inference_mode():  # per thread, as autocast is
+            with autocast(device, precision):  # last_index stays on the CPU: packing is planned there
+                logits = model(batch.input_ids.to(device, non_blocking=True), batch.last_index)
+            out[batch.indices] = logits.float().cpu()
+
+    pool = halves.for_device(device)
+    todo = batches(Encoded(data.tokens, None), batch_size, order, pad_id=families.of(model.cfg).pad_id)
+    for pair in iter(lambda: list(itertools.islice(todo, 2)), []):
+        if pool is not None and len(pair) == 2:
+            pool.run(functools.partial(run, pair[0]), functools.partial(run, pair[1]))
+        else:
+            for batch in pair:
+                run(batch)
     model.train(was_training)
     return out
 

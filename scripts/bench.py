@@ -5,8 +5,10 @@ One command measures, side by side on the same SMS-spam batches and the same ran
 weights, one LoRA fine-tuning step (batch 8, r=16, alpha=16, AdamW lr 8e-4 wd 0.1) of:
 
   lora-cli  lora_cli.checkpoint.load_base + lora_cli.classifier.build_classifier, batches from
-            lora_cli.data.batches (per-batch right padding), model(ids, last_index), exactly
-            the step of lora_cli.training._loop (running accumulator, host sync every 10 steps).
+            lora_cli.data.batches (per-batch right padding), model(ids, last_index) through
+            lora_cli.halves.forward_backward (on a CPU with 2+ threads, two halves of each batch
+            on two worker threads), exactly the step of lora_cli.training._loop (running
+            accumulator, host sync every 10 steps).
   book      llms_from_scratch.ch04.GPTModel with the same weights, out_head = Linear(emb, 2),
             everything frozen, appendix_e.replace_linear_with_lora(model, 16, 16) (LoRA on every
             Linear, the head included, scale = alpha as in the book), ch06.SpamDataset (padded to
@@ -74,6 +76,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -173,6 +176,7 @@ def maxrss_mb() -> float | None:
 
 class System:
     name = "?"
+    split_batches = True  # lora-cli: a CPU batch as two concurrent halves (lora_cli.halves)
 
     def __init__(self, ctx: dict) -> None:
         import torch
@@ -267,17 +271,22 @@ class LoraCli(System):
     def steps(self, order: list[int]):
         import torch.nn.functional as F
 
+        from lora_cli import halves
         from lora_cli.data import batches
 
         model, optimizer, device = self.model, self.optimizer, self.device
         model.train()
+        net = functools.partial(model, attention=self.ctx["attention"])
+        # as lora_cli.training does: two concurrent halves of a CPU batch (not while profiling: see _profile)
+        split = halves.for_device(device) if self.split_batches else None
+        trainable = [p for p in model.parameters() if p.requires_grad]
         for batch in batches(self.train, self.bs, order, drop_last=True):
             ids, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.labels))
-            with self.autocast():  # last_index stays on the CPU, as in lora_cli.training: no device sync
-                logits = model(ids, batch.last_index, attention=self.ctx["attention"]).float()
-            loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # last_index stays on the CPU, as in lora_cli.training: no device sync
+            logits, loss = halves.forward_backward(
+                net, ids, batch.last_index, lambda logits, y=y: (F.cross_entropy(logits, y),) * 2, trainable, split,
+                self.autocast)
             optimizer.step()
             self.step_no += 1
             self.acc.add(loss, logits, y, self.step_no, None)
@@ -571,12 +580,18 @@ def _profile(system: System, order: list[int]) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if system.device.type == "cuda" else [])
-    steps = system.steps(order)
-    next(steps)  # one unprofiled step
-    with profile(activities=activities) as prof:
-        for _ in steps:
-            pass
-        system.sync()
+    # The profiler records the ops of the thread that starts it, so lora-cli's profiled steps run each
+    # batch whole, as on a GPU, rather than as the two halves on worker threads of its timed CPU steps.
+    system.split_batches = False
+    try:
+        steps = system.steps(order)
+        next(steps)  # one unprofiled step
+        with profile(activities=activities) as prof:
+            for _ in steps:
+                pass
+            system.sync()
+    finally:
+        system.split_batches = True
     key = "self_cuda_time_total" if system.device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=44)
     return table + "\n" + _launch_count(prof, len(order) // system.bs - 1)

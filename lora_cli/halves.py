@@ -1,0 +1,149 @@
+"""A training step's forward and backward passes; on a CPU, as two halves of the batch run side by side.
+
+A LoRA step on a small batch spends a large share of a CPU's time outside the matrix products:
+Python, autograd's bookkeeping, one attention call per sequence, element-wise passes over a few
+hundred rows. Intra-op threading cannot split the first two and splits the rest poorly (each op a
+fork and join across the cores), so one core often waits for the other. Here, on a CPU with two or
+more intra-op threads, the batch's sequences are dealt into two halves of about equal token counts,
+and two worker threads, each with half of the intra-op threads, run one half each: first both
+forward passes, then (once the loss of the whole batch has given each half's logits their gradient)
+both backward passes. Each core keeps busy with its own half.
+
+The loss is the whole batch's, computed once on the logits in the batch's order, so any loss and
+any scaling of it (class weights, accumulation, a loss scaler) applies unchanged. Each half's
+parameter gradients are taken with `torch.autograd.grad` and added to `.grad` in a fixed order (half
+0, then half 1), so a run is repeatable bit for bit; they equal the whole batch's gradients up to
+float rounding (two partial sums instead of one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
+
+import torch
+
+# The batch's logits -> (the loss to record, the tensor to call backward on: the loss as scaled for the step).
+Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+_lock = threading.Lock()
+_pools: dict[int, Halves] = {}
+
+
+def _forget_pools() -> None:
+    """In a forked child: the parent's worker threads do not exist there, so its pools are dropped."""
+    global _lock
+    _lock = threading.Lock()
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
+class Halves:
+    """Two worker threads whose torch ops each run on `threads` intra-op threads.
+
+    torch keeps the intra-op thread count per thread (OpenMP's and MKL's settings are thread-local),
+    so the workers set theirs once and the calling thread's count is left as it was.
+    """
+
+    def __init__(self, threads: int) -> None:
+        own = torch.get_num_threads()
+        started = threading.Barrier(3)
+
+        def init() -> None:
+            torch.set_num_threads(threads)
+            torch.get_num_threads()  # torch's lazy per-thread set-up, now, while the count is this one
+
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="lora-cli-half", initializer=init)
+        both = [self._pool.submit(started.wait) for _ in range(2)]  # both threads exist and are set up
+        started.wait()
+        wait(both)
+        torch.set_num_threads(own)  # torch's process-wide default back to what it was
+
+    def run(self, first: Callable[[], Any], second: Callable[[], Any]) -> list[Any]:
+        """`[first(), second()]`, run concurrently; both have finished before any error is raised."""
+        futures = [self._pool.submit(first), self._pool.submit(second)]
+        wait(futures)
+        return [f.result() for f in futures]
+
+
+def for_device(device: torch.device, world: int = 1) -> Halves | None:
+    """The workers that split a step on `device`, or None where the step runs whole: off the CPU,
+    in a multi-process run (DDP reduces gradients inside one backward pass), or with one intra-op thread."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or world > 1 or threads < 2:
+        return None
+    with _lock:
+        if threads // 2 not in _pools:
+            _pools[threads // 2] = Halves(threads // 2)
+        return _pools[threads // 2]
+
+
+def split_rows(last_index: torch.Tensor) -> tuple[list[int], list[int]] | None:
+    """The batch's rows dealt into two halves of about equal token counts (longest first, each to
+    the lighter half), each in batch order; None for a single row."""
+    lengths = (last_index.long() + 1).tolist()
+    if len(lengths) < 2:
+        return None
+    halves: tuple[list[int], list[int]] = ([], [])
+    tokens = [0, 0]
+    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
+        lighter = 0 if tokens[0] <= tokens[1] else 1
+        halves[lighter].append(row)
+        tokens[lighter] += lengths[row]
+    return sorted(halves[0]), sorted(halves[1])
+
+
+def forward_backward(
+    net: torch.nn.Module, ids: torch.Tensor, last_index: torch.Tensor, objective: Objective,
+    params: Sequence[torch.nn.Parameter], halves: Halves | None,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward pass of `net(ids, last_index)` (as float32 logits), `objective` on the logits and
+    the backward pass, adding the gradients to `params`' `.grad`; returns (logits, loss), detached.
+
+    With `halves` the batch is split in two (see the module's docstring). `context()` is entered
+    around each forward pass, in the thread that runs it: autocast is per thread.
+    """
+    rows = None if halves is None else split_rows(last_index)
+    if rows is None:
+        with context():
+            logits = net(ids, last_index).float()
+        loss, root = objective(logits)
+        root.backward()
+        return logits.detach(), loss.detach()
+
+    def forward(part: list[int]) -> torch.Tensor:
+        index = torch.tensor(part)
+        last = last_index[index]
+        with context():  # each half padded to its own longest sequence only
+            return net(ids[index, : int(last.max()) + 1], last).float()
+
+    outs = halves.run(functools.partial(forward, rows[0]), functools.partial(forward, rows[1]))
+    leaves = [out.detach().requires_grad_() for out in outs]
+    order = torch.tensor(rows[0] + rows[1]).argsort()
+    logits = torch.cat(leaves)[order]  # the batch's rows in its own order
+    loss, root = objective(logits)
+    root.backward()
+
+    def backward(out: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return torch.autograd.grad(out, params, grad, allow_unused=True)
+
+    grads = halves.run(*(functools.partial(backward, o, leaf.grad) for o, leaf in zip(outs, leaves)))
+    with torch.no_grad():
+        for p, *parts in zip(params, *grads):
+            present = [g for g in parts if g is not None]
+            if not present:
+                continue
+            # in the parameter's own layout (a gradient may be a view into a shared product)
+            total = torch.empty_like(p)
+            total = torch.add(*present, out=total) if len(present) == 2 else total.copy_(present[0])
+            p.grad = total if p.grad is None else p.grad.add_(total)
+    return logits.detach(), loss.detach()
