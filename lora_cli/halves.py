@@ -87,18 +87,24 @@ def for_device(device: torch.device, world: int = 1) -> Halves | None:
 
 
 def split_rows(last_index: torch.Tensor) -> tuple[list[int], list[int]] | None:
-    """The batch's rows dealt into two halves of about equal token counts (longest first, each to
-    the lighter half), each in batch order; None for a single row."""
+    """The batch's rows in two halves whose token counts are as close as any split makes them, each
+    half in batch order; None for a single row. (A subset sum: one bit set per reachable count.)"""
     lengths = (last_index.long() + 1).tolist()
     if len(lengths) < 2:
         return None
-    halves: tuple[list[int], list[int]] = ([], [])
-    tokens = [0, 0]
-    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
-        lighter = 0 if tokens[0] <= tokens[1] else 1
-        halves[lighter].append(row)
-        tokens[lighter] += lengths[row]
-    return sorted(halves[0]), sorted(halves[1])
+    reachable = [1]  # reachable[i]: bit t set when some of the first i rows hold t tokens together
+    for n in lengths:
+        reachable.append(reachable[-1] | reachable[-1] << n)
+    total = sum(lengths)
+    tokens = next(t for gap in range(total // 2 + 1) for t in (total // 2 - gap, (total + 1) // 2 + gap)
+                  if 0 < t < total and reachable[-1] >> t & 1)  # the reachable count nearest half the tokens
+    first = []
+    for row in range(len(lengths) - 1, -1, -1):  # walk back: a row is in when the count needs it
+        if not reachable[row] >> tokens & 1:
+            first.append(row)
+            tokens -= lengths[row]
+    second = sorted(set(range(len(lengths))) - set(first))
+    return sorted(first), second
 
 
 def forward_backward(
