@@ -176,9 +176,11 @@ def test_where_a_step_is_split(monkeypatch: pytest.MonkeyPatch) -> None:
     assert halves.for_device(torch.device("cpu")) is None
 
 
-def test_training_steps_go_through_the_halves(tmp_path: Path, micro_checkpoint: Path, sms_dir: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """The training loop's steps go through the halves on a CPU with two threads."""
+@pytest.mark.parametrize("split", [True, False])
+def test_training_steps_go_through_the_halves_unless_told_not_to(
+    split: bool, tmp_path: Path, micro_checkpoint: Path, sms_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training loop's steps run as halves on a CPU with two threads; --no-split-batches runs them whole."""
     from lora_cli.recipe import TrainConfig
     from lora_cli.training import setup, train
 
@@ -191,9 +193,10 @@ def test_training_steps_go_through_the_halves(tmp_path: Path, micro_checkpoint: 
 
     monkeypatch.setattr(halves, "forward_backward", counted)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    cfg = TrainConfig(model=str(micro_checkpoint), data=str(sms_dir), epochs=1, max_steps=6, batch_size=4, lr=1e-3)
+    cfg = TrainConfig(model=str(micro_checkpoint), data=str(sms_dir), epochs=1, max_steps=6, batch_size=4, lr=1e-3,
+                      split_batches=split)
     result = train(setup(cfg, lambda _: None), tmp_path / "run", lambda _: None, progress=False)
-    assert calls and all(calls) and result.step == 6
+    assert calls == [split] * 6 and result.step == 6
     assert result.adapter_path.is_file()
 
 
