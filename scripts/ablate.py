@@ -12,6 +12,8 @@ ratio to "all", in wall time and in process CPU time. The switches are the libra
   per-sequence     attention on the padded grid (the GPU layout) instead of one call per sequence
   fused-lora       LinearWithLoRA through plain autograd (no `_LinearLoRA` node)
   sigmoid-gelu     ATen's tanh GELU and its backward instead of `lora_cli.gelu`
+  halves           each batch whole on the intra-op threads instead of two halves on two worker
+                   threads (`lora_cli.halves`, on a CPU with 2+ threads)
 
 Usage:
   python scripts/ablate.py                 # 12 steps x 6 rounds, about 7 minutes on 2 cores
@@ -37,7 +39,7 @@ def switches():  # noqa: ANN201
     import torch
     import torch.nn.functional as F
 
-    from lora_cli import gelu, lora, model
+    from lora_cli import gelu, halves, lora, model
 
     @contextlib.contextmanager
     def patched(obj, name: str, value):  # noqa: ANN001, ANN202
@@ -62,6 +64,7 @@ def switches():  # noqa: ANN201
         "sigmoid-gelu": lambda: _both(
             patched(lora, "gelu_tanh", aten_gelu), patched(lora, "gelu_tanh_backward", aten_gelu_backward),
             patched(lora, "gelu", aten_gelu), patched(gelu, "gelu", aten_gelu)),  # the fallback and the GELU module
+        "halves": lambda: patched(halves, "for_device", lambda device, world=1: None),
     }
 
 

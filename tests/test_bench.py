@@ -121,7 +121,7 @@ def test_ablation_switches_each_speedup_off_and_reports_it(tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.split("this/all CPU", 1)[1].split()
     names = table[0::5]
-    assert names == ["(nothing)", "packing", "per-sequence", "fused-lora", "sigmoid-gelu"]
+    assert names == ["(nothing)", "packing", "per-sequence", "fused-lora", "sigmoid-gelu", "halves"]
     assert table[2] == "1.00x" and table[4] == "1.00x"  # everything on, against itself
 
 
@@ -131,7 +131,7 @@ def test_ablation_switches_reach_the_code_they_name() -> None:
 
     from adapters import lora_classifier
     from decoders import autograd_node_names
-    from lora_cli import gelu, lora
+    from lora_cli import gelu, halves, lora
     from lora_cli.config import ModelConfig
 
     sys.path.insert(0, str(REPO / "scripts"))
@@ -140,13 +140,15 @@ def test_ablation_switches_reach_the_code_they_name() -> None:
     net = lora_classifier(ModelConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=4, n_layers=2), 2, seed=0)
     ids, last = torch.randint(0, 300, (3, 9)), torch.tensor([8, 2, 5])
 
-    seen = {}
+    seen, split = {}, {}
     for name, off in ablate.switches().items():
         with off():
             seen[name] = autograd_node_names(net(ids, last).grad_fn)
+            split[name] = halves.for_device(torch.device("cpu")) is not None
             if name == "sigmoid-gelu":
                 assert lora.gelu_tanh is not gelu.gelu_tanh and lora.gelu_tanh_backward is not gelu.gelu_tanh_backward
     assert lora.gelu_tanh is gelu.gelu_tanh  # restored
     assert "_LinearLoRABackward" in seen["all"] and not any("LinearLoRA" in n for n in seen["fused-lora"])
     assert "IndexCopyBackward0" in seen["per-sequence"] and "IndexCopyBackward0" not in seen["all"]
     assert "CatBackward0" in seen["all"] and "CatBackward0" not in seen["packing"]
+    assert not split["halves"] and split["all"] == (torch.get_num_threads() >= 2)
