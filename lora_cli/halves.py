@@ -4,8 +4,8 @@ A LoRA step on a small batch spends a large share of a CPU's time outside the ma
 Python, autograd's bookkeeping, one attention call per sequence, element-wise passes over a few
 hundred rows. Intra-op threading cannot split the first two and splits the rest poorly (each op a
 fork and join across the cores), so one core often waits for the other. Here, on a CPU with two or
-more intra-op threads, the batch's sequences are dealt into two halves of about equal token counts,
-and two worker threads, each with half of the intra-op threads, run one half each: first both
+more intra-op threads, the batch's sequences are split into the two halves with the closest token
+counts, and two worker threads, each with half of the intra-op threads, run one half each: first both
 forward passes, then (once the loss of the whole batch has given each half's logits their gradient)
 both backward passes. Each core keeps busy with its own half.
 
