@@ -22,8 +22,9 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits (N, classes) in data order; batches are formed by length so padding stays small.
 
-    On a CPU with two or more threads, batches run two at a time, one on each of `halves`' workers
-    (each batch's logits are its own rows' alone, so the pairing changes nothing but the time).
+    On a CPU with two or more threads (and a model large enough, `halves.for_model`), batches run two
+    at a time, one on each of `halves`' workers (each batch's logits are its own rows' alone, so the
+    pairing changes nothing but the time).
     """
     allocator.keep_freed_memory(device.type)
     was_training = model.training
@@ -37,7 +38,7 @@ def predict_logits(
                 logits = model(batch.input_ids.to(device, non_blocking=True), batch.last_index)
             out[batch.indices] = logits.float().cpu()
 
-    pool = halves.for_device(device)
+    pool = halves.for_model(model, device)
     todo = batches(Encoded(data.tokens, None), batch_size, order, pad_id=families.of(model.cfg).pad_id)
     for pair in iter(lambda: list(itertools.islice(todo, 2)), []):
         if pool is not None and len(pair) == 2:

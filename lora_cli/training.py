@@ -303,7 +303,7 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
     scheduled = cfg.lr_schedule != "constant" or warmup > 0  # else the lr is never touched, as before schedules
     started = time.perf_counter() - state.seconds
     epoch_started = wall_started = time.perf_counter()
-    split = halves.for_device(device, dist.world) if cfg.split_batches else None  # two concurrent halves of a CPU batch
+    split = halves.for_model(model, device, dist.world) if cfg.split_batches else None  # two halves of a CPU batch
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint() -> Path:

@@ -278,7 +278,7 @@ class LoraCli(System):
         model.train()
         net = functools.partial(model, attention=self.ctx["attention"])
         # as lora_cli.training does: two concurrent halves of a CPU batch (not while profiling: see _profile)
-        split = halves.for_device(device) if self.split_batches else None
+        split = halves.for_model(model, device) if self.split_batches else None
         trainable = [p for p in model.parameters() if p.requires_grad]
         for batch in batches(self.train, self.bs, order, drop_last=True):
             ids, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.labels))

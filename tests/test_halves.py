@@ -130,10 +130,11 @@ def test_inference_runs_batches_two_at_a_time_with_the_same_logits(model: torch.
 
     gen = torch.Generator().manual_seed(5)
     data = Encoded([torch.randint(1, model.vocab, (n,), generator=gen).tolist() for n in (5, 1, 9, 3, 12, 7, 2)], None)
-    monkeypatch.setattr(halves, "for_device", lambda device: None)
+    monkeypatch.setattr(halves, "MIN_BLOCK_WEIGHTS", 0)  # the tiny test models count as large enough
+    monkeypatch.setattr(halves, "for_device", lambda device, world=1: None)
     alone = predict_logits(model, data, 3, torch.device("cpu"))  # batches of 3, 3 and 1: a pair, then one alone
     pool, used = halves.Halves(1), []
-    monkeypatch.setattr(halves, "for_device", lambda device: used.append(device) or pool)
+    monkeypatch.setattr(halves, "for_device", lambda device, world=1: used.append(device) or pool)
     paired = predict_logits(model, data, 3, torch.device("cpu"))
     assert used and model.training  # the model's mode is left as it was
     torch.testing.assert_close(paired, alone, rtol=0, atol=1e-6)
@@ -176,6 +177,17 @@ def test_where_a_step_is_split(monkeypatch: pytest.MonkeyPatch) -> None:
     assert halves.for_device(torch.device("cpu")) is None
 
 
+def test_a_model_with_small_blocks_runs_whole(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too little arithmetic per block for two threads to gain (their Python takes turns): no workers."""
+    monkeypatch.setattr(halves, "for_device", lambda device, world=1: "pool")
+    per_block = sum(m.weight.numel() for m in model.trf_blocks.modules() if isinstance(m, torch.nn.Linear))
+    per_block //= len(model.trf_blocks)
+    assert per_block < halves.MIN_BLOCK_WEIGHTS and halves.for_model(model, torch.device("cpu")) is None
+    monkeypatch.setattr(halves, "MIN_BLOCK_WEIGHTS", per_block)
+    assert halves.for_model(model, torch.device("cpu")) == "pool"
+    assert halves.for_model(torch.nn.Linear(2, 2), torch.device("cpu")) is None  # no transformer blocks
+
+
 @pytest.mark.parametrize("split", [True, False])
 def test_training_steps_go_through_the_halves_unless_told_not_to(
     split: bool, tmp_path: Path, micro_checkpoint: Path, sms_dir: Path, monkeypatch: pytest.MonkeyPatch
@@ -192,6 +204,7 @@ def test_training_steps_go_through_the_halves_unless_told_not_to(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(halves, "forward_backward", counted)
+    monkeypatch.setattr(halves, "MIN_BLOCK_WEIGHTS", 0)  # the micro model counts as large enough
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     cfg = TrainConfig(model=str(micro_checkpoint), data=str(sms_dir), epochs=1, max_steps=6, batch_size=4, lr=1e-3,
                       split_batches=split)
