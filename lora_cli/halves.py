@@ -22,7 +22,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
@@ -33,6 +33,13 @@ Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 _lock = threading.Lock()
 _pools: dict[int, Halves] = {}
+
+
+class _Serial(threading.local):
+    threads: int | None = None  # the caller's intra-op threads before `serial_caller` set them to one
+
+
+_serial = _Serial()
 
 
 def _forget_pools() -> None:
@@ -77,7 +84,7 @@ class Halves:
 def for_device(device: torch.device, world: int = 1) -> Halves | None:
     """The workers that split a step on `device`, or None where the step runs whole: off the CPU,
     in a multi-process run (DDP reduces gradients inside one backward pass), or with one intra-op thread."""
-    threads = torch.get_num_threads()
+    threads = _serial.threads or torch.get_num_threads()
     if device.type != "cpu" or world > 1 or threads < 2:
         return None
     with _lock:
@@ -87,10 +94,11 @@ def for_device(device: torch.device, world: int = 1) -> Halves | None:
 
 
 # Below this many frozen Linear weights per transformer block, a step is mostly Python and autograd,
-# which the two halves' threads take turns at (Python's GIL): on 2 cores gpt2-tiny's epoch (0.79M a
-# block) took 8.3 s split against 6.5 s whole, while SmolLM2-135M (3.5M) gained 5.7% and gpt2-small
-# (7.1M) 15%. The crossover between them was not measured; 2M sits between.
-MIN_BLOCK_WEIGHTS = 2_000_000
+# which the two halves' threads take turns at (Python's GIL). Measured on 2 cores with `serial_caller`,
+# 12 SMS-spam batches of 8 (docs/bench/2026-12-06-cpu-amd-halves-crossover.txt): a 6-block Llama of 2.0M
+# a block ran 7% slower split, one of 2.65M 2% faster; gpt2-tiny (0.79M, 4 blocks) 8% slower; SmolLM2-135M
+# (3.5M) and gpt2-small (7.1M) gain.
+MIN_BLOCK_WEIGHTS = 2_500_000
 
 
 def for_model(model: torch.nn.Module, device: torch.device, world: int = 1) -> Halves | None:
@@ -100,6 +108,27 @@ def for_model(model: torch.nn.Module, device: torch.device, world: int = 1) -> H
         return None
     weights = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
     return for_device(device, world) if weights >= MIN_BLOCK_WEIGHTS * len(blocks) else None
+
+
+@contextlib.contextmanager
+def serial_caller(halves: Halves | None) -> Iterator[None]:
+    """Within the block, the calling thread runs its own ops (the optimizer step, the gradient sums)
+    on one intra-op thread; a no-op without `halves` or inside another such block.
+
+    After a parallel op, OpenMP's helper threads spin for a while before they sleep, on the very
+    cores the two workers then need: on 2 cores that cost 3% of SmolLM2-135M's step and 20% of a
+    6-block gpt2 of width 256. `for_device` still sees the caller's own count inside.
+    """
+    if halves is None or _serial.threads is not None:
+        yield
+        return
+    _serial.threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_serial.threads)
+        _serial.threads = None
 
 
 def split_rows(last_index: torch.Tensor) -> tuple[list[int], list[int]] | None:

@@ -241,9 +241,11 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
         write_text(run_dir / rd.METRICS, "")
     net = s.dist.wrap(model)
     stop = _StopFlag()
+    # two concurrent halves of each CPU batch (a one-row batch has nothing to split)
+    split = halves.for_model(model, s.device, s.dist.world) if cfg.split_batches and cfg.batch_size > 1 else None
     try:
-        with stop:
-            result = _loop(s, net, run_dir, optimizer, t, stop, log, echo, progress and main)
+        with stop, halves.serial_caller(split):
+            result = _loop(s, net, run_dir, optimizer, t, split, stop, log, echo, progress and main)
     finally:
         if log is not None:
             log.close()
@@ -292,7 +294,7 @@ def _validation_logits(s: Setup, tensors: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.Optimizer, t: TrainState,
-          stop: _StopFlag, log: MetricsLog | None, echo: Echo, progress: bool) -> RunResult:
+          split: halves.Halves | None, stop: _StopFlag, log: MetricsLog | None, echo: Echo, progress: bool) -> RunResult:
     from tqdm import tqdm
 
     cfg, model, device, dist = s.cfg, s.model, s.device, s.dist
@@ -303,7 +305,6 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
     scheduled = cfg.lr_schedule != "constant" or warmup > 0  # else the lr is never touched, as before schedules
     started = time.perf_counter() - state.seconds
     epoch_started = wall_started = time.perf_counter()
-    split = halves.for_model(model, device, dist.world) if cfg.split_batches else None  # two halves of a CPU batch
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint() -> Path:

@@ -280,20 +280,21 @@ class LoraCli(System):
         # as lora_cli.training does: two concurrent halves of a CPU batch (not while profiling: see _profile)
         split = halves.for_model(model, device) if self.split_batches else None
         trainable = [p for p in model.parameters() if p.requires_grad]
-        for batch in batches(self.train, self.bs, order, drop_last=True):
-            ids, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.labels))
-            optimizer.zero_grad(set_to_none=True)
-            # last_index stays on the CPU, as in lora_cli.training: no device sync
-            logits, loss = halves.forward_backward(
-                net, ids, batch.last_index, lambda logits, y=y: (F.cross_entropy(logits, y),) * 2, trainable, split,
-                self.autocast)
-            optimizer.step()
-            self.step_no += 1
-            self.acc.add(loss, logits, y, self.step_no, None)
-            if self.step_no % 10 == 0:  # _loop's log_every default: the only host sync
-                self.acc.check_finite()
-                self.acc.summary()
-            yield len(y), int(batch.last_index.sum()) + len(y), batch.input_ids.numel()
+        with halves.serial_caller(split):  # as lora_cli.training.train runs its loop
+            for batch in batches(self.train, self.bs, order, drop_last=True):
+                ids, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.labels))
+                optimizer.zero_grad(set_to_none=True)
+                # last_index stays on the CPU, as in lora_cli.training: no device sync
+                logits, loss = halves.forward_backward(
+                    net, ids, batch.last_index, lambda logits, y=y: (F.cross_entropy(logits, y),) * 2, trainable,
+                    split, self.autocast)
+                optimizer.step()
+                self.step_no += 1
+                self.acc.add(loss, logits, y, self.step_no, None)
+                if self.step_no % 10 == 0:  # _loop's log_every default: the only host sync
+                    self.acc.check_finite()
+                    self.acc.summary()
+                yield len(y), int(batch.last_index.sum()) + len(y), batch.input_ids.numel()
 
     def run(self, order, warmup):
         return self._timed(self.steps(order), warmup)

@@ -188,29 +188,58 @@ def test_a_model_with_small_blocks_runs_whole(model: torch.nn.Module, monkeypatc
     assert halves.for_model(torch.nn.Linear(2, 2), torch.device("cpu")) is None  # no transformer blocks
 
 
-@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize(("split", "batch_size"), [(True, 4), (False, 4), (True, 1)])
 def test_training_steps_go_through_the_halves_unless_told_not_to(
-    split: bool, tmp_path: Path, micro_checkpoint: Path, sms_dir: Path, monkeypatch: pytest.MonkeyPatch
+    split: bool, batch_size: int, tmp_path: Path, micro_checkpoint: Path, sms_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The training loop's steps run as halves on a CPU with two threads; --no-split-batches runs them whole."""
+    """The training loop's steps run as halves on a CPU with two threads, its own ops on one thread meanwhile;
+    --no-split-batches, or batches of one row, run them whole with the threads untouched."""
     from lora_cli.recipe import TrainConfig
     from lora_cli.training import setup, train
 
-    calls = []
+    calls, set_to = [], []
     original = halves.forward_backward
 
     def counted(*args, **kwargs):
-        calls.append(args[5] is not None)
+        calls.append((args[5] is not None, halves._serial.threads))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(halves, "forward_backward", counted)
     monkeypatch.setattr(halves, "MIN_BLOCK_WEIGHTS", 0)  # the micro model counts as large enough
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    cfg = TrainConfig(model=str(micro_checkpoint), data=str(sms_dir), epochs=1, max_steps=6, batch_size=4, lr=1e-3,
-                      split_batches=split)
+    halves.for_device(torch.device("cpu"))  # the workers exist already: the calls below are the loop's own
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    cfg = TrainConfig(model=str(micro_checkpoint), data=str(sms_dir), epochs=1, max_steps=6, batch_size=batch_size,
+                      lr=1e-3, split_batches=split)
     result = train(setup(cfg, lambda _: None), tmp_path / "run", lambda _: None, progress=False)
-    assert calls == [split] * 6 and result.step == 6
+    halved = split and batch_size > 1
+    assert calls == [(halved, 2 if halved else None)] * 6 and result.step == 6
+    assert set_to == ([1, 2] if halved else []) and halves._serial.threads is None
     assert result.adapter_path.is_file()
+
+
+def test_the_caller_keeps_one_thread_while_the_workers_run() -> None:
+    """OpenMP threads left spinning by a parallel op of the caller would take the workers' cores."""
+    own = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        pool = halves.for_device(torch.device("cpu"))
+        with halves.serial_caller(pool):
+            assert torch.get_num_threads() == 1
+            assert halves.for_device(torch.device("cpu")) is pool  # still the caller's own count's workers
+            assert pool.run(torch.get_num_threads, torch.get_num_threads) == [2, 2]
+            with halves.serial_caller(pool):  # nested: no-op
+                assert halves._serial.threads == 4
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 4 and halves._serial.threads is None
+        with pytest.raises(KeyError), halves.serial_caller(pool):
+            raise KeyError("interrupted")
+        assert torch.get_num_threads() == 4 and halves._serial.threads is None
+        with halves.serial_caller(None):  # no workers: nothing to make room for
+            assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(own)
 
 
 def test_a_forked_child_gets_workers_of_its_own() -> None:
