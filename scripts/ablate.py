@@ -2,22 +2,29 @@
 """Ablation of lora-cli's CPU training speed-ups: each one switched off in turn, same process.
 
 `scripts/bench.py` compares lora-cli with the book and PEFT; this script answers "does each
-optimisation still pay?" It builds lora-cli's gpt2-small-shaped classifier once (random weights,
+optimisation still pay?" It builds lora-cli's classifier of a preset's shape once (random weights,
 SMS-spam batches, batch 8, r=16, as bench.py), then times training steps with every speed-up on
 ("all") and with one of them off, alternating the variants round by round (A B C ... A B C) so
 drift of the machine's speed cancels out, and prints the median examples/s of each and its
 ratio to "all", in wall time and in process CPU time. The switches are the library's own fallbacks, patched in for the run:
 
-  packing          GPTModel(..., packed=False): every layer on the padded batch
+  packing          GPTModel(..., packed=False): every layer on the padded batch (GPT-2)
   per-sequence     attention on the padded grid (the GPU layout) instead of one call per sequence
   fused-lora       LinearWithLoRA through plain autograd (no `_LinearLoRA` node)
-  sigmoid-gelu     ATen's tanh GELU and its backward instead of `lora_cli.gelu`
+  sigmoid-gelu     ATen's tanh GELU and its backward instead of `lora_cli.gelu` (GPT-2)
   halves           each batch whole on the intra-op threads instead of two halves on two worker
-                   threads (`lora_cli.halves`, on a CPU with 2+ threads)
+                   threads (`lora_cli.halves`, on a CPU with 2+ threads and a model large enough)
+  serial-caller    the halves, with the training loop's own ops on all the caller's threads
+                   (`halves.serial_caller` off)
+  small-gate       the halves also for a model below `halves.MIN_BLOCK_WEIGHTS` (a switch ON:
+                   with the others it measures where that threshold should be)
+
+`--set` changes the preset's shape (`--set n_layers=6,emb_dim=448`), `--switches` picks the variants.
 
 Usage:
-  python scripts/ablate.py                 # 12 steps x 6 rounds, about 7 minutes on 2 cores
+  python scripts/ablate.py                 # gpt2-small, 12 steps x 6 rounds, about 7 minutes on 2 cores
   python scripts/ablate.py --rounds 3 --steps 6
+  python scripts/ablate.py --preset smollm2-135m --set n_layers=6 --switches small-gate,serial-caller
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the same system, data preparation and batch plan)
+
+from lora_cli.errors import LoraCliError  # noqa: E402
 
 
 def switches():  # noqa: ANN201
@@ -65,7 +74,12 @@ def switches():  # noqa: ANN201
             patched(lora, "gelu_tanh", aten_gelu), patched(lora, "gelu_tanh_backward", aten_gelu_backward),
             patched(lora, "gelu", aten_gelu), patched(gelu, "gelu", aten_gelu)),  # the fallback and the GELU module
         "halves": lambda: patched(halves, "for_device", lambda device, world=1: None),
+        "serial-caller": lambda: patched(halves, "serial_caller", lambda pool: contextlib.nullcontext()),
+        "small-gate": lambda: patched(halves, "MIN_BLOCK_WEIGHTS", 0),
     }
+
+
+GPT2_ONLY = ("packing", "sigmoid-gelu")  # switches of GPTModel's own code
 
 
 @contextlib.contextmanager
@@ -78,7 +92,9 @@ def _both(*managers):  # noqa: ANN001, ANN202
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpt2-small")
+    p.add_argument("--preset", default="gpt2-small", help="model shape: a preset of any family; random weights")
+    p.add_argument("--set", default="", metavar="KEY=VALUE,...", help="change the preset's config fields (integers)")
+    p.add_argument("--switches", default=None, help="the variants besides 'all', comma-separated [every one for the family]")
     p.add_argument("--steps", type=int, default=12, help="timed steps per variant per round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=6)
@@ -88,20 +104,30 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lora_cli import sms_spam
+    from lora_cli import families, sms_spam
     from lora_cli.checkpoint import init_checkpoint, save_base
-    from lora_cli.config import PRESETS
-    from lora_cli.data import encode_texts, read_table
-    from lora_cli.tokenizer import get_tokenizer
+    from lora_cli.data import read_table
 
+    found = families.preset(args.preset)
+    if found is None:
+        p.error(f"--preset: choose among {', '.join(n for names in families.PRESET_NAMES.values() for n in names)}")
+    family, cfg = found
+    try:
+        changes = {k.strip(): int(v) for k, v in (item.split("=") for item in args.set.split(",") if item.strip())}
+        cfg = type(cfg).from_dict(cfg.to_dict() | changes, "--set")
+    except (ValueError, LoraCliError) as e:
+        p.error(f"--set: {e}")
+    known = {n: off for n, off in switches().items() if family.name == "gpt2" or n not in GPT2_ONLY}
+    chosen = list(known) if args.switches is None else ["all", *(n.strip() for n in args.switches.split(","))]
+    if any(n not in known for n in chosen):
+        p.error(f"--switches: for {family.name} choose among {', '.join(n for n in known if n != 'all')}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg, shared = PRESETS[args.preset], Path(args.shared)
+    shared = Path(args.shared)
     with tempfile.TemporaryDirectory(prefix="lora-ablate-") as tmp:
         sms_spam.prepare(Path(tmp) / "data", shared / "sms_spam" / "SMSSpamCollection")
-        tokenizer = get_tokenizer(shared / "gpt2_bpe")
         tables = {s: read_table(Path(tmp) / "data" / f"{s}.csv") for s in ("train", "validation")}
-        tokens = {s: encode_texts(tokenizer, t.texts, cfg.context_length)[0] for s, t in tables.items()}
+        tokens, _ = bench.encode_splits({s: t.texts for s, t in tables.items()}, cfg, family.pad_id, shared, Path(tmp))
         labels = {s: [int(x) for x in t.labels] for s, t in tables.items()}
         ckpt = Path(tmp) / "base.safetensors"
         save_base(ckpt, init_checkpoint(cfg, 123), cfg)
@@ -110,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                "train_tokens": tokens["train"], "train_labels": labels["train"],
                "val_tokens": tokens["validation"], "val_labels": labels["validation"]}
         system = bench.LoraCli(ctx)
-        variants = switches()
+        variants = {n: known[n] for n in chosen}
         per_round = args.warmup + args.steps
         plan = bench.batch_plan(len(tokens["train"]), 8, 123, per_round * args.rounds)
         speeds: dict[str, list[float]] = {name: [] for name in variants}
@@ -125,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                     cpu[name].append((time.process_time() - before) / (res["examples"] * per_round / args.steps))
                 speeds[name].append(res["examples"] / res["seconds"])
             print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {v[-1]:.2f}" for n, v in speeds.items()), flush=True)
-    print(f"\n{args.preset}, batch 8, r=16, cpu float32, {torch.get_num_threads()} threads, {args.steps} steps x "
+    blocks = system.model.trf_blocks
+    per_block = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear)) / len(blocks)
+    shape = f" ({args.set}: {len(blocks)} blocks of {per_block / 1e6:.2f}M frozen Linear weights)" if args.set else ""
+    print(f"\n{args.preset}{shape}, batch 8, r=16, cpu float32, {torch.get_num_threads()} threads, {args.steps} steps x "
           f"{args.rounds} rounds, {(time.perf_counter() - started) / 60:.1f} minutes")
     base = speeds["all"]
     # CPU time per example is the steadier measure where other tenants share the machine (wall

@@ -5,6 +5,7 @@ A smoke test of the benchmark's plumbing (same batches, counted tokens, JSON); n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -121,8 +122,24 @@ def test_ablation_switches_each_speedup_off_and_reports_it(tmp_path: Path) -> No
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.split("this/all CPU", 1)[1].split()
     names = table[0::5]
-    assert names == ["(nothing)", "packing", "per-sequence", "fused-lora", "sigmoid-gelu", "halves"]
+    assert names == ["(nothing)", "packing", "per-sequence", "fused-lora", "sigmoid-gelu", "halves", "serial-caller",
+                     "small-gate"]
     assert table[2] == "1.00x" and table[4] == "1.00x"  # everything on, against itself
+
+
+def test_ablation_of_another_familys_changed_shape(tmp_path: Path) -> None:
+    """`--set` reshapes the preset (and says so), `--switches` picks variants; GPT-2's own switches are refused."""
+    script = [sys.executable, str(REPO / "scripts" / "ablate.py"), "--preset", "llama3-tiny", "--steps", "1",
+              "--warmup", "1", "--rounds", "1", "--shared", str(SHARED_DATA)]
+    run = subprocess.run([*script, "--set", "n_layers=3", "--switches", "small-gate,serial-caller"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "llama3-tiny (n_layers=3: 3 blocks of 0.04M frozen Linear weights)" in run.stdout
+    assert run.stdout.split("this/all CPU", 1)[1].split()[0::5] == ["(nothing)", "small-gate", "serial-caller"]
+    for bad, message in ((["--switches", "packing"], "--switches: for llama3 choose among"),
+                         (["--set", "n_layers=0"], "--set: "), (["--set", "n_layers"], "--set: ")):
+        run = subprocess.run([*script, *bad], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
 
 
 def test_ablation_switches_reach_the_code_they_name() -> None:
@@ -152,3 +169,9 @@ def test_ablation_switches_reach_the_code_they_name() -> None:
     assert "IndexCopyBackward0" in seen["per-sequence"] and "IndexCopyBackward0" not in seen["all"]
     assert "CatBackward0" in seen["all"] and "CatBackward0" not in seen["packing"]
     assert not split["halves"] and split["all"] == (torch.get_num_threads() >= 2)
+    for name, off in ablate.switches().items():
+        with off():
+            caller = halves.serial_caller(halves.Halves(1))
+            gate = halves.MIN_BLOCK_WEIGHTS
+        assert (type(caller) is contextlib.nullcontext) == (name == "serial-caller")
+        assert (gate == 0) == (name == "small-gate")
