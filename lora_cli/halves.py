@@ -94,10 +94,10 @@ def for_device(device: torch.device, world: int = 1) -> Halves | None:
 
 
 # Below this many frozen Linear weights per transformer block, a step is mostly Python and autograd,
-# which the two halves' threads take turns at (Python's GIL). Measured on 2 cores with `serial_caller`,
-# 12 SMS-spam batches of 8 (docs/bench/2026-12-06-cpu-amd-halves-crossover.txt): a 6-block Llama of 2.0M
-# a block ran 7% slower split, one of 2.65M 2% faster; gpt2-tiny (0.79M, 4 blocks) 8% slower; SmolLM2-135M
-# (3.5M) and gpt2-small (7.1M) gain.
+# which the two halves' threads take turns at (Python's GIL). On 2 cores, with `serial_caller`
+# (docs/bench/2026-12-06-cpu-amd-halves-gate.txt, `scripts/ablate.py`): split, gpt2-tiny (0.79M a block)
+# ran 1.14x slower and a 6-block Llama of 2.18M 1.07x slower, one of 2.62M 1.03x faster, SmolLM2-135M
+# (3.5M) 1.04x and gpt2-small (7.1M) 1.09x faster.
 MIN_BLOCK_WEIGHTS = 2_500_000
 
 
