@@ -116,8 +116,9 @@ def serial_caller(halves: Halves | None) -> Iterator[None]:
     on one intra-op thread; a no-op without `halves` or inside another such block.
 
     After a parallel op, OpenMP's helper threads spin for a while before they sleep, on the very
-    cores the two workers then need: on 2 cores that cost 3% of SmolLM2-135M's step and 20% of a
-    6-block gpt2 of width 256. `for_device` still sees the caller's own count inside.
+    cores the two workers then need: on 2 cores that cost SmolLM2-135M and gpt2-small 1.03x in
+    examples/s (`scripts/ablate.py --switches serial-caller`). `for_device` still sees the caller's
+    own count inside.
     """
     if halves is None or _serial.threads is not None:
         yield
