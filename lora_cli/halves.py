@@ -101,13 +101,18 @@ def for_device(device: torch.device, world: int = 1) -> Halves | None:
 MIN_BLOCK_WEIGHTS = 2_500_000
 
 
-def for_model(model: torch.nn.Module, device: torch.device, world: int = 1) -> Halves | None:
-    """`for_device`'s workers, or None also for a model whose blocks are too small to gain from them."""
+def block_weights(model: torch.nn.Module) -> float | None:
+    """The Linear weights of a transformer block (`trf_blocks`), on average; None for a model without blocks."""
     blocks = getattr(model, "trf_blocks", None)
     if not blocks:
         return None
-    weights = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
-    return for_device(device, world) if weights >= MIN_BLOCK_WEIGHTS * len(blocks) else None
+    return sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear)) / len(blocks)
+
+
+def for_model(model: torch.nn.Module, device: torch.device, world: int = 1) -> Halves | None:
+    """`for_device`'s workers, or None also for a model whose blocks are too small to gain from them."""
+    weights = block_weights(model)
+    return None if weights is None or weights < MIN_BLOCK_WEIGHTS else for_device(device, world)
 
 
 @contextlib.contextmanager

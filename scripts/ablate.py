@@ -104,14 +104,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lora_cli import families, sms_spam
+    from lora_cli import sms_spam
     from lora_cli.checkpoint import init_checkpoint, save_base
     from lora_cli.data import read_table
 
-    found = families.preset(args.preset)
-    if found is None:
-        p.error(f"--preset: choose among {', '.join(n for names in families.PRESET_NAMES.values() for n in names)}")
-    family, cfg = found
+    family, cfg = bench.find_preset(p, args.preset)
     try:
         changes = {k.strip(): int(v) for k, v in (item.split("=") for item in args.set.split(",") if item.strip())}
         cfg = type(cfg).from_dict(cfg.to_dict() | changes, "--set")
@@ -151,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                     cpu[name].append((time.process_time() - before) / (res["examples"] * per_round / args.steps))
                 speeds[name].append(res["examples"] / res["seconds"])
             print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {v[-1]:.2f}" for n, v in speeds.items()), flush=True)
-    blocks = system.model.trf_blocks
-    per_block = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear)) / len(blocks)
-    shape = f" ({args.set}: {len(blocks)} blocks of {per_block / 1e6:.2f}M frozen Linear weights)" if args.set else ""
+    from lora_cli.halves import block_weights
+
+    shape = (f" ({args.set}: {cfg.n_layers} blocks of {block_weights(system.model) / 1e6:.2f}M frozen Linear weights)"
+             if args.set else "")
     print(f"\n{args.preset}{shape}, batch 8, r=16, cpu float32, {torch.get_num_threads()} threads, {args.steps} steps x "
           f"{args.rounds} rounds, {(time.perf_counter() - started) / 60:.1f} minutes")
     base = speeds["all"]

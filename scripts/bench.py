@@ -786,6 +786,16 @@ def encode_splits(texts: dict[str, list[str]], cfg, pad: int, shared: Path, tmpd
     return tokens, source
 
 
+def find_preset(parser: argparse.ArgumentParser, name: str):  # noqa: ANN201
+    """(family, config) of the preset `name` of any family; an unknown one is a usage error."""
+    from lora_cli import families
+
+    found = families.preset(name)
+    if found is None:
+        parser.error(f"--preset: choose among {', '.join(n for names in families.PRESET_NAMES.values() for n in names)}")
+    return found
+
+
 def fmt(x, spec=",.1f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -839,15 +849,12 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lora_cli import families, sms_spam
+    from lora_cli import sms_spam
     from lora_cli.checkpoint import init_checkpoint, save_base
     from lora_cli.data import read_table
     from lora_cli.device import resolve_device
 
-    found = families.preset(args.preset)
-    if found is None:
-        p.error(f"--preset: choose among {', '.join(n for names in families.PRESET_NAMES.values() for n in names)}")
-    family, cfg = found
+    family, cfg = find_preset(p, args.preset)
     bench_family = FAMILIES[family.name]
     systems = [s.strip() for s in (args.systems or ",".join(bench_family.systems)).split(",") if s.strip()]
     if not systems or any(s not in SYSTEMS for s in systems):

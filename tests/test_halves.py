@@ -181,8 +181,9 @@ def test_a_model_with_small_blocks_runs_whole(model: torch.nn.Module, monkeypatc
     """Too little arithmetic per block for two threads to gain (their Python takes turns): no workers."""
     monkeypatch.setattr(halves, "for_device", lambda device, world=1: "pool")
     per_block = sum(m.weight.numel() for m in model.trf_blocks.modules() if isinstance(m, torch.nn.Linear))
-    per_block //= len(model.trf_blocks)
-    assert per_block < halves.MIN_BLOCK_WEIGHTS and halves.for_model(model, torch.device("cpu")) is None
+    per_block /= len(model.trf_blocks)
+    assert halves.block_weights(model) == per_block < halves.MIN_BLOCK_WEIGHTS
+    assert halves.for_model(model, torch.device("cpu")) is None
     monkeypatch.setattr(halves, "MIN_BLOCK_WEIGHTS", per_block)
     assert halves.for_model(model, torch.device("cpu")) == "pool"
     assert halves.for_model(torch.nn.Linear(2, 2), torch.device("cpu")) is None  # no transformer blocks
