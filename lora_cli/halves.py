@@ -123,7 +123,10 @@ def serial_caller(halves: Halves | None) -> Iterator[None]:
     After a parallel op, OpenMP's helper threads spin for a while before they sleep, on the very
     cores the two workers then need: on 2 cores that cost SmolLM2-135M and gpt2-small 1.03x in
     examples/s (`scripts/ablate.py --switches serial-caller`). `for_device` still sees the caller's
-    own count inside.
+    own count inside. What one thread costs the caller is small on any core count: AdamW's step over
+    SmolLM2-135M's 4.9M LoRA parameters took 9 ms on one thread and on two, Qwen3-0.6B's 10.1M 13 ms
+    (docs/bench/2026-12-06-cpu-amd-step-breakdown.txt); its per-tensor ops mostly fall below ATen's
+    parallel grain.
     """
     if halves is None or _serial.threads is not None:
         yield

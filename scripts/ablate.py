@@ -43,21 +43,23 @@ import bench  # noqa: E402  (the same system, data preparation and batch plan)
 from lora_cli.errors import LoraCliError  # noqa: E402
 
 
+@contextlib.contextmanager
+def patched(obj, name: str, value):  # noqa: ANN001, ANN201
+    """`obj.name` is `value` within the block."""
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
 def switches():  # noqa: ANN201
     """name -> a context manager that turns that speed-up off."""
     import torch
     import torch.nn.functional as F
 
     from lora_cli import gelu, halves, lora, model
-
-    @contextlib.contextmanager
-    def patched(obj, name: str, value):  # noqa: ANN001, ANN202
-        old = getattr(obj, name)
-        setattr(obj, name, value)
-        try:
-            yield
-        finally:
-            setattr(obj, name, old)
 
     forward = model.GPTModel.forward
     plan = model.Packing.from_last_index.__func__
@@ -90,37 +92,32 @@ def _both(*managers):  # noqa: ANN001, ANN202
         yield
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpt2-small", help="model shape: a preset of any family; random weights")
+def add_model_args(p: argparse.ArgumentParser, preset: str) -> None:
+    """The options that pick the model and the machine, shared with scripts/step_breakdown.py."""
+    p.add_argument("--preset", default=preset, help="model shape: a preset of any family; random weights")
     p.add_argument("--set", default="", metavar="KEY=VALUE,...", help="change the preset's config fields (integers)")
-    p.add_argument("--switches", default=None, help="the variants besides 'all', comma-separated [every one for the family]")
-    p.add_argument("--steps", type=int, default=12, help="timed steps per variant per round")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--shared", default=str(bench.REPO.parent / "shared" / "data"))
-    args = p.parse_args(argv)
 
-    import torch
 
+def model_shape(p: argparse.ArgumentParser, args: argparse.Namespace):  # noqa: ANN201
+    """(family, config) of `--preset` as `--set` changes it; a bad value is a usage error."""
+    family, cfg = bench.find_preset(p, args.preset)
+    try:
+        changes = {k.strip(): int(v) for k, v in (item.split("=") for item in args.set.split(",") if item.strip())}
+        return family, type(cfg).from_dict(cfg.to_dict() | changes, "--set")
+    except (ValueError, LoraCliError) as e:
+        p.error(f"--set: {e}")
+
+
+@contextlib.contextmanager
+def lora_cli_system(cfg, family, shared: Path, batches: int):  # noqa: ANN001, ANN201
+    """bench.py's lora-cli system on `cfg` (random weights, SMS-spam training texts, batch 8, r=16)
+    and bench.py's plan of `batches` batches: (system, the plan's example indices)."""
     from lora_cli import sms_spam
     from lora_cli.checkpoint import init_checkpoint, save_base
     from lora_cli.data import read_table
 
-    family, cfg = bench.find_preset(p, args.preset)
-    try:
-        changes = {k.strip(): int(v) for k, v in (item.split("=") for item in args.set.split(",") if item.strip())}
-        cfg = type(cfg).from_dict(cfg.to_dict() | changes, "--set")
-    except (ValueError, LoraCliError) as e:
-        p.error(f"--set: {e}")
-    known = {n: off for n, off in switches().items() if family.name == "gpt2" or n not in GPT2_ONLY}
-    chosen = list(known) if args.switches is None else ["all", *(n.strip() for n in args.switches.split(","))]
-    if any(n not in known for n in chosen):
-        p.error(f"--switches: for {family.name} choose among {', '.join(n for n in known if n != 'all')}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shared = Path(args.shared)
     with tempfile.TemporaryDirectory(prefix="lora-ablate-") as tmp:
         sms_spam.prepare(Path(tmp) / "data", shared / "sms_spam" / "SMSSpamCollection")
         tables = {s: read_table(Path(tmp) / "data" / f"{s}.csv") for s in ("train", "validation")}
@@ -132,10 +129,30 @@ def main(argv: list[str] | None = None) -> int:
                "weight_decay": 0.1, "seed": 123, "checkpoint": str(ckpt), "attention": "auto",  # the switches pick the layout
                "train_tokens": tokens["train"], "train_labels": labels["train"],
                "val_tokens": tokens["validation"], "val_labels": labels["validation"]}
-        system = bench.LoraCli(ctx)
+        yield bench.LoraCli(ctx), bench.batch_plan(len(tokens["train"]), 8, 123, batches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, "gpt2-small")
+    p.add_argument("--switches", default=None, help="the variants besides 'all', comma-separated [every one for the family]")
+    p.add_argument("--steps", type=int, default=12, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=6)
+    args = p.parse_args(argv)
+
+    import torch
+
+    family, cfg = model_shape(p, args)
+    known = {n: off for n, off in switches().items() if family.name == "gpt2" or n not in GPT2_ONLY}
+    chosen = list(known) if args.switches is None else ["all", *(n.strip() for n in args.switches.split(","))]
+    if any(n not in known for n in chosen):
+        p.error(f"--switches: for {family.name} choose among {', '.join(n for n in known if n != 'all')}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    per_round = args.warmup + args.steps
+    with lora_cli_system(cfg, family, Path(args.shared), per_round * args.rounds) as (system, plan):
         variants = {n: known[n] for n in chosen}
-        per_round = args.warmup + args.steps
-        plan = bench.batch_plan(len(tokens["train"]), 8, 123, per_round * args.rounds)
         speeds: dict[str, list[float]] = {name: [] for name in variants}
         cpu: dict[str, list[float]] = {name: [] for name in variants}  # process CPU s per example
         started = time.perf_counter()

@@ -175,3 +175,53 @@ def test_ablation_switches_reach_the_code_they_name() -> None:
             gate = halves.MIN_BLOCK_WEIGHTS
         assert (type(caller) is contextlib.nullcontext) == (name == "serial-caller")
         assert (gate == 0) == (name == "small-gate")
+
+
+def test_step_breakdown_splits_a_step_into_parts_that_add_up(tmp_path: Path) -> None:
+    script = [sys.executable, str(REPO / "scripts" / "step_breakdown.py"), "--preset", "gpt2-tiny", "--steps", "1",
+              "--warmup", "1", "--rounds", "2", "--shared", str(SHARED_DATA)]
+    run = subprocess.run(script, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "training runs these batches whole (the halves' gate is 2.50M)" in run.stdout  # gpt2-tiny is below it
+    rows = {line[:48].strip(): float(line[48:].split()[0].replace(",", "")) for line in run.stdout.splitlines()
+            if line.startswith(("step, ", "  ")) and line[:48].strip()}  # not the header
+    assert list(rows) == ["step, halves side by side", "waiting for the slower half", "overlap cost", "a half alone",
+                          "its floor: useful FLOPs at one core's rate", "the caller"]
+    parts = rows["waiting for the slower half"] + rows["overlap cost"] + rows["a half alone"] + rows["the caller"]
+    assert abs(parts - rows["step, halves side by side"]) <= 2  # whole milliseconds, each rounded
+    assert 0 < rows["its floor: useful FLOPs at one core's rate"] < rows["a half alone"]
+    run = subprocess.run([*script, "--steps", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 2 and "--steps and --rounds must be at least 1" in run.stderr
+
+
+def test_step_breakdown_arithmetic_and_its_two_ways_of_running_the_halves() -> None:
+    import threading
+    import time
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import step_breakdown
+
+    from lora_cli import halves
+
+    # 2 steps: side-by-side phases (4, 2) and (3, 3) s, alone (3, 1) and (2, 2), 10 s in all
+    parts = step_breakdown.breakdown(10.0, [(4.0, 2.0), (3.0, 3.0)], [(3.0, 1.0), (2.0, 2.0)], 1.0, 2)
+    assert parts == {"step": 5.0, "waiting": 0.5, "overlap": 1.0, "alone": 2.0, "floor": 0.5, "caller": 1.5}
+
+    pool = step_breakdown.TimedHalves(halves.Halves(1))
+    spans: dict[str, list[tuple[float, float, str]]] = {"side": [], "alone": []}
+
+    def half(way: str, i: int) -> int:
+        start = time.perf_counter()
+        time.sleep(0.05)
+        spans[way].append((start, time.perf_counter(), threading.current_thread().name))
+        return i
+
+    for way in ("side", "alone"):
+        pool.one_by_one = way == "alone"
+        assert pool.run(lambda way=way: half(way, 0), lambda way=way: half(way, 1)) == [0, 1]
+    (a0, a1, _), (b0, b1, _) = sorted(spans["side"])
+    assert b0 < a1  # side by side: the second started before the first ended
+    (a0, a1, _), (b0, b1, _) = sorted(spans["alone"])
+    assert a1 <= b0  # one by one
+    assert all(name.startswith("lora-cli-half") for way in spans.values() for *_, name in way)
+    assert len(pool.phases) == 2 and all(t >= 0.05 for phase in pool.phases for t in phase)
