@@ -97,7 +97,7 @@ def add_model_args(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--preset", default=preset, help="model shape: a preset of any family; random weights")
     p.add_argument("--set", default="", metavar="KEY=VALUE,...", help="change the preset's config fields (integers)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--shared", default=str(bench.REPO.parent / "shared" / "data"))
+    p.add_argument("--shared", default=bench.SHARED_DEFAULT, help="folder with sms_spam/SMSSpamCollection and gpt2_bpe/")
 
 
 def model_shape(p: argparse.ArgumentParser, args: argparse.Namespace):  # noqa: ANN201
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     per_round = args.warmup + args.steps
-    with lora_cli_system(cfg, family, Path(args.shared), per_round * args.rounds) as (system, plan):
+    with lora_cli_system(cfg, family, bench.shared_data(p, args.shared), per_round * args.rounds) as (system, plan):
         variants = {n: known[n] for n in chosen}
         speeds: dict[str, list[float]] = {name: [] for name in variants}
         cpu: dict[str, list[float]] = {name: [] for name in variants}  # process CPU s per example

@@ -88,6 +88,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DEFAULT = os.environ.get("LORA_CLI_SHARED_DATA", str(REPO.parent / "shared" / "data"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -796,6 +797,14 @@ def find_preset(parser: argparse.ArgumentParser, name: str):  # noqa: ANN201
     return found
 
 
+def shared_data(parser: argparse.ArgumentParser, value: str) -> Path:
+    """`--shared` as a path; a folder without the SMS Spam Collection in it is a usage error."""
+    sms = Path(value) / "sms_spam" / "SMSSpamCollection"
+    if not sms.is_file():
+        parser.error(f"--shared: {sms} not found (the folder that holds sms_spam/ and gpt2_bpe/)")
+    return Path(value)
+
+
 def fmt(x, spec=",.1f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -830,8 +839,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--systems", default=None,
                    help="comma list among " + ", ".join(SYSTEMS) + " [all the preset's family runs: book for GPT-2 only]")
-    p.add_argument("--shared", default=os.environ.get("LORA_CLI_SHARED_DATA", str(REPO.parent / "shared" / "data")),
-                   help="folder with sms_spam/SMSSpamCollection and gpt2_bpe/")
+    p.add_argument("--shared", default=SHARED_DEFAULT, help="folder with sms_spam/SMSSpamCollection and gpt2_bpe/")
     p.add_argument("--mm-size", type=int, default=None, help="matmul size for the peak rate (2048 CPU, 8192 CUDA)")
     p.add_argument("--accuracy-epochs", type=int, default=0, help="also train N epochs each, report val accuracy")
     p.add_argument("--profile-steps", type=int, default=0, help="also print a torch.profiler table of N steps each")
@@ -868,7 +876,7 @@ def main(argv=None) -> int:
     amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    shared = Path(args.shared)
+    shared = shared_data(p, args.shared)
 
     tmp = tempfile.TemporaryDirectory(prefix="lora-bench-")
     tmpdir = Path(tmp.name)

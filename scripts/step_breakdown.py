@@ -121,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     from lora_cli import halves
 
     family, cfg = ablate.model_shape(p, args)
+    shared = bench.shared_data(p, args.shared)
     if args.threads:
         torch.set_num_threads(args.threads)
     pool = TimedHalves(halves.for_device(torch.device("cpu")) or halves.Halves(1))
     per_round = args.warmup + args.steps
     started = time.perf_counter()
-    with ablate.lora_cli_system(cfg, family, Path(args.shared), per_round * args.rounds) as (system, plan), \
+    with ablate.lora_cli_system(cfg, family, shared, per_round * args.rounds) as (system, plan), \
             contextlib.ExitStack() as stack:
         gate = halves.for_model(system.model, torch.device("cpu"))
         stack.enter_context(ablate.patched(halves, "for_model", lambda model, device, world=1: pool))

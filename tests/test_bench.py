@@ -225,3 +225,12 @@ def test_step_breakdown_arithmetic_and_its_two_ways_of_running_the_halves() -> N
     assert a1 <= b0  # one by one
     assert all(name.startswith("lora-cli-half") for way in spans.values() for *_, name in way)
     assert len(pool.phases) == 2 and all(t >= 0.05 for phase in pool.phases for t in phase)
+
+
+def test_the_scripts_refuse_a_shared_folder_without_the_data(tmp_path: Path) -> None:
+    for script in ("bench.py", "ablate.py", "step_breakdown.py"):
+        run = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--preset", "gpt2-tiny", "--shared",
+                              str(tmp_path / "nowhere")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert run.returncode == 2, (script, run.stderr[-2000:])
+        assert "--shared: " in run.stderr and "nowhere/sms_spam/SMSSpamCollection not found" in run.stderr, script
+        assert "Traceback" not in run.stderr, script
