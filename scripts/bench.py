@@ -799,10 +799,10 @@ def find_preset(parser: argparse.ArgumentParser, name: str):  # noqa: ANN201
 
 def shared_data(parser: argparse.ArgumentParser, value: str) -> Path:
     """`--shared` as a path; a folder without the SMS Spam Collection in it is a usage error."""
-    sms = Path(value) / "sms_spam" / "SMSSpamCollection"
-    if not sms.is_file():
-        parser.error(f"--shared: {sms} not found (the folder that holds sms_spam/ and gpt2_bpe/)")
-    return Path(value)
+    shared = Path(value)
+    if not (shared / "sms_spam" / "SMSSpamCollection").is_file():
+        parser.error(f"--shared: {shared / 'sms_spam' / 'SMSSpamCollection'} not found (the folder that holds sms_spam/ and gpt2_bpe/)")
+    return shared
 
 
 def fmt(x, spec=",.1f") -> str:

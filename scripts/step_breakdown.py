@@ -82,19 +82,6 @@ def one_core_mm_rate() -> float:
         torch.set_num_threads(own)
 
 
-def timed_steps(system: Any, order: list[int], warmup: int) -> list[float]:
-    """Wall seconds of each step after `warmup` (bench.py's lora-cli loop, one yield per step)."""
-    steps, out = system.steps(order), []
-    for _ in range(warmup):
-        next(steps)
-    start = time.perf_counter()
-    for _ in steps:
-        now = time.perf_counter()
-        out.append(now - start)
-        start = now
-    return out
-
-
 def breakdown(step: float, side: list[tuple[float, float]], alone: list[tuple[float, float]], floor: float,
               steps: int) -> dict[str, float]:
     """Seconds per step of each part (see the module docstring), from total step time and phase timings."""
@@ -139,12 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             order = plan[r * per_round * 8 : (r + 1) * per_round * 8]  # both ways get the same batches
             timed = order[args.warmup * 8 :]
-            flops += bench.useful_flops([len(system.ctx["train_tokens"][i]) for i in timed], shape, 16)
+            flops += bench.useful_flops([len(system.ctx["train_tokens"][i]) for i in timed], shape, system.ctx["rank"])
             seconds = {}
             for way in (("side", "alone") if r % 2 == 0 else ("alone", "side")):
                 pool.one_by_one = way == "alone"
                 pool.phases.clear()
-                seconds[way] = sum(timed_steps(system, order, args.warmup))
+                seconds[way] = system.run(order, args.warmup)["seconds"]
                 totals[way] += seconds[way]
                 phases[way] += pool.phases[2 * args.warmup :]  # two phases a step: forward, backward
             ratios.append(seconds["alone"] / seconds["side"])
