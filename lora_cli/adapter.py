@@ -23,7 +23,7 @@ from lora_cli.schema import MapOf, Tensor, check
 
 # LoRA factors and the head are weights: any float dtype is cast to float32 when loaded, an integer
 # or bool tensor (a file written by something else) is refused
-ADAPTER_TENSORS = MapOf(Tensor(floating=True))
+ADAPTER_TENSORS = MapOf(Tensor(floating=True, finite=True))  # a NaN or inf weight poisons every prediction
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -70,6 +70,31 @@ def adapter_from_model(
 ) -> Adapter:
     tensors = {k: v.to("cpu", copy=True) for k, v in adapter_tensors(model).items()}
     return Adapter(tensors, spec, labels, base.config, base.fingerprint, training_config, __version__)
+
+
+MULTI_LABEL_PROBLEM = "multi_label_classification"  # transformers' config.problem_type: a sigmoid per label
+
+
+def hf_problem_type(adapter: Adapter) -> dict[str, str]:
+    """The `problem_type` a Hugging Face config of this adapter needs: multi-label, or nothing (transformers
+    then applies a softmax over num_labels >= 2, as a single-label adapter does; its config stays as before)."""
+    return {"problem_type": MULTI_LABEL_PROBLEM} if adapter.multi_label else {}
+
+
+def hf_left_behind(adapter: Adapter, kept_in: str | None = None) -> list[str]:
+    """Warnings (without `warning: `) for what lora-cli applies but a Hugging Face model of this adapter (a PEFT
+    export, a merged `hf` directory) cannot: the per-label thresholds and the calibration temperature.
+    `kept_in`: the lora-cli file beside it that keeps them, so that importing it back restores them."""
+    kept = f"; {kept_in} keeps {{}} for lora-cli, whose import restores {{}}" if kept_in else ""
+    out = []
+    if adapter.multi_label:
+        shown = ", ".join(f"{n} {t:.4g}" for n, t in zip(adapter.labels.names, adapter.labels.decision))
+        out.append(f"the per-label thresholds ({shown}) are not carried over to transformers, which has no place "
+                   "for them: predict a label where sigmoid(logit) >= its threshold" + kept.format("them", "them"))
+    if adapter.calibration:
+        out.append(f"the calibration temperature ({adapter.temperature:.4g}) is not carried over to transformers, "
+                   "which has no place for it: divide the logits by it yourself" + kept.format("it", "it"))
+    return out
 
 
 def save_adapter(path: str | Path, adapter: Adapter, dtype: str = "float32") -> None:

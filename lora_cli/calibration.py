@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from lora_cli.errors import LoraCliError
 from lora_cli.evaluation import classification_report
-
-LOG_T_RANGE = (-7.0, 7.0)  # T from about 0.001 to 1100: beyond, the data says "separable" or "no signal"
+from lora_cli.metadata import LOG_T_RANGE  # T from about 0.001 to 1100; an adapter's metadata holds no other T
 GRID = 57  # log T steps of 0.25 to bracket the minimum
 TOLERANCE = 1e-10  # of log T, where the golden-section search stops
 

@@ -17,10 +17,12 @@ from lora_cli.config import PRESETS, ModelConfig, model_config_from_arg
 from lora_cli.errors import LoraCliError
 from lora_cli.fileio import save_safetensors
 from lora_cli.metadata import BASE_FORMAT, read_base_metadata
+from lora_cli.schema import MapOf, Tensor, check
 
 _BLOCK = re.compile(r"^trf_blocks\.([0-9]{1,9})\.")  # a longer index is no block of ours (and int() would refuse it)
 _IGNORED = re.compile(r"^trf_blocks\.\d+\.att\.mask$")  # the book's constant causal-mask buffer
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DataParallel prefixes
+BASE_TENSORS = MapOf(Tensor(finite=True))  # dtypes and shapes: `check_state`
 
 
 @dataclass
@@ -241,6 +243,7 @@ def load_base(path: str | Path, model_config: str | None = None) -> BaseCheckpoi
     else:
         cfg, source = infer_config(state), "inferred from tensor shapes"
     check_state(state, cfg, path)
+    check(state, BASE_TENSORS, str(path), "weights that are not all finite numbers")  # NaN/inf: every output NaN
     digest = fingerprint(state)
     if path.suffix == ".safetensors":
         # safetensors maps the file lazily: a page is in memory once read. Hashing read them

@@ -6,13 +6,14 @@ Only typer is imported at module level; torch and friends load inside the comman
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -20,6 +21,7 @@ import typer
 
 from lora_cli import __version__
 from lora_cli.errors import LoraCliError
+from lora_cli.fileio import check_kind, check_output
 from lora_cli.families import PRESET_NAMES
 from lora_cli.recipe import PRECISIONS
 
@@ -51,6 +53,8 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.
 PrecisionOption = Annotated[Literal[PRECISIONS], typer.Option(
     help="auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16 (CUDA).")]
 BpeDirOption = Annotated[Optional[str], typer.Option(help="Directory with GPT-2's BPE files (offline).")]
+TokenizerOption = Annotated[Optional[str], typer.Option(help=(
+    "A Llama 3 / Qwen3 base's tokenizer.json (or its directory). [the one training used, else the one beside the base]"))]
 ForceOption = Annotated[bool, typer.Option(help="Use the adapter even if the base fingerprint differs.")]
 TextColumnOption = Annotated[Optional[str], typer.Option(help="Text column. [auto: text]")]
 LabelColumnOption = Annotated[Optional[str], typer.Option(help="Label column. [auto: label]")]
@@ -139,11 +143,6 @@ def main_options(
     _state["debug"] = debug
 
 
-def refuse_overwrite(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise LoraCliError(f"{path} exists; pass --overwrite to replace it")
-
-
 def print_json(obj: Any) -> None:
     """`--json`: one JSON object (or array) on stdout; progress and warnings stay on stderr."""
     typer.echo(json.dumps(obj, indent=2))
@@ -187,7 +186,7 @@ def init(
     found = find_preset(preset)
     if found is None:
         raise LoraCliError(f"unknown preset {preset!r}; choose one of {INIT_PRESETS}")
-    refuse_overwrite(out, overwrite)
+    check_output(out, overwrite)
     cfg = found[1]
     save_base(out, init_checkpoint(cfg, seed), cfg)
     params = weights_summary(out)["parameters"]  # a tied head is stored, and counted, once
@@ -211,7 +210,7 @@ def download(
     out: Annotated[Optional[Path], typer.Option(help="Where to write the converted checkpoint. [the cache]")] = None,
     source: Annotated[
         Optional[str], typer.Option(help="URL of a GPT-2 model.safetensors, or a local Hugging Face directory/file "
-                                         "(offline, unverified).")
+                                         "(offline, no hash; refused unless it is NAME's family and shape).")
     ] = None,
     revision: Annotated[Optional[str], typer.Option(
         help="Hub commit, branch or tag to fetch (SmolLM2, Llama 3.2, Qwen3). [the pinned commit]")] = None,
@@ -238,6 +237,7 @@ def download(
     from lora_cli.paths import cached_model_path
 
     dest = out if out is not None else cached_model_path(name)
+    check_kind(dest)  # a symlink or a device at --out is neither a cached download nor replaced by one
     cached = dest.exists() and not force
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -281,7 +281,7 @@ def _download(name: str, out: Optional[Path], source: Optional[str], revision: O
         if source.startswith(("http://", "https://")):
             raise LoraCliError(f"--source for {name} is a local Hugging Face directory; URLs are read from the Hub "
                                "(HF_ENDPOINT for a mirror)")
-        path, _, _ = convert_hf_checkpoint(source, dest)
+        path, _, _ = convert_hf_checkpoint(source, dest, preset=name)  # refused unless it is NAME's family and shape
         return path, {"source": source}
     got = download_hub(name, out=out, revision=revision, force=force, progress=sys.stderr.isatty())
     return got.path, {"source": got.source, "tokenizer": str(got.tokenizer) if got.tokenizer.is_file() else None}
@@ -306,7 +306,7 @@ def convert(
     from lora_cli.families import GPT2
     from lora_cli.hf_convert import convert_hf_checkpoint
 
-    refuse_overwrite(out, overwrite)
+    check_output(out, overwrite)
     path, family, cfg = convert_hf_checkpoint(source, out)
     named = {} if family.name == GPT2 else {"family": family.name}  # GPT-2's output is as it always was
     if named:  # the source directory's tokenizer.json, kept beside the base (hf_convert), where train finds it
@@ -340,8 +340,7 @@ def data_sms_spam(
     """
     from lora_cli import sms_spam
 
-    for name in sms_spam.FILES:
-        refuse_overwrite(out / name, overwrite)
+    check_output(out, overwrite, sms_spam.FILES)
     summary = sms_spam.prepare(out, source)
     if not summary["matches_uci_v1"]:
         echo("warning: the source differs from the UCI v.1 file, so the split differs from the book's")
@@ -463,7 +462,7 @@ def train(
 
     from lora_cli import distributed
 
-    distributed.follow_launcher()  # a rank of `--nproc-per-node` dies with its launcher, even on kill -9
+    launched = distributed.follow_launcher()  # a rank of `--nproc-per-node` dies with its launcher, even on kill -9
     spec = distributed.check_launch(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, cfg.device, oversubscribe)
     if spec.multi:
         if not dry_run and not distributed.under_torchrun():  # re-run this command on every process
@@ -472,14 +471,30 @@ def train(
             from lora_cli.paths import resolve_data
 
             resolve_data(cfg.data, cfg.train, cfg.val, cfg.val_split)  # prepares the built-in data set once, not on every rank
-            code = distributed.launch(_relaunch_args(command, run_dir if out is None and resume is None else None), spec, _state["debug"])
+            with _claim_run_dir(run_dir, bool(resume_from), overwrite):  # the launcher holds it for its ranks
+                code = distributed.launch(_relaunch_args(command, run_dir if out is None and resume is None else None),
+                                          spec, _state["debug"])
             if code:
                 raise typer.Exit(code)
             return
     ctx = distributed.init(cfg.device)
-    with distributed.report_failures(ctx):
+    claim = not dry_run and ctx.is_main and not launched
+    with _claim_run_dir(run_dir, bool(resume_from), overwrite) if claim else contextlib.nullcontext(), \
+            distributed.report_failures(ctx):
         _train_rank(cfg, run_dir, ctx, resume_from, overwrite, dry_run, quiet, as_json)
     ctx.shutdown()
+
+
+@contextlib.contextmanager
+def _claim_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Hold the run directory's lock for the run; checked again once held, as a run that just ended may have filled it."""
+    from lora_cli.run_dir import CONFIG, hold
+
+    with hold(run_dir):
+        if not resume and not overwrite and (run_dir / CONFIG).exists():
+            raise LoraCliError(f"run directory {run_dir} already holds a run; pass --resume {run_dir}, --overwrite or "
+                               "another --out")
+        yield
 
 
 def _relaunch_args(command: typer.Context, run_dir: Optional[Path]) -> list[str]:
@@ -634,16 +649,18 @@ def _utf8_argument(text: str) -> str:
         return text
 
 
-def _tokenizer(adapter: Any, model: Any, bpe_dir: Optional[str], base: Optional[str]) -> Any:
-    """The tokenizer of the model's family: GPT-2's BPE, or the tokenizer.json that training recorded, else the
-    one stored beside the base (`base`: --model, else the adapter's recorded base)."""
+def _tokenizer(adapter: Any, model: Any, bpe_dir: Optional[str], base: Optional[str],
+               tokenizer: Optional[str] = None) -> Any:
+    """The tokenizer of the model's family: GPT-2's BPE, or a tokenizer.json: --tokenizer, else the one that
+    training recorded while it exists, else the one stored beside the base (`base`: --model, else the adapter's
+    recorded base)."""
     from lora_cli.families import of
     from lora_cli.hf_tokenizer import tokenizer_for
     from lora_cli.paths import resolve_model
 
     base_path = resolve_model(base or adapter.training_config["model"])  # _base_for has found it already
-    return tokenizer_for(of(model.cfg), model.cfg.vocab_size, bpe_dir, adapter.training_config.get("tokenizer"),
-                         base_path)
+    return tokenizer_for(of(model.cfg), model.cfg.vocab_size, bpe_dir, tokenizer, base_path,
+                         recorded=adapter.training_config.get("tokenizer"))
 
 
 def _max_length(adapter: Any, model: Any, requested: Optional[int]) -> int:
@@ -676,6 +693,7 @@ def evaluate(
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     bpe_dir: BpeDirOption = None,
+    tokenizer: TokenizerOption = None,
     force: ForceOption = False,
     as_json: JsonOption = False,
     plot: Annotated[Optional[Path], typer.Option(
@@ -683,6 +701,7 @@ def evaluate(
     ece_bins: EceBinsOption = 15,
     max_length: MaxLengthOption = None,
     calibration: CalibrationOption = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --plot file.")] = False,
 ) -> None:
     """Loss, accuracy, per-class precision/recall/F1, ROC-AUC, PR-AUC, calibration and the confusion matrix.
 
@@ -711,6 +730,7 @@ def evaluate(
             raise LoraCliError(HINT)
         if plot.is_dir():
             raise LoraCliError(f"--plot {plot} is a directory; pass a PNG file name, e.g. {plot / 'eval.png'}")
+        check_output(plot, overwrite)
     if data.is_dir():
         data = data / "test.csv"
     ad, net, dev = _load_for_inference(adapter, model, model_config, device, force)
@@ -724,12 +744,13 @@ def evaluate(
     else:
         table = read_table(data, text_column, label_column)
     length = _max_length(ad, net, max_length)
-    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir, model), table.texts, length)
+    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir, model, tokenizer), table.texts, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
     labels = ad.labels.encode(table.labels, str(data))
     temperature = _temperature(ad, calibration)
-    logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
+    logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev),
+                            adapter=str(adapter))
     if ad.multi_label:
         from lora_cli.multilabel import multilabel_report
 
@@ -770,6 +791,7 @@ def predict(
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     bpe_dir: BpeDirOption = None,
+    tokenizer: TokenizerOption = None,
     force: ForceOption = False,
     merge: Annotated[Optional[bool], typer.Option(
         help="Fold LoRA into the base weights first (no LoRA cost per token, a second copy of the adapted "
@@ -808,14 +830,15 @@ def predict(
         raise LoraCliError("cannot classify an empty text")
     ad, net, dev = _load_for_inference(adapter, model, model_config, device, force)
     length = _max_length(ad, net, max_length)
-    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir, model), items, length)
+    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir, model, tokenizer), items, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
     from lora_cli.merge import merge_lora, worth_merging
 
     if merge or (merge is None and worth_merging(sum(map(len, tokens)), dev)):
         merge_lora(net)
-    logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
+    logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev),
+                            adapter=str(adapter))
     if ad.multi_label:
         _print_multilabel(ad.labels, items, logits, output_format)
         return
@@ -865,12 +888,14 @@ def calibrate(
     model: BaseOption = None,
     model_config: ModelConfigOption = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the calibrated adapter here. [replace the adapter file]")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     text_column: TextColumnOption = None,
     label_column: LabelColumnOption = None,
     batch_size: BatchSizeOption = 32,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "auto",
     bpe_dir: BpeDirOption = None,
+    tokenizer: TokenizerOption = None,
     force: ForceOption = False,
     ece_bins: EceBinsOption = 15,
     max_length: MaxLengthOption = None,
@@ -904,6 +929,8 @@ def calibrate(
         raise LoraCliError(f"--out {target} is a directory; pass a file name, e.g. {target / 'calibrated.safetensors'}")
     if not target.parent.is_dir():
         raise LoraCliError(f"--out {target}: the directory {target.parent} does not exist")
+    if out is not None:  # in place (no --out) is the documented way to calibrate, and needs no --overwrite
+        check_output(out, overwrite)
     ad = load_adapter(adapter)
     if ad.multi_label:
         raise LoraCliError(f"{adapter} is a multi-label adapter: calibrate fits one softmax temperature, which a "
@@ -913,10 +940,11 @@ def calibrate(
     ad, net, dev = _load_for_inference(ad, model, model_config, device, force)
     labels = ad.labels.encode(table.labels, str(data))
     length = _max_length(ad, net, max_length)
-    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir, model), table.texts, length)
+    tokens, truncated = encode_texts(_tokenizer(ad, net, bpe_dir, model, tokenizer), table.texts, length)
     if truncated:
         echo(f"warning: {truncated} texts truncated to {length} tokens")
-    logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev))
+    logits = predict_logits(net, Encoded(tokens, None), batch_size, dev, _inference_precision(precision, dev),
+                            adapter=str(adapter))
     result = fit(logits, labels, ad.labels.names, str(data), ece_bins)
     save_adapter(target, dataclasses.replace(ad, calibration=result))
     if as_json:
@@ -946,7 +974,8 @@ def _hf_pad_id(adapter: Any, base_path: Optional[Path], tokenizer: Optional[str]
         return family.pad_id
     where = tokenizer or adapter.training_config.get("tokenizer")
     try:
-        pad_id = tokenizer_for(family, adapter.model_config.vocab_size, None, where, base_path).pad_id
+        pad_id = tokenizer_for(family, adapter.model_config.vocab_size, None, tokenizer, base_path,
+                               recorded=adapter.training_config.get("tokenizer")).pad_id
         reason = f"the tokenizer {where or 'beside the base'} has no special token"
     except LoraCliError as exc:
         if tokenizer is not None:
@@ -958,6 +987,14 @@ def _hf_pad_id(adapter: Any, base_path: Optional[Path], tokenizer: Optional[str]
              "tokenizer.json, with a special token such as <|endoftext|>)")
         return family.pad_id
     return pad_id
+
+
+def _warn_hf_left_behind(adapter: Any, kept_in: Optional[str] = None) -> None:
+    """What a Hugging Face model of the adapter (PEFT export, merged hf directory) cannot apply: one warning each."""
+    from lora_cli.adapter import hf_left_behind
+
+    for message in hf_left_behind(adapter, kept_in):
+        echo(f"warning: {message}")
 
 
 @app.command("export-adapter")
@@ -992,19 +1029,13 @@ def export_adapter(
     result = {"source": str(source), "out": str(out), "format": output_format, "dtype": dtype,
               "lora_layers": len(adapter.spec.targets), "rank": adapter.spec.rank, "classes": adapter.labels.names}
     if output_format == "peft":
-        from lora_cli.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE, export_peft
+        from lora_cli.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_FILES, METADATA_FILE, export_peft
 
-        refuse_overwrite(out / ADAPTER_WEIGHTS, overwrite)
+        check_output(out, overwrite, EXPORT_FILES)
         recorded = adapter.training_config.get("model")  # where a tokenizer may be stored beside the base
         pad_id = _hf_pad_id(adapter, Path(recorded) if recorded and Path(recorded).exists() else None, tokenizer)
         export_peft(adapter, out, dtype, pad_id)
-        if adapter.calibration:
-            echo(f"warning: the calibration temperature ({adapter.temperature:.4g}) is not carried over: the PEFT "
-                 "format has no place for it; divide the logits by it yourself")
-        if adapter.multi_label:
-            echo("warning: the per-label thresholds (" + ", ".join(f"{n} {t:.4g}" for n, t in
-                 zip(adapter.labels.names, adapter.labels.decision)) + ") are not carried over: the PEFT format has "
-                 "no place for them; predict a label where sigmoid(logit) >= its threshold")
+        _warn_hf_left_behind(adapter, METADATA_FILE)
         files = written(out / ADAPTER_WEIGHTS, out / ADAPTER_CONFIG, out / METADATA_FILE)
         gpt2 = of(adapter.model_config).name == "gpt2"  # its pad id is as before: not recorded
         if as_json:
@@ -1015,7 +1046,7 @@ def export_adapter(
                    f"{sum(f['bytes'] for f in files) / 1e6:.2f} MB" + ("" if gpt2 else f"; set pad_token_id={pad_id} "
                                                                       "on the model's config"))
         return
-    refuse_overwrite(out, overwrite)
+    check_output(out, overwrite)
     save_adapter(out, adapter, dtype)
     if as_json:
         print_json(result | {"tensors": len(adapter.tensors), "parameters": params, "files": written(out)})
@@ -1039,11 +1070,15 @@ def import_adapter(
     """
     from lora_cli.adapter import save_adapter
     from lora_cli.checkpoint import load_base
+    from lora_cli.multilabel import DEFAULT_THRESHOLD
     from lora_cli.paths import resolve_model
     from lora_cli.peft_format import import_peft
 
-    refuse_overwrite(out, overwrite)
+    check_output(out, overwrite)
     adapter = import_peft(source, load_base(resolve_model(model), model_config))
+    if adapter.multi_label and adapter.labels.thresholds is None:
+        echo(f"warning: {source} records no per-label thresholds; predict uses {DEFAULT_THRESHOLD} for each label "
+             "(`lora-cli eval` shows how well they do)")
     adapter.training_config = adapter.training_config | {"model": str(resolve_model(model).resolve())}
     save_adapter(out, adapter)
     if as_json:
@@ -1076,13 +1111,15 @@ def merge(
       lora-cli merge --adapter runs/tiny --format hf --out tiny-spam-hf/
     """
     from lora_cli.adapter import load_adapter
-    from lora_cli.merge import HF_WEIGHTS, save_merged
+    from lora_cli.merge import HF_FILES, HF_WEIGHTS, save_merged
 
-    refuse_overwrite(out / HF_WEIGHTS if output_format == "hf" else out, overwrite)
+    check_output(out, overwrite, HF_FILES if output_format == "hf" else None)
     ad = load_adapter(adapter)
     base = _base_for(ad, model, model_config)
     pad_id = _hf_pad_id(ad, base.path, tokenizer) if output_format == "hf" else None
     save_merged(out, base, ad, format=output_format, dtype=dtype, force=force, pad_id=pad_id)
+    if output_format == "hf":
+        _warn_hf_left_behind(ad)
     padding = {} if pad_id is None else {"pad_token_id": pad_id}
     if as_json:
         weights = out / HF_WEIGHTS if output_format == "hf" else out
@@ -1100,6 +1137,7 @@ def merge(
 def plot(
     runs: Annotated[list[Path], typer.Argument(help="Run directories to overlay.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("curves.png"),
+    overwrite: OverwriteOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Training and validation loss and accuracy over examples seen, one or more runs overlaid.
@@ -1108,6 +1146,7 @@ def plot(
     """
     from lora_cli.plots import plot_runs, read_metrics
 
+    check_output(out, overwrite)
     plot_runs(runs, out)
     if as_json:
         summaries = []

@@ -37,12 +37,16 @@ class Table:
 def read_table(
     path: str | Path, text_column: str | None = None, label_column: str | None = None, require_labels: bool = True
 ) -> Table:
-    """Read a CSV (header), TSV (header) or JSONL file; columns are found by name, case-insensitively."""
+    """Read a CSV (header), TSV (header) or JSONL file; columns are found by name, case-insensitively.
+
+    With `require_labels=False` (texts to classify) the labels are not read, and a label column, empty
+    or not, is ignored, unless `label_column` names it.
+    """
     path = Path(path)
     columns, rows = read_rows(path)
     text_key = _pick_column(path, columns, text_column, "text", "--text-column")
     label_key = None
-    if label_column is not None or require_labels or _find(columns, "label"):
+    if label_column is not None or require_labels:
         label_key = _pick_column(path, columns, label_column, "label", "--label-column")
     texts: list[str] = []
     labels: list[Label] = []
@@ -66,7 +70,10 @@ def row_text(path: Path, line: int, row: dict[str, Any], column: str) -> str:
 
 def read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     """The column names and (line number, row) pairs of a CSV, TSV or JSONL file; `read_table` and the
-    multi-label reader (lora_cli/multilabel.py) pick their columns from them."""
+    multi-label reader (lora_cli/multilabel.py) pick their columns from them.
+
+    A name a header repeats, or a key a JSONL record repeats, is refused: one of the values would be
+    dropped unseen (a `text,label,label` header trained on the second label column)."""
     if not path.exists():
         raise LoraCliError(f"data file not found: {path}")
     if path.is_dir():
@@ -141,6 +148,7 @@ def _read_delimited(path: Path, content: str, kind: str) -> tuple[list[str], lis
     reader = csv.reader(io.StringIO(content, newline=""), delimiter="\t" if kind == "tsv" else ",", strict=True)
     try:
         header = next(reader)
+        _refuse_repeated_columns(path, header, reader.line_num)
         rows = []
         for fields in reader:
             if not fields or all(not f.strip() for f in fields):
@@ -156,13 +164,44 @@ def _read_delimited(path: Path, content: str, kind: str) -> tuple[list[str], lis
     return header, rows
 
 
+def _refuse_repeated_columns(path: Path, header: Sequence[str], line: int) -> None:
+    """LoraCliError naming the first column name the header repeats (blank names, which no option can pick, aside)."""
+    seen: dict[str, int] = {}
+    for number, name in enumerate(header, start=1):
+        if not name.strip():
+            continue
+        if name in seen:
+            raise LoraCliError(f"{path}, line {line}: the header names column {name!r} twice (columns {seen[name]} and "
+                               f"{number}); which one is meant is ambiguous: rename or remove one")
+        seen[name] = number
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` for json.loads, which would keep the last of two equal keys without a word."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _RepeatedKey(key)
+        obj[key] = value
+    return obj
+
+
 def _read_jsonl(path: Path, content: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     rows, columns = [], []
     for number, line in enumerate(_LINE_BREAK.split(content), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
+        except _RepeatedKey as exc:
+            raise LoraCliError(f"{path}, line {number}: key {exc.key!r} appears twice in one record; which value is "
+                               "meant is ambiguous: keep one") from None
         except (ValueError, RecursionError) as exc:  # JSONDecodeError; also a huge number, deep nesting
             reason = getattr(exc, "msg", None) or str(exc)
             raise LoraCliError(f"{path}, line {number}: not valid JSON ({reason}); JSONL needs one object per line") from exc
@@ -182,12 +221,15 @@ def _pick_column(path: Path, columns: Sequence[str], given: str | None, default:
         if given not in columns:
             raise LoraCliError(f"{path} has no column {given!r}; columns: {', '.join(map(repr, columns))}")
         return given
-    found = _find(columns, default)
-    if found is None:
+    found = [c for c in columns if c.strip().lower() == default]
+    if not found:
         raise LoraCliError(
             f"{path} has no {default!r} column (columns: {', '.join(map(repr, columns))}); name it with {flag}"
         )
-    return found
+    if len(found) > 1:  # `Label` and `label`: which is the label column is ambiguous
+        raise LoraCliError(f"{path} has {len(found)} columns named like {default!r} ({', '.join(map(repr, found))}); "
+                           f"name the one to use with {flag}")
+    return found[0]
 
 
 def _label(path: Path, line: int, value: Any, column: str) -> Label:

@@ -339,6 +339,23 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
+PROCESS_MEMORY = 2**29  # what one CPU training process takes before its model: the Python and torch runtime
+
+
+def memory_bytes() -> int:
+    """This machine's memory, or the container's limit where a cgroup sets a lower one."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            total = min(total, int(Path(limit).read_text().strip()))  # "max": no limit, ValueError
+    return total
+
+
+def max_cpu_processes() -> int:
+    """The hard bound on CPU training processes on this machine, which --oversubscribe does not lift."""
+    return max(1, memory_bytes() // PROCESS_MEMORY)
+
+
 def check_launch(nproc: int | None, nnodes: str | None, rdzv_endpoint: str | None, rdzv_id: str | None,
                  device: str, oversubscribe: bool = False) -> Launch:
     """Every launch option checked before any process starts; a `LoraCliError` names the first bad one.
@@ -403,10 +420,16 @@ def _check_process_count(nproc: int, device: str, oversubscribe: bool) -> None:
         raise LoraCliError(f"--nproc-per-node {nproc}: more CPU processes than the {cores} core{'s' * (cores != 1)} "
                            f"this process may use (each holds a whole model); pass --nproc-per-node {cores} or "
                            "fewer, or add --oversubscribe to start them anyway")
+    memory, most = memory_bytes(), max_cpu_processes()
+    if nproc > most:  # no flag lifts this: --oversubscribe with a typo must not start a fork bomb
+        raise LoraCliError(f"--nproc-per-node {nproc}: this machine's {memory / 2**30:.1f} GiB of memory holds at most "
+                           f"{most} training processes (each needs about {PROCESS_MEMORY / 2**30:.1f} GiB before its "
+                           f"model); pass --nproc-per-node {most} or fewer")
 
 
-def follow_launcher() -> None:
+def follow_launcher() -> bool:
     """In a worker of `lora-cli train --nproc-per-node`: die with the launcher, even when it is killed with SIGKILL.
+    True in such a worker (its launcher holds the run directory's lock), else False.
 
     torchrun starts every worker in a session of its own, so a signal to the launcher's process group
     misses them, and a launcher killed outright would leave them training (or waiting on a collective)
@@ -416,7 +439,7 @@ def follow_launcher() -> None:
     """
     expected = os.environ.pop(LAUNCHER_ENV, None)  # not inherited further: this process is nobody's launcher
     if expected is None or not under_torchrun():
-        return
+        return False
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -424,6 +447,7 @@ def follow_launcher() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if str(os.getppid()) != expected:
         raise LoraCliError(f"the lora-cli launcher that started this rank (pid {expected}) is gone; stopping")
+    return True
 
 
 def launch(worker_args: list[str], spec: Launch, debug: bool = False) -> int:

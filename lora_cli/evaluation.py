@@ -18,13 +18,18 @@ from lora_cli.precision import autocast
 
 @torch.inference_mode()
 def predict_logits(
-    model: GPTModel, data: Encoded, batch_size: int, device: torch.device, precision: str = "fp32"
+    model: GPTModel, data: Encoded, batch_size: int, device: torch.device, precision: str = "fp32",
+    adapter: str | None = None,
 ) -> torch.Tensor:
     """Logits (N, classes) in data order; batches are formed by length so padding stays small.
 
     On a CPU with two or more threads (and a model large enough, `halves.for_model`), batches run two
     at a time, one on each of `halves`' workers (each batch's logits are its own rows' alone, so the
     pairing changes nothing but the time).
+
+    `adapter` (eval, predict, calibrate: the adapter the model runs) makes a NaN or infinite logit an error
+    naming it, so that no such number reaches a user as a prediction or a metric; training's validation
+    passes none (a diverged run shows in its metrics and stops at a non-finite loss).
     """
     allocator.keep_freed_memory(device.type)
     was_training = model.training
@@ -47,7 +52,22 @@ def predict_logits(
             for batch in pair:
                 run(batch)
     model.train(was_training)
+    if adapter is not None:
+        check_finite_logits(out, adapter, precision)
     return out
+
+
+def check_finite_logits(logits: torch.Tensor, adapter: str, precision: str = "fp32") -> None:
+    """LoraCliError, naming `adapter`, where any logit is NaN or infinite."""
+    bad = ~torch.isfinite(logits).all(-1)
+    if bool(bad.any()):
+        from lora_cli.errors import LoraCliError
+
+        why = ("fp32 precision may hold what float16 cannot" if precision == "fp16" else
+               "its weights (or its base checkpoint's) are too large for float32 arithmetic: retrain it")
+        raise LoraCliError(
+            f"{adapter} gives outputs that are not finite numbers (NaN or infinity) for {int(bad.sum()):,} of "
+            f"{len(logits):,} texts (the first: text {int(bad.nonzero()[0, 0]) + 1}), computed in {precision}; {why}")
 
 
 @dataclass

@@ -155,6 +155,36 @@ def preset(name: str) -> tuple[Family, Any] | None:
     return None if family is None else (family, family.presets[name])
 
 
+class NotThePreset(LoraCliError):
+    """A model offered as a preset is of another family or shape (`check_preset`)."""
+
+
+def check_preset(name: str, family: Family, cfg: Any, where: str) -> None:
+    """Refuse a model to be stored as preset `name` unless it is of that preset's family and shape.
+
+    The one check every `download NAME` path makes (the Hub, a local --source, GPT-2's URLs) before
+    anything is written: `where` (a file, a directory or repo@commit) names what was read. The shape is
+    every backbone tensor's name and shape (`Family.expected_shapes`), so a model with other layers,
+    widths, heads, KV groups or vocabulary is refused; a RoPE base or a context length that changes no
+    tensor is not a shape. A name that is no preset has nothing to be checked against.
+    """
+    expected = preset(name)
+    if expected is None:
+        return
+    want_family, want = expected
+    if family.name != want_family.name:
+        raise NotThePreset(f"{where} holds a {family.name} model, but {name} is a {want_family.name} model: "
+                           f"refusing to store it as {name}")
+    if family.expected_shapes(cfg) == family.expected_shapes(want):
+        return
+    got_fields, want_fields = cfg.to_dict(), want.to_dict()
+    differ = {k: v for k, v in want_fields.items() if got_fields.get(k) != v}
+    sizes = {k: v for k, v in differ.items() if isinstance(v, int) and not isinstance(v, bool)}  # layers, widths, ...
+    shown = ", ".join(f"{k} {got_fields.get(k)!r} (not {v!r})" for k, v in (sizes or differ).items())
+    raise NotThePreset(f"{where} is not shaped like {name}: {shown or 'other tensor shapes'}; "
+                       f"refusing to store it as {name}")
+
+
 def for_hf_model_type(model_type: Any, where: str) -> Family:
     """The family that converts config.json's `model_type`."""
     for family in map(get, NAMES):

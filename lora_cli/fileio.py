@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -47,11 +48,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     is untouched.
     """
     target = Path(path)
+    check_kind(target)
     with _scratch(target) as scratch:
         tmp = scratch / target.name
         try:
             yield tmp
             _finish_file(tmp)
+            check_kind(target)  # what appeared there while we wrote is not replaced either
             os.replace(tmp, target)
         except OSError as exc:
             if exc.filename in (None, str(tmp)):  # name the file the user asked for, not the temporary one
@@ -96,8 +99,56 @@ def atomic_dir(path: str | os.PathLike[str], names: Collection[str]) -> Iterator
     fsync_dir(target.parent)
 
 
+def check_kind(path: Path) -> None:
+    """Refuse a file output at `path` unless nothing is there or a regular file is (the path itself, by lstat).
+
+    `exists()` follows links: it calls a dangling symlink free, and a device node or a symlink to
+    another file replaceable. Replacing such a thing would write where the user did not point, or
+    replace /dev/null with a regular file.
+    """
+    what = _non_regular(path)
+    if what is not None:
+        raise LoraCliError(f"{path} is {what}; lora-cli replaces only regular files: remove it or choose another path")
+
+
+def _non_regular(path: Path) -> str | None:
+    """What stands at `path` if it is not a regular file or nothing ('a directory', 'a symbolic link to X', ...)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (or a parent is a file: the writer says so)
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        dangling = "dangling " if not path.exists() else ""
+        return f"a {dangling}symbolic link (to {os.readlink(path)})"
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+def check_output(path: Path, overwrite: bool, names: Collection[str] | None = None) -> None:
+    """The guard every command's output goes through: refuse `path` unless it is new, or `overwrite` is
+    given and it is a regular file (`names` None) or a directory that holds only the output's files `names`.
+
+    Anything else (a symlink, a device node, a FIFO, a directory where a file goes) is refused even
+    with `overwrite`.
+    """
+    if names is None:
+        check_kind(path)
+        if os.path.lexists(path) and not overwrite:
+            raise LoraCliError(f"{path} exists; pass --overwrite to replace it")
+        return
+    check_replaceable(path, names)
+    if path.is_dir() and any(p.name in names for p in path.iterdir()) and not overwrite:
+        raise LoraCliError(f"{path} holds an earlier output; pass --overwrite to replace it")
+
+
 def check_replaceable(path: Path, names: Collection[str]) -> None:
     """Refuse an output directory `path` that a write of `names` cannot replace without losing something."""
+    if path.is_symlink() and not path.exists():
+        raise LoraCliError(f"{path} is a dangling symbolic link (to {os.readlink(path)}); remove it or choose "
+                           "another directory")
     if path.exists() and not path.is_dir():
         raise LoraCliError(f"{path} exists and is not a directory; the output is a directory")
     if not path.exists():

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lora_cli import paths
+from lora_cli import families, paths
 from lora_cli.checkpoint import check_state, read_tensors, save_base
 from lora_cli.config import PRESETS, ModelConfig
 from lora_cli.download import download_file
@@ -150,16 +151,23 @@ def infer_hf_config(hf_state: dict[str, torch.Tensor], source: str | Path = "the
 
 
 def convert_hf(
-    source: str | Path, out: str | Path, config_path: str | Path | None = None
+    source: str | Path, out: str | Path, config_path: str | Path | None = None, preset: str | None = None,
+    where: str | None = None, before_save: Callable[[], None] | None = None,
 ) -> tuple[Path, ModelConfig]:
     """Convert a HF GPT-2 checkpoint (directory or file) to a lora-cli base checkpoint at `out` (atomic).
 
-    Tensors keep their stored dtype (GPT-2's files are float32).
+    Tensors keep their stored dtype (GPT-2's files are float32). `preset`: the name it is stored as; a
+    model of another shape is refused before anything is written (`families.check_preset`, `where`
+    naming the source, else its path); then `before_save` runs and the base is written.
     """
     hf_state, hf_config = read_hf_checkpoint(source, config_path)
     cfg = config_from_hf(hf_config) if hf_config is not None else infer_hf_config(hf_state, source)
+    if preset is not None:
+        families.check_preset(preset, families.GPT2_FAMILY, cfg, str(source) if where is None else where)
     state = hf_to_scratch(hf_state, cfg.n_layers)
     check_state(state, cfg, Path(source))
+    if before_save is not None:
+        before_save()
     out = Path(out)
     save_base(out, state, cfg)
     return out, cfg
@@ -191,8 +199,9 @@ def download_gpt2(
         return dest
     source_text = None if source is None else str(source)
     if source_text is not None and not re.match(r"^https?://", source_text):
-        _, cfg = convert_hf(Path(source_text), dest)
-        _check_shape(name, cfg, source_text)
+        from lora_cli.hf_convert import convert_hf_checkpoint  # config.json's model_type, as `convert` reads it
+
+        convert_hf_checkpoint(Path(source_text), dest, preset=name)
         return dest
 
     if source_text is None:
@@ -223,19 +232,15 @@ def download_gpt2(
             raise
         warnings.warn(f"{config_url} not found; inferring the model config from tensor shapes", stacklevel=2)
         config = None
-    _, cfg = convert_hf(weights, dest, config)
-    _check_shape(name, cfg, model_url)
+    try:
+        convert_hf(weights, dest, config, preset=name, where=model_url)
+    except families.NotThePreset:  # a complete download of another model: nothing to resume
+        weights.unlink(missing_ok=True)
+        if config is not None:
+            config.unlink(missing_ok=True)
+        raise
     weights.unlink(missing_ok=True)  # the converted copy is what lora-cli reads
     if config is not None:
         config.unlink(missing_ok=True)
     return dest
 
-
-def _check_shape(name: str, cfg: ModelConfig, source: str) -> None:
-    preset = PRESETS[name]
-    if (cfg.emb_dim, cfg.n_layers, cfg.n_heads) != (preset.emb_dim, preset.n_layers, preset.n_heads):
-        warnings.warn(
-            f"{source} is not shaped like {name} (width {cfg.emb_dim}, {cfg.n_layers} layers, "
-            f"{cfg.n_heads} heads; {name} has {preset.emb_dim}, {preset.n_layers}, {preset.n_heads})",
-            stacklevel=3,
-        )

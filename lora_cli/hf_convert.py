@@ -8,6 +8,7 @@ be sharded (`model.safetensors.index.json`), and its tokenizer.json is kept besi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,22 @@ def _read_weights(source: Path) -> tuple[dict, Path, Path | None]:
     return read_tensors(weights)[0], weights, config_path
 
 
-def convert_hf_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, families.Family, Any]:
+def convert_hf_checkpoint(source: str | Path, out: str | Path, preset: str | None = None, where: str | None = None,
+                          before_save: Callable[[], None] | None = None) -> tuple[Path, families.Family, Any]:
     """Convert a HF directory (config.json + model.safetensors, its shards, or pytorch_model.bin) or weights
     file to the family's native layout at `out` (atomically, the family in the metadata); (out, family, config).
 
-    A directory's tokenizer.json (Llama 3 / Qwen3 families) is checked against the vocabulary and copied
-    to `paths.tokenizer_path(out)` first, so a base never lands without the tokenizer it came with.
+    `preset`: the name it is stored as (`lora-cli download NAME`): a model of another family or shape is
+    refused (`families.check_preset`; `where` names the source in that message, else its path). A directory's
+    tokenizer.json (Llama 3 / Qwen3 families) must fit the vocabulary (`hf_tokenizer.load_tokenizer`). Every
+    check is made before anything is written; then `before_save` runs (e.g. a provenance file beside `out`),
+    the tokenizer is copied to `paths.tokenizer_path(out)`, and the base is written last, so a base never
+    lands without the tokenizer it came with.
     """
+    from lora_cli.hf_tokenizer import load_tokenizer
+
     source = Path(source)
+    where = str(source) if where is None else where
     index = source / INDEX
     config_path = source / "config.json" if source.is_dir() and index.is_file() else hf_files(source)[1]
     hf_config = None if config_path is None or not config_path.is_file() else read_json_object(config_path)
@@ -61,27 +70,22 @@ def convert_hf_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, fa
     family = families.for_hf_model_type(model_type, str(config_path))
     out = Path(out)
     if family.name == families.GPT2:
-        path, cfg = convert_hf(source, out)
+        path, cfg = convert_hf(source, out, preset=preset, where=where, before_save=before_save)
         return path, family, cfg
     cfg = family.config_from_hf(hf_config, str(config_path))
+    if preset is not None:  # before the weights are read: the config says what they are
+        families.check_preset(preset, family, cfg, where)
     state, weights, _ = _read_weights(source)
     state = family.hf_to_native(state, cfg, str(weights))
     check_state(state, cfg, weights)
     tokenizer = source / "tokenizer.json" if source.is_dir() else source.parent / "tokenizer.json"
-    if tokenizer.is_file():
-        keep_tokenizer(tokenizer, out, cfg.vocab_size)
+    kept = tokenizer.read_bytes() if tokenizer.is_file() else None
+    if kept is not None:
+        load_tokenizer(tokenizer, cfg.vocab_size)
+    if before_save is not None:
+        before_save()
+    if kept is not None:
+        write_bytes(tokenizer_path(out), kept)
     save_base(out, state, cfg)
     return out, family, cfg
 
-
-def keep_tokenizer(tokenizer: Path, base: Path, vocab_size: int) -> Path:
-    """Copy a tokenizer.json beside `base` (atomically), once it has loaded and fits the vocabulary."""
-    from lora_cli.hf_tokenizer import load_tokenizer
-
-    n_vocab = load_tokenizer(tokenizer).n_vocab
-    if n_vocab > vocab_size:
-        raise LoraCliError(f"{tokenizer} has {n_vocab:,} tokens, more than the model's vocabulary of {vocab_size:,}: "
-                           "it is not this model's tokenizer")
-    dest = tokenizer_path(base)
-    write_bytes(dest, tokenizer.read_bytes())
-    return dest

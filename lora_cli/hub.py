@@ -20,7 +20,6 @@ import os
 import shutil
 import urllib.error
 import urllib.parse
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,7 +137,9 @@ def download_hub(name: str, out: str | Path | None = None, revision: str | None 
             _check_blob(path, info.blob_id, url)
         return path
 
-    fetched = [fetch(f) for f in (CONFIG, TOKENIZER, *weights)]
+    fetched = [fetch(CONFIG)]
+    _check_config(name, fetched[0], f"{model.repo}@{commit}", workdir)  # before gigabytes of another model
+    fetched += [fetch(f) for f in (TOKENIZER, *weights)]
     if weights == [INDEX]:
         from lora_cli.hf_convert import shard_names
 
@@ -216,19 +217,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_config(name: str, config_path: Path, where: str, workdir: Path) -> None:
+    """Refuse, from its config.json, a repository that is not preset `name`'s family and shape
+    (`families.check_preset`, as `_convert` checks it again), and delete what was fetched of it."""
+    config = read_json_object(config_path)
+    try:
+        family = families.for_hf_model_type(config.get("model_type"), f"{where}: {CONFIG}")
+        families.check_preset(name, family, family.config_from_hf(config, f"{where}: {CONFIG}"), where)
+    except families.NotThePreset:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
 def _convert(name: str, workdir: Path, dest: Path, source: dict[str, Any]) -> tuple[families.Family, Any]:
-    """Convert the downloaded directory: tokenizer and source.json first, the base last (its presence means done)."""
+    """Convert the downloaded directory, once it is checked to be preset `name`'s family and shape
+    (`families.check_preset`): tokenizer and source.json first, the base last (its presence means done)."""
     from lora_cli.hf_convert import convert_hf_checkpoint
 
-    expected = families.preset(name)
-    config = read_json_object(workdir / CONFIG)
-    family = families.for_hf_model_type(config.get("model_type"), f"{source['repo']}: {CONFIG}")
-    if expected is not None and family.name != expected[0].name:
-        raise LoraCliError(f"{source['repo']}@{source['commit']} is a {family.name} model, not {expected[0].name}")
-    write_text(paths.source_path(dest), json.dumps(source, indent=2) + "\n")
-    _, family, cfg = convert_hf_checkpoint(workdir, dest)
-    shape = (cfg.emb_dim, cfg.n_layers, cfg.n_heads)
-    if expected is not None and shape != (expected[1].emb_dim, expected[1].n_layers, expected[1].n_heads):
-        warnings.warn(f"{source['repo']}@{source['commit']} is not shaped like the {name} preset "
-                      f"({cfg.n_layers} layers, width {cfg.emb_dim})", stacklevel=3)
+    def record() -> None:
+        write_text(paths.source_path(dest), json.dumps(source, indent=2) + "\n")
+
+    try:
+        _, family, cfg = convert_hf_checkpoint(workdir, dest, preset=name, where=f"{source['repo']}@{source['commit']}",
+                                               before_save=record)
+    except families.NotThePreset:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     return family, cfg

@@ -38,7 +38,10 @@ TRAINING_CHECKPOINT = Obj({"adapter_tensors": MapOf(Tensor()), "adapter_metadata
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     """(tensors: name -> {dtype, shape}, metadata) from a safetensors file's header, checked as
-    safetensors itself checks it: tensor entries, string metadata, offsets inside the file."""
+    safetensors itself checks it: tensor entries, string metadata, and the data layout (`_check_layout`:
+    each tensor's bytes its dtype and shape, no two overlapping, no gap, nothing past the end or after the
+    last). The file is then opened with safetensors' own reader (`safe_open`, which every loader uses,
+    without reading the data), so a file accepted here is one the loaders accept."""
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
@@ -54,8 +57,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]
         entries = MapOf(TENSOR_ENTRY).parse(header, "")
         for name, entry in entries.items():
             _check_offsets(name, entry, data_bytes)
+        _check_layout(entries, data_bytes)
     except SchemaError as exc:
         raise LoraCliError(f"{path} is not a readable safetensors file ({exc})") from None
+    _open_as_the_loaders_do(path)
     tensors = {k: {"dtype": _DTYPES.get(v["dtype"], v["dtype"]), "shape": v["shape"]} for k, v in entries.items()}
     return tensors, metadata
 
@@ -66,6 +71,37 @@ def _check_offsets(name: str, entry: dict[str, Any], data_bytes: int) -> None:
     if not begin <= end <= data_bytes or (end - begin) * 8 != bits:
         raise SchemaError(f"{name}: data_offsets {[begin, end]} do not hold a {entry['dtype']} tensor of shape "
                           f"{entry['shape']} in the file's {data_bytes} data bytes")
+
+
+def _check_layout(entries: dict[str, dict[str, Any]], data_bytes: int) -> None:
+    """The data section as safetensors lays it out and its reader checks it: the tensors, in order of their
+    offsets, tile it exactly, from byte 0 to the last, none overlapping another, no bytes between or after."""
+    covered, previous = 0, None
+    for name, entry in sorted(entries.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        begin, end = entry["data_offsets"]
+        if begin < covered:
+            raise SchemaError(f"{name}: data_offsets {[begin, end]} overlap {previous}'s bytes (up to {covered}); "
+                              "each tensor must have bytes of its own")
+        if begin > covered:
+            after = "the start of the data" if previous is None else f"{previous} (which ends at {covered})"
+            raise SchemaError(f"{name}: data_offsets {[begin, end]} leave {begin - covered} unused bytes after {after}")
+        covered, previous = end, name
+    if covered != data_bytes:
+        raise SchemaError(f"the tensors cover {covered} of the file's {data_bytes} data bytes; "
+                          f"{data_bytes - covered} bytes after the last tensor belong to none")
+
+
+def _open_as_the_loaders_do(path: Path) -> None:
+    """safetensors' own reader (the loaders' `safe_open` / `load_file`) must accept the file: it checks the
+    header and layout (not the data, which it maps without reading), so no file passes `info` that the
+    loaders refuse. numpy, not torch: `info` stays torch-free."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraCliError(f"{path} is not a readable safetensors file ({exc})") from None
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -105,7 +141,8 @@ def _safetensors(path: Path) -> dict[str, Any]:
     elif fmt == BASE_FORMAT:
         checked = read_base_metadata(meta, str(path))
         out["kind"] = "lora-cli checkpoint" + (" (merged classifier)" if "merged_lora" in checked else "")
-        out |= {k: checked[k] for k in ("family", "model_config", "labels", "merged_lora", "tool_version") if k in checked}
+        out |= {k: checked[k] for k in ("family", "model_config", "labels", "merged_lora", "tool_version", "task",
+                                        "thresholds", "calibration") if k in checked}
     else:
         out["kind"] = "safetensors file"
         out["metadata"] = meta

@@ -15,26 +15,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_cli import metadata
 from lora_cli.errors import LoraCliError
 from lora_cli.gelu import GELU, gelu, gelu_tanh, gelu_tanh_backward
-from lora_cli.metadata import SCALINGS
+from lora_cli.metadata import lora_scale_problem
 
 TARGET_PRESETS = ("blocks", "all-linear")
 
 
 def lora_scale(alpha: float, rank: int, scaling: str) -> float:
-    """The factor in front of `(x @ A) @ B`.
+    """The factor in front of `(x @ A) @ B` (`metadata.lora_scale`), refused where no dtype lora-cli computes in
+    holds it (`metadata.lora_scale_problem`, which an adapter's metadata is checked with too).
 
     `alpha-over-rank` is PEFT's and loralib's alpha/r; `alpha` is the book's appendix-E
     formula (alpha alone, 16x larger at r = alpha = 16); `rslora` is alpha/sqrt(r).
     """
-    if scaling == "alpha-over-rank":
-        return alpha / rank
-    if scaling == "alpha":
-        return float(alpha)
-    if scaling == "rslora":
-        return alpha / math.sqrt(rank)
-    raise LoraCliError(f"unknown scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+    problem = lora_scale_problem(alpha, rank, scaling)
+    if problem:
+        raise LoraCliError(problem)
+    return metadata.lora_scale(alpha, rank, scaling)
 
 
 class LoRALayer(nn.Module):

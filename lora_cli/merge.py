@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lora_cli import __version__, families
-from lora_cli.adapter import DTYPES, Adapter, model_with_adapter
+from lora_cli.adapter import DTYPES, Adapter, hf_problem_type, model_with_adapter
 from lora_cli.checkpoint import BASE_FORMAT, BaseCheckpoint
 from lora_cli.errors import LoraCliError
 from lora_cli.families import Family
@@ -26,6 +26,7 @@ from lora_cli.model import GPTModel
 FORMATS = ("native", "hf")
 HF_WEIGHTS = "model.safetensors"
 HF_FILES = (HF_WEIGHTS, "config.json")  # everything a `--format hf` directory holds
+MERGED_TASK = ("task", "thresholds", "calibration")  # the adapter's metadata a native merged checkpoint keeps
 
 
 def _loras(model: nn.Module) -> dict[str, LinearWithLoRA]:
@@ -147,6 +148,7 @@ def hf_classifier_config(adapter: Adapter, dtype: str = "float32", pad_id: int |
         label2id={n: i for i, n in enumerate(names)},
         pad_token_id=family.pad_id if pad_id is None else pad_id,
         dtype=dtype,
+        **hf_problem_type(adapter),  # multi-label: a sigmoid per label, not transformers' default softmax
     )
     return cfg
 
@@ -158,9 +160,11 @@ def save_merged(
     """Write the merged classifier.
 
     native: one .safetensors file in the book's layout with lora-cli base metadata (model_config,
-    labels), loadable by `checkpoint.load_base` (its out_head is the task head).
+    labels; a multi-label adapter's task and thresholds, a calibrated one's calibration, as in the adapter),
+    loadable by `checkpoint.load_base` (its out_head is the task head).
     hf: a directory with `model.safetensors` (the family's *ForSequenceClassification layout) and `config.json`,
-    replaced as a whole (`fileio.atomic_dir`); `pad_id` is its pad_token_id (`hf_classifier_config`).
+    replaced as a whole (`fileio.atomic_dir`); `pad_id` is its pad_token_id (`hf_classifier_config`). Its config
+    has no place for thresholds or a temperature: `adapter.hf_left_behind` says so.
     """
     if format not in FORMATS:
         raise LoraCliError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -182,7 +186,8 @@ def save_merged(
             "labels": labels,
             "merged_lora": json.dumps(adapter.spec.to_dict()),
             "base_fingerprint": base.fingerprint,
-        } | ({} if base.family.name == families.GPT2 else {"family": base.family.name})  # as checkpoint.save_base
+        } | ({} if base.family.name == families.GPT2 else {"family": base.family.name}) \
+            | {k: v for k, v in adapter.metadata().items() if k in MERGED_TASK}  # as checkpoint.save_base, + the task
         save_safetensors(path, {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, metadata)
         return
     hf_state = hf_classifier_state(state, base.config.n_layers) if base.family.name == families.GPT2 \

@@ -8,6 +8,7 @@ got 'x')`. Torch-free, so that `info` stays fast.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from lora_cli import __version__, families
 from lora_cli.config import MODEL_CONFIG
 from lora_cli.errors import LoraCliError
-from lora_cli.schema import Bool, Float, Int, Json, ListOf, Nullable, Obj, Rule, Schema, Str, check
+from lora_cli.schema import Bool, Float, Int, Json, ListOf, Nullable, Obj, Rule, Schema, SchemaError, Str, check
 
 ADAPTER_FORMAT = "lora-cli-adapter"
 ADAPTER_VERSION = 1
@@ -23,17 +24,74 @@ BASE_FORMAT = "lora-cli-base"
 SCALINGS = ("alpha-over-rank", "alpha", "rslora")  # LoRA scale formulas (lora.py uses them; here without torch)
 TASKS = ("single-label", "multi-label")  # softmax over classes | a sigmoid per label (lora_cli/multilabel.py)
 
+# The LoRA scale multiplies float32, bfloat16 or float16 products (lora.py): it must be a normal float32 number
+# (not 0) and one that float16, the narrowest, holds (not infinity)
+LORA_SCALE_RANGE = (1.1754943508222875e-38, 65504.0)  # float32's smallest normal number, float16's largest
+
+
+def lora_scale(alpha: float, rank: int, scaling: str) -> float:
+    """The factor in front of `(x @ A) @ B`, as computed (`lora.lora_scale` also checks it: `lora_scale_problem`).
+
+    `alpha-over-rank` is PEFT's and loralib's alpha/r; `alpha` is the book's appendix-E
+    formula (alpha alone, 16x larger at r = alpha = 16); `rslora` is alpha/sqrt(r).
+    """
+    if scaling == "alpha-over-rank":
+        return alpha / rank
+    if scaling == "alpha":
+        return float(alpha)
+    if scaling == "rslora":
+        return alpha / math.sqrt(rank)
+    raise LoraCliError(f"unknown scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+
+
+def lora_scale_problem(alpha: float, rank: int, scaling: str = "alpha-over-rank") -> str | None:
+    """What is wrong with the scale that alpha, rank and scaling give (None: nothing), in the dtypes it is used in."""
+    try:
+        scale = lora_scale(alpha, rank, scaling)
+    except OverflowError:  # an integer alpha beyond float's range
+        scale = math.inf
+    lo, hi = LORA_SCALE_RANGE
+    if lo <= scale <= hi:
+        return None
+    beyond = f"above float16's largest number, {hi:g}" if scale > hi else f"below float32's smallest normal number, {lo:g}"
+    return f"alpha {alpha:g} with rank {rank} gives a LoRA scale ({scaling}) of {scale:g}, {beyond}"
+
+
+def _lora_problem(lora: dict[str, Any]) -> str | None:
+    return lora_scale_problem(lora["alpha"], lora["rank"], lora.get("scaling", "alpha-over-rank"))
+
+
 # classifier.LoraSpec: the keys after rank and alpha were added over time, so they may be missing
-LORA = Obj({"rank": Int(min=1), "alpha": Float(above=0.0)}, optional={
+LORA = Rule(Obj({"rank": Int(min=1), "alpha": Float(above=0.0)}, optional={
     "scaling": Str(choices=SCALINGS), "target_spec": ListOf(Str(nonempty=True)),
     "targets": ListOf(Str(nonempty=True), unique=True), "dropout": Float(min=0.0, below=1.0), "head_bias": Bool(),
-})
+}), _lora_problem)
+
+
+# calibration.fit_temperature searches log T in this range (and refuses a minimum at its ends): a stored
+# temperature outside it is not one `lora-cli calibrate` wrote, and would make eval's loss NaN (5e-324) or
+# flatten every probability to 1/classes (1e308)
+LOG_T_RANGE = (-7.0, 7.0)  # T from about 0.001 to 1100: beyond, the data says "separable" or "no signal"
+TEMPERATURE_RANGE = (math.exp(LOG_T_RANGE[0]), math.exp(LOG_T_RANGE[1]))
+
+
+@dataclass(frozen=True)
+class _Temperature(Schema):
+    """A calibration temperature `lora-cli calibrate` can fit: a number in TEMPERATURE_RANGE."""
+
+    def parse(self, value: Any, path: str) -> float:
+        lo, hi = TEMPERATURE_RANGE
+        number = Float(above=0.0).parse(value, path)
+        if not lo <= number <= hi:
+            raise SchemaError(f"{path + ': ' if path else ''}expected a temperature from {lo:.6g} to {hi:.6g} (the "
+                              f"range lora-cli calibrate fits in), got {value!r}")
+        return number
 # data.LabelSet
 LABELS = Obj({"names": ListOf(Str(), min_len=2, unique=True), "integer_ids": Bool()})
 # the resolved training recipe, kept whole; eval and predict read `model` and `max_length`
 TRAINING_CONFIG = Obj({}, optional={"model": Nullable(Str()), "max_length": Nullable(Int(min=1))}, extra=True)
 # `lora-cli calibrate`: the temperature eval and predict divide the logits by, and how it was fitted
-CALIBRATION = Obj({"temperature": Float(above=0.0)}, optional={
+CALIBRATION = Obj({"temperature": _Temperature()}, optional={
     "data": Str(), "n": Int(min=1), "nll_before": Float(min=0.0), "nll_after": Float(min=0.0),
     "ece_before": Float(min=0.0, max=1.0), "ece_after": Float(min=0.0, max=1.0),
 })
@@ -55,6 +113,12 @@ def _task_problem(meta: dict[str, Any]) -> str | None:
     if "calibration" in meta:
         return "calibration: a temperature is for single-label adapters"
     return None
+
+
+# What a PEFT export's lora_cli.json keeps of the adapter's task (`peft_format.export_peft`): the adapter's fields
+# as plain JSON values, checked as an adapter's are
+EXPORTED_TASK = Rule(Obj({"labels": LABELS}, optional={
+    "task": Str(choices=TASKS), "thresholds": THRESHOLDS, "calibration": CALIBRATION}, extra=True), _task_problem)
 
 
 @dataclass(frozen=True)
@@ -87,13 +151,14 @@ ADAPTER_METADATA = _ByFamily(_adapter_metadata)
 def _base_metadata(model_config: Schema) -> Obj:
     return Obj({"format": Str(), "model_config": Json(model_config)}, optional={
         "family": Str(), "tool_version": Str(), "labels": Json(LABELS), "merged_lora": Json(LORA),
-        "base_fingerprint": Str(nonempty=True),
+        "base_fingerprint": Str(nonempty=True), "task": Str(choices=TASKS), "thresholds": Json(THRESHOLDS),
+        "calibration": Json(CALIBRATION),
     }, extra=True)
 
 
 # checkpoint.save_base writes format, model_config, tool_version and (for any family but GPT-2, so
 # GPT-2 files are as they always were) family; merge.save_merged (a merged classifier, loadable as a
-# base) adds labels, merged_lora and base_fingerprint.
+# base) adds labels, merged_lora and base_fingerprint, and the adapter's task, thresholds and calibration if it has them.
 BASE_METADATA = _ByFamily(_base_metadata)
 # another tool's file with a lora-cli style config in its metadata: only that key is read
 FOREIGN_METADATA = Obj({}, optional={"model_config": Json(MODEL_CONFIG)}, extra=True)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from lora_cli import __version__, families
-from lora_cli.adapter import DTYPES, Adapter
+from lora_cli.adapter import DTYPES, MULTI_LABEL_PROBLEM, Adapter, hf_problem_type
 from lora_cli.checkpoint import BaseCheckpoint
 from lora_cli.classifier import LoraSpec
 from lora_cli.data import LabelSet
@@ -56,6 +56,9 @@ from lora_cli.errors import LoraCliError
 from lora_cli.families import Family
 from lora_cli.fileio import atomic_dir, read_json_object, save_safetensors, write_text
 from lora_cli.lora import lora_scale
+from lora_cli.metadata import EXPORTED_TASK
+from lora_cli.multilabel import MultiLabelSet
+from lora_cli.schema import check
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -226,11 +229,23 @@ def peft_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def _task_meta(adapter: Adapter) -> dict[str, Any]:
+    """What lora_cli.json keeps of the adapter's task for `import_peft`: a multi-label adapter's task, thresholds
+    and the `problem_type` its transformers config needs; a calibrated adapter's calibration. (An uncalibrated
+    single-label adapter's lora_cli.json is as before.)"""
+    out: dict[str, Any] = {"calibration": adapter.calibration} if adapter.calibration else {}
+    if adapter.multi_label:
+        out |= {"task": "multi-label", "thresholds": adapter.labels.decision} | hf_problem_type(adapter)
+    return out
+
+
 def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32", pad_id: int | None = None) -> None:
     """Write `adapter_model.safetensors`, `adapter_config.json` and `lora_cli.json` as directory out_dir.
 
     A Llama 3 / Qwen3 export's lora_cli.json records `pad_token_id`, the id the user's HF config needs
-    (`merge.hf_classifier_config`): `pad_id`, else the family's pad id.
+    (`merge.hf_classifier_config`): `pad_id`, else the family's pad id. A multi-label adapter's records its task,
+    thresholds and `problem_type`, a calibrated adapter's its calibration (`_task_meta`): `import_peft` restores them;
+    transformers has no place for the thresholds and the temperature (`adapter.hf_left_behind`).
 
     The directory is replaced as a whole (`fileio.atomic_dir`): a reader never sees a mix of two exports.
     """
@@ -251,7 +266,7 @@ def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32", p
         "training_config": adapter.training_config,
         "tool_version": __version__,
     } | ({} if family.name == families.GPT2 else  # a GPT-2 export's is as before
-         {"family": family.name, "pad_token_id": family.pad_id if pad_id is None else pad_id})
+         {"family": family.name, "pad_token_id": family.pad_id if pad_id is None else pad_id}) | _task_meta(adapter)
     with atomic_dir(out_dir, EXPORT_FILES) as tmp:
         save_safetensors(tmp / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
         write_text(tmp / ADAPTER_CONFIG, json.dumps(peft_config(adapter, ranks), indent=2) + "\n")
@@ -316,7 +331,13 @@ def _check_config(cfg: dict, source: Path) -> None:
         )
 
 
-def _labels(in_dir: Path, num_labels: int) -> tuple[LabelSet, dict]:
+def _labels(in_dir: Path, num_labels: int) -> tuple[LabelSet | MultiLabelSet, dict, dict | None]:
+    """The labels (a MultiLabelSet for a multi-label adapter), training config and calibration of a PEFT directory.
+
+    From our lora_cli.json: its labels, and the task, thresholds and calibration it keeps (`_task_meta`); an export
+    written before it kept them is multi-label when its training config says so (thresholds not known: None).
+    Else from config.json: id2label, multi-label when problem_type is multi_label_classification. Else "0", "1", ...
+    """
     meta_path, hf_path = in_dir / METADATA_FILE, in_dir / "config.json"
     if meta_path.is_file():
         meta = read_json_object(meta_path)
@@ -328,17 +349,33 @@ def _labels(in_dir: Path, num_labels: int) -> tuple[LabelSet, dict]:
         if len(names) != num_labels:
             raise LoraCliError(f"{meta_path} names {len(names)} labels but the score head has {num_labels} rows")
         training = meta.get("training_config") if isinstance(meta.get("training_config"), dict) else {}
-        return LabelSet(names, integer_ids), dict(training)
+        kept = check({"labels": {"names": names, "integer_ids": integer_ids}}
+                     | {k: meta[k] for k in ("task", "thresholds", "calibration") if k in meta},
+                     EXPORTED_TASK, str(meta_path), "damaged task")
+        task = kept.get("task")
+        if "problem_type" in meta and (meta["problem_type"] == MULTI_LABEL_PROBLEM) != (task == "multi-label"):
+            raise LoraCliError(f"{meta_path}: problem_type {meta['problem_type']!r} does not fit task "
+                               f"{task or 'single-label'!r} (a multi-label adapter's is {MULTI_LABEL_PROBLEM!r})")
+        if task == "multi-label":
+            return MultiLabelSet(names, kept["thresholds"]), dict(training), None
+        if task is None and training.get("task") == "multi-label":
+            return MultiLabelSet(names), dict(training), None  # exported before lora_cli.json kept the thresholds
+        return LabelSet(names, integer_ids), dict(training), kept.get("calibration")
     if hf_path.is_file():
-        id2label = read_json_object(hf_path).get("id2label")
+        hf = read_json_object(hf_path)
+        id2label, names = hf.get("id2label"), []
         if isinstance(id2label, dict) and len(id2label) == num_labels:
             try:
                 names = [str(id2label.get(str(i), id2label.get(i))) for i in range(num_labels)]
             except (TypeError, ValueError):
                 names = []
-            if names and "None" not in names and len(set(names)) == num_labels:
-                return LabelSet(names), {}
-    return LabelSet([str(i) for i in range(num_labels)], integer_ids=True), {}
+            if "None" in names or len(set(names)) != num_labels:
+                names = []
+        if hf.get("problem_type") == MULTI_LABEL_PROBLEM:
+            return MultiLabelSet(names or [str(i) for i in range(num_labels)]), {}, None
+        if names:
+            return LabelSet(names), {}, None
+    return LabelSet([str(i) for i in range(num_labels)], integer_ids=True), {}, None
 
 
 def _other_family(in_dir: Path, state: dict[str, torch.Tensor], base: BaseCheckpoint) -> str | None:
@@ -369,7 +406,8 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
     slice of B, keeping only the rank columns that part uses (so our own export round-trips to
     the same ranks, and a part whose B block is zero gets no adapter). Modules of smaller rank
     are zero-padded to the largest rank; the spec is alpha-over-rank with alpha = rank (scale
-    exactly 1). Labels come from lora_cli.json, else config.json's id2label, else "0", "1", ....
+    exactly 1). Labels, task (multi-label: thresholds) and calibration come from lora_cli.json, else config.json's
+    id2label and problem_type, else labels "0", "1", ... (`_labels`).
     Refused: anything but LoRA on the block projections + a `score` head (DoRA, bias!="none",
     embeddings, norms, ...), an adapter of another family, shapes that do not fit the base, and
     a directory without the head's weights.
@@ -477,7 +515,7 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
         rank=rank, alpha=float(rank), scaling="alpha-over-rank", target_spec=list(targets),
         targets=list(targets), dropout=dropout, head_bias=False,
     )
-    labels, training = _labels(in_dir, score.shape[0])
+    labels, training, calibration = _labels(in_dir, score.shape[0])
     training = dict(training)
     training["imported_from_peft"] = str(in_dir)
-    return Adapter(tensors, spec, labels, mc, base.fingerprint, training, __version__)
+    return Adapter(tensors, spec, labels, mc, base.fingerprint, training, __version__, calibration)

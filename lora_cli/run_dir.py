@@ -10,8 +10,12 @@ used, so that `lora-cli plot` reads metrics.jsonl without it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ METRICS = "metrics.jsonl"
 ADAPTER = "adapter.safetensors"  # the selected one (--select-metric)
 ADAPTER_LAST = "adapter-last.safetensors"  # the final step's
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"  # held (flock) by the run that uses the directory; it holds that run's pid
 SUPERSEDED = "superseded"  # checkpoints/superseded/: what a resume from an older checkpoint moved aside
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
@@ -59,6 +64,50 @@ CHECKPOINT = Obj({  # what resume.TrainState.save writes; unknown keys are refus
     optional={"grad_scaler": _GRAD_SCALER, "selection": _SELECTION, "best_adapter_tensors": MapOf(Tensor(floating=True)),
               "ranks": ListOf(Obj({"accumulator": _ACCUMULATOR, "rng": _RNG}), min_len=1)})
 METRIC = Obj({"step": Int(min=0)}, extra=True)  # what resuming needs of a metrics.jsonl record
+
+
+class RunDirInUse(LoraCliError):
+    """Another live process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path) -> Iterator[None]:
+    """Lock `run_dir` for the life of a run, so that a second run (or resume) of it fails instead of mixing files.
+
+    The lock is an flock on RUN/.lock, which the kernel releases when the process dies, even by
+    SIGKILL: a killed run's directory resumes without manual cleanup. A directory created here that
+    is left holding only the lock (the run failed before writing anything) is removed again.
+    """
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / LOCK
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise RunDirInUse(f"run directory {run_dir} is in use by another lora-cli run"
+                              f"{f' (pid {holder})' if holder.isdigit() else ''}, which holds {lock_path}; wait for it "
+                              "to finish or stop it, or choose another directory") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        with contextlib.suppress(OSError):  # the lock file a failed run removed while we waited for it: lock anew
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        if created and {p.name for p in run_dir.iterdir()} <= {LOCK}:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()  # while still locked, so that nobody locks the file we remove
+                run_dir.rmdir()
+        os.close(fd)
 
 
 class CheckpointError(LoraCliError):

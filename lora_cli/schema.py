@@ -247,11 +247,13 @@ class Json(Schema):
 
 @dataclass(frozen=True)
 class Tensor(Schema):
-    """A torch tensor, optionally of a floating-point dtype, of one dtype (e.g. "uint8") and a given number of dimensions."""
+    """A torch tensor, optionally of a floating-point dtype, of one dtype (e.g. "uint8") and a given number of
+    dimensions, and (`finite`) holding no NaN or infinity: a weight that is one poisons every output."""
 
     floating: bool = False
     ndim: int | None = None
     dtype: str | None = None
+    finite: bool = False
 
     def parse(self, value: Any, path: str) -> Any:
         import torch
@@ -264,7 +266,42 @@ class Tensor(Schema):
             raise _fail(path, f"a {self.dtype} tensor", str(value.dtype))
         if self.ndim is not None and value.dim() != self.ndim:
             raise _fail(path, f"a {self.ndim}-D tensor", tuple(value.shape))
+        if self.finite and value.is_floating_point():
+            bad = nonfinite_count(value)
+            if bad:
+                raise SchemaError(f"{_at(path)}expected finite numbers, got {bad:,} NaN or infinite value"
+                                  f"{'s' if bad > 1 else ''} of {value.numel():,}")
         return value
+
+
+_FINITE_CHUNK = 1 << 20  # elements checked at a time: small temporaries, which the allocator gives back
+_BF16_EXPONENT = 0x7F80  # bfloat16 bits of an all-ones exponent: infinity or NaN
+
+
+def nonfinite_count(tensor: Any) -> int:
+    """How many NaN or infinite values a floating-point tensor (on the CPU) holds; 0 for any other dtype.
+
+    Counted by numpy, in chunks (torch's isfinite is many times slower on the CPU); bfloat16, which numpy
+    lacks, by its exponent bits.
+    """
+    import numpy as np
+    import torch
+
+    if not tensor.is_floating_point():
+        return 0
+    flat = tensor.detach().reshape(-1)
+    bad = 0
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        part = flat[start:start + _FINITE_CHUNK]
+        if part.dtype == torch.bfloat16:
+            bits = part.view(torch.int16).numpy()
+            bad += int(np.count_nonzero((bits & _BF16_EXPONENT) == _BF16_EXPONENT))
+            continue
+        if part.dtype not in (torch.float16, torch.float32, torch.float64):
+            part = part.float()  # float8 and friends
+        values = part.numpy()
+        bad += values.size - int(np.count_nonzero(np.isfinite(values)))
+    return bad
 
 
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')

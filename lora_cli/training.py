@@ -496,6 +496,8 @@ def clear_run(run_dir: Path) -> None:
 
 def make_adapter(s: Setup) -> Adapter:
     recorded = {"max_length": s.max_length, "model": str(s.base.path.resolve())}  # eval finds the base from anywhere
+    if s.cfg.tokenizer is not None:  # and the tokenizer: a relative --tokenizer means nothing from another directory
+        recorded["tokenizer"] = str(Path(s.cfg.tokenizer).resolve())
     if s.class_weights is not None:  # the values too: a --class-weights FILE may change after the run
         recorded["class_weight_values"] = dict(zip(s.labels.names, s.class_weights.tolist()))
     return adapter_from_model(s.model, s.spec, s.labels, s.base, s.cfg.to_dict() | recorded)

@@ -172,13 +172,19 @@ def test_merge_and_convert_json(run: Path, tmp_path: Path, micro_checkpoint: Pat
     assert (data["tensors"], data["parameters"]) == (info["tensors"], info["parameters"])
 
 
-def test_download_json_local_source_then_cached(run: Path, tmp_path: Path) -> None:
+def test_download_json_local_source_then_cached(run: Path, tmp_path: Path, micro_config,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_cli.config import PRESETS
+
     hf = tmp_path / "hf"
     invoke("merge", "--adapter", run, "--out", hf, "--format", "hf")
     out = tmp_path / "gpt2.safetensors"
+    refused = runner.invoke(app, ["download", "gpt2-small", "--source", str(hf), "--out", str(out), "--json"])
+    assert refused.exit_code == 1 and "not shaped like gpt2-small" in refused.stderr and not refused.stdout
+    assert not out.exists()
+    monkeypatch.setitem(PRESETS, "gpt2-small", micro_config)  # the micro model stands in for gpt2-small
     result = invoke("download", "gpt2-small", "--source", hf, "--out", out, "--json")
-    data = json.loads(result.stdout)  # the shape warning went to stderr, not into the JSON
-    assert "not shaped like gpt2-small" in result.stderr
+    data = json.loads(result.stdout)
     assert data["path"] == str(out) and data["bytes"] == out.stat().st_size and data["name"] == "gpt2-small"
     assert data["cached"] is False and data["source"] == str(hf) and data["model_config"]["emb_dim"] == 64
     again = invoke_json("download", "gpt2-small", "--source", hf, "--out", out)

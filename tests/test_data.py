@@ -184,11 +184,14 @@ def test_require_labels_false_without_label_column(tmp_path: Path) -> None:
         read_table(path)  # labels are required by default
 
 
-def test_require_labels_false_still_reads_a_label_column(tmp_path: Path) -> None:
-    path = write(tmp_path / "d.tsv", "text\tLabel\na\t1\nb\t0\n")
+def test_require_labels_false_ignores_a_label_column(tmp_path: Path) -> None:
+    # texts to classify (predict --file): the label column, empty or not, is not read (issue 31)
+    path = write(tmp_path / "d.tsv", "text\tLabel\na\t1\nb\t\n")
     table = read_table(path, require_labels=False)
-    assert table.labels == [1, 0]
-    assert table.label_column == "Label"
+    assert table.texts == ["a", "b"]
+    assert table.labels is None and table.label_column is None
+    with pytest.raises(LoraCliError, match="line 3: empty label"):
+        read_table(path)
 
 
 # --------------------------------------------------------------------------- read_table: bad input
@@ -667,7 +670,8 @@ def test_odd_tables_round_trip_or_clear_error(tmp_path_factory: pytest.TempPathF
     if well_formed:
         assert table is not None
         assert table.texts == expected
-        assert table.labels == [lab for _, lab in rows]
+        assert table.labels is None  # require_labels=False: the label column is not read
+        assert read_table(path).labels == [lab for _, lab in rows]
 
 
 def test_bucketed_order_is_a_permutation_with_less_padding() -> None:

@@ -53,6 +53,18 @@ def hf_bin_dir(tmp_path_factory, hf_model, hf_dir) -> Path:
     return out
 
 
+TINY = ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)  # hf_model's
+
+
+@pytest.fixture()
+def tiny_presets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf_model stands in for the GPT-2 sizes, which a download must be shaped like (families.check_preset)."""
+    from lora_cli.config import PRESETS
+
+    for name in gpt2.GPT2_FILES:
+        monkeypatch.setitem(PRESETS, name, TINY)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -280,7 +292,7 @@ def test_not_a_hf_checkpoint(tmp_path: Path, micro_checkpoint: Path) -> None:
 # --------------------------------------------------------------------------- download_gpt2
 
 
-@pytest.mark.filterwarnings("ignore:.*not shaped like")
+@pytest.mark.usefixtures("tiny_presets")
 def test_download_gpt2_from_url_into_cache(hf_model, hf_dir: Path) -> None:
     files = model_files(hf_dir)
     digest = sha256(files["/m/model.safetensors"])
@@ -298,7 +310,7 @@ def test_download_gpt2_from_url_into_cache(hf_model, hf_dir: Path) -> None:
     assert out.stat().st_mtime_ns == before
 
 
-@pytest.mark.filterwarnings("ignore:.*not shaped like")
+@pytest.mark.usefixtures("tiny_presets")
 def test_download_gpt2_interrupted_then_resumed(hf_model, hf_dir: Path) -> None:
     files = model_files(hf_dir)
     body = files["/m/model.safetensors"]
@@ -337,15 +349,20 @@ def test_download_gpt2_pinned_hash_applies_to_mirrors(tmp_path: Path, hf_dir: Pa
     assert not (tmp_path / "o.safetensors").exists()
 
 
-def test_download_gpt2_local_source_offline(tmp_path: Path, hf_model, hf_bin_dir: Path) -> None:
-    with pytest.warns(UserWarning, match="not shaped like gpt2-medium"):
-        out = gpt2.download_gpt2("gpt2-medium", out=tmp_path / "m.safetensors", source=hf_bin_dir)
+def test_download_gpt2_local_source_offline(tmp_path: Path, hf_model, hf_bin_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_cli.config import PRESETS
+
+    with pytest.raises(LoraCliError, match="not shaped like gpt2-medium: .*n_layers 2 \\(not 24\\)"):
+        gpt2.download_gpt2("gpt2-medium", out=tmp_path / "m.safetensors", source=hf_bin_dir)
+    assert not (tmp_path / "m.safetensors").exists()  # refused before anything was written
+    monkeypatch.setitem(PRESETS, "gpt2-medium", TINY)
+    out = gpt2.download_gpt2("gpt2-medium", out=tmp_path / "m.safetensors", source=hf_bin_dir)
     torch.testing.assert_close(our_logits(out, IDS), reference_logits(hf_model, IDS), atol=1e-4, rtol=0)
     # force re-converts; without force the existing file is returned untouched
     out.write_bytes(b"stale")
     assert gpt2.download_gpt2("gpt2-medium", out=out, source=hf_bin_dir) == out and out.read_bytes() == b"stale"
-    with pytest.warns(UserWarning):
-        gpt2.download_gpt2("gpt2-medium", out=out, source=hf_bin_dir, force=True)
+    gpt2.download_gpt2("gpt2-medium", out=out, source=hf_bin_dir, force=True)
     assert load_base(out).config.n_layers == 2
 
 
@@ -384,6 +401,7 @@ def test_book_chapter6_classifier_state_dict_loads(tmp_path: Path) -> None:
     json.dumps(ckpt.config.to_dict())
 
 
+@pytest.mark.usefixtures("tiny_presets")
 def test_cli_download_then_default_model_and_convert(tmp_path: Path, hf_dir: Path, sms_dir: Path) -> None:
     """`lora-cli download gpt2-small --source DIR` fills the cache; `train` then finds `gpt2-small` by name."""
     from typer.testing import CliRunner

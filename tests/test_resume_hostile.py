@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from hostile import assert_one_error, run_cli
+from lora_cli.run_dir import LOCK
 from test_training import write_task
 
 NEWEST, OLDER = "step-000000004.pt", "step-000000002.pt"
@@ -51,8 +52,9 @@ def run(runs: dict[str, Path], tmp_path: Path) -> Path:
 
 
 def hashes(run_dir: Path) -> dict[str, str]:
+    """The run's files (not its lock, which each run or resume that holds it stamps with its pid)."""
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK}
 
 
 def edit(change: Callable[[dict], None]) -> Callable[[Path, dict], None]:
