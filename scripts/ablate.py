@@ -11,9 +11,9 @@ ratio to "all", in wall time and in process CPU time. The switches are the libra
   packing          GPTModel(..., packed=False): every layer on the padded batch (GPT-2)
   per-sequence     attention on the padded grid (the GPU layout) instead of one call per sequence
   fused-lora       LinearWithLoRA through plain autograd (no `_LinearLoRA` node)
-  sigmoid-gelu     ATen's tanh GELU and its backward instead of `lora_cli.gelu` (GPT-2)
+  sigmoid-gelu     ATen's tanh GELU and its backward instead of `lora_cli.models.gelu` (GPT-2)
   halves           each batch whole on the intra-op threads instead of two halves on two worker
-                   threads (`lora_cli.halves`, on a CPU with 2+ threads and a model large enough)
+                   threads (`lora_cli.runtime.halves`, on a CPU with 2+ threads and a model large enough)
   serial-caller    the halves, with the training loop's own ops on all the caller's threads
                    (`halves.serial_caller` off)
   small-gate       the halves also for a model below `halves.MIN_BLOCK_WEIGHTS` (a switch ON:
@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the same system, data preparation and batch plan)
 
-from lora_cli.errors import LoraCliError  # noqa: E402
+from lora_cli.util.errors import LoraCliError  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -59,7 +59,9 @@ def switches():  # noqa: ANN201
     import torch
     import torch.nn.functional as F
 
-    from lora_cli import gelu, halves, lora, model
+    from lora_cli.lora import layers as lora
+    from lora_cli.models import gelu, gpt as model
+    from lora_cli.runtime import halves
 
     forward = model.GPTModel.forward
     plan = model.Packing.from_last_index.__func__
@@ -114,9 +116,9 @@ def model_shape(p: argparse.ArgumentParser, args: argparse.Namespace):  # noqa: 
 def lora_cli_system(cfg, family, shared: Path, batches: int):  # noqa: ANN001, ANN201
     """bench.py's lora-cli system on `cfg` (random weights, SMS-spam training texts, batch 8, r=16)
     and bench.py's plan of `batches` batches: (system, the plan's example indices)."""
-    from lora_cli import sms_spam
-    from lora_cli.checkpoint import init_checkpoint, save_base
-    from lora_cli.data import read_table
+    from lora_cli.data import sms_spam
+    from lora_cli.data.classification import read_table
+    from lora_cli.formats.checkpoint import init_checkpoint, save_base
 
     with tempfile.TemporaryDirectory(prefix="lora-ablate-") as tmp:
         sms_spam.prepare(Path(tmp) / "data", shared / "sms_spam" / "SMSSpamCollection")
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     cpu[name].append((time.process_time() - before) / (res["examples"] * per_round / args.steps))
                 speeds[name].append(res["examples"] / res["seconds"])
             print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {v[-1]:.2f}" for n, v in speeds.items()), flush=True)
-    from lora_cli.halves import block_weights
+    from lora_cli.runtime.halves import block_weights
 
     shape = (f" ({args.set}: {cfg.n_layers} blocks of {block_weights(system.model) / 1e6:.2f}M frozen Linear weights)"
              if args.set else "")

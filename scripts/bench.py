@@ -4,17 +4,17 @@
 One command measures, side by side on the same SMS-spam batches and the same random base
 weights, one LoRA fine-tuning step (batch 8, r=16, alpha=16, AdamW lr 8e-4 wd 0.1) of:
 
-  lora-cli  lora_cli.checkpoint.load_base + lora_cli.classifier.build_classifier, batches from
-            lora_cli.data.batches (per-batch right padding), model(ids, last_index) through
-            lora_cli.halves.forward_backward (on a CPU with 2+ threads, two halves of each batch
-            on two worker threads), exactly the step of lora_cli.training._loop (running
+  lora-cli  lora_cli.formats.checkpoint.load_base + lora_cli.tasks.classifier.build_classifier, batches from
+            lora_cli.data.classification.batches (per-batch right padding), model(ids, last_index) through
+            lora_cli.runtime.halves.forward_backward (on a CPU with 2+ threads, two halves of each batch
+            on two worker threads), exactly the step of lora_cli.training.loop._loop (running
             accumulator, host sync every 10 steps).
   book      llms_from_scratch.ch04.GPTModel with the same weights, out_head = Linear(emb, 2),
             everything frozen, appendix_e.replace_linear_with_lora(model, 16, 16) (LoRA on every
             Linear, the head included, scale = alpha as in the book), ch06.SpamDataset (padded to
             the longest training text with 50256), DataLoader, logits[:, -1, :].
   peft      transformers GPT2ForSequenceClassification (dropouts 0, pad_token_id 50256, weights
-            converted with lora_cli.hf_gpt2.scratch_to_hf) + peft LoRA on c_attn/c_proj/c_fc
+            converted with lora_cli.models.hf_gpt2.scratch_to_hf) + peft LoRA on c_attn/c_proj/c_fc
             with modules_to_save=["score"], per-batch right padding with an attention_mask.
 
 Model families (`FAMILIES`, one entry each): the GPT-2 presets run all four systems; the Llama 3 /
@@ -98,7 +98,7 @@ PAD = 50256  # GPT-2's <|endoftext|>: the book's padding
 
 @dataclass(frozen=True)
 class BenchFamily:
-    """What the benchmark adds to a lora_cli.families.Family: the transformers classes PEFT wraps and
+    """What the benchmark adds to a lora_cli.models.families.Family: the transformers classes PEFT wraps and
     which systems run. PEFT's targets, the weight names and the FLOP shape come from the Family."""
 
     hf_config: str  # transformers config class
@@ -177,7 +177,7 @@ def maxrss_mb() -> float | None:
 
 class System:
     name = "?"
-    split_batches = True  # lora-cli: a CPU batch as two concurrent halves (lora_cli.halves)
+    split_batches = True  # lora-cli: a CPU batch as two concurrent halves (lora_cli.runtime.halves)
 
     def __init__(self, ctx: dict) -> None:
         import torch
@@ -243,8 +243,8 @@ class LoraCli(System):
         super().__init__(ctx)
         import torch
 
-        from lora_cli.checkpoint import load_base
-        from lora_cli.data import Encoded
+        from lora_cli.data.classification import Encoded
+        from lora_cli.formats.checkpoint import load_base
 
         self.torch = torch
         # Setup keeps `base` alive for the whole run (adapter metadata), without the LM head; so does this.
@@ -256,15 +256,16 @@ class LoraCli(System):
     def build(self) -> None:
         import torch
 
-        from lora_cli.allocator import keep_freed_memory
-        from lora_cli.classifier import LoraSpec, build_classifier
-        from lora_cli.training import adamw
+        from lora_cli.lora.spec import LoraSpec
+        from lora_cli.runtime.allocator import keep_freed_memory
+        from lora_cli.tasks.classifier import build_classifier
+        from lora_cli.training.loop import adamw
 
-        keep_freed_memory(self.device.type)  # as lora_cli.training.train does
+        keep_freed_memory(self.device.type)  # as lora_cli.training.loop.train does
         spec = LoraSpec(rank=self.ctx["rank"], alpha=self.ctx["alpha"])
         self.model = build_classifier(self.base, 2, spec, self.ctx["seed"], self.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = adamw(trainable, self.ctx["lr"], self.ctx["weight_decay"])  # as lora_cli.training builds it
+        self.optimizer = adamw(trainable, self.ctx["lr"], self.ctx["weight_decay"])  # as lora_cli.training.loop builds it
         torch.manual_seed(self.ctx["seed"])
         self.acc = _accumulator(self.device)
         self.step_no = 0
@@ -272,20 +273,20 @@ class LoraCli(System):
     def steps(self, order: list[int]):
         import torch.nn.functional as F
 
-        from lora_cli import halves
-        from lora_cli.data import batches
+        from lora_cli.data.classification import batches
+        from lora_cli.runtime import halves
 
         model, optimizer, device = self.model, self.optimizer, self.device
         model.train()
         net = functools.partial(model, attention=self.ctx["attention"])
-        # as lora_cli.training does: two concurrent halves of a CPU batch (not while profiling: see _profile)
+        # as lora_cli.training.loop does: two concurrent halves of a CPU batch (not while profiling: see _profile)
         split = halves.for_model(model, device) if self.split_batches else None
         trainable = [p for p in model.parameters() if p.requires_grad]
-        with halves.serial_caller(split):  # as lora_cli.training.train runs its loop
+        with halves.serial_caller(split):  # as lora_cli.training.loop.train runs its loop
             for batch in batches(self.train, self.bs, order, drop_last=True):
                 ids, y = (t.to(device, non_blocking=True) for t in (batch.input_ids, batch.labels))
                 optimizer.zero_grad(set_to_none=True)
-                # last_index stays on the CPU, as in lora_cli.training: no device sync
+                # last_index stays on the CPU, as in lora_cli.training.loop: no device sync
                 logits, loss = halves.forward_backward(
                     net, ids, batch.last_index, lambda logits, y=y: (F.cross_entropy(logits, y),) * 2, trainable,
                     split, self.autocast)
@@ -301,8 +302,8 @@ class LoraCli(System):
         return self._timed(self.steps(order), warmup)
 
     def evaluate(self, split: str) -> float:
-        from lora_cli.data import Encoded
-        from lora_cli.evaluation import predict_logits
+        from lora_cli.data.classification import Encoded
+        from lora_cli.evaluation.classification import predict_logits
 
         data = Encoded(self.ctx[f"{split}_tokens"], self.ctx[f"{split}_labels"])
         logits = predict_logits(self.model, data, self.bs, self.device)
@@ -311,9 +312,9 @@ class LoraCli(System):
     def predict(self) -> dict:
         """`lora-cli predict`'s path: LoRA merged into the weights where its default merges
         (`worth_merging`), length-sorted packed batches."""
-        from lora_cli.data import Encoded
-        from lora_cli.evaluation import predict_logits
-        from lora_cli.merge import merge_lora, unmerge_lora, worth_merging
+        from lora_cli.adapters.merge import merge_lora, unmerge_lora, worth_merging
+        from lora_cli.data.classification import Encoded
+        from lora_cli.evaluation.classification import predict_logits
 
         texts = Encoded(self.ctx["test_tokens"][: self.ctx["predict_texts"]], None)
         merge = worth_merging(sum(map(len, texts.tokens)), self.device)
@@ -350,9 +351,9 @@ class LoraCliBucketed(LoraCli):
 
 
 def _accumulator(device):
-    """lora_cli.resume.Accumulator when importable (a checkout from before it lacks it), else an equivalent."""
+    """lora_cli.training.resume.Accumulator when importable (a checkout from before it lacks it), else an equivalent."""
     try:
-        from lora_cli.resume import Accumulator as _Accumulator
+        from lora_cli.training.resume import Accumulator as _Accumulator
 
         return _Accumulator(device)
     except Exception:  # noqa: BLE001
@@ -388,7 +389,7 @@ class Book(System):
         super().__init__(ctx)
         from llms_from_scratch.ch06 import SpamDataset
 
-        from lora_cli.tokenizer import get_tokenizer
+        from lora_cli.data.tokenizer import get_tokenizer
 
         tokenizer = get_tokenizer(ctx["bpe_dir"])
         self.train_ds = SpamDataset(ctx["train_csv"], tokenizer, max_length=None, pad_token_id=PAD)
@@ -483,7 +484,7 @@ class Peft(System):
         import transformers
         from peft import LoraConfig, get_peft_model
 
-        from lora_cli.checkpoint import load_base
+        from lora_cli.formats.checkpoint import load_base
 
         transformers.logging.set_verbosity_error()
         base = load_base(self.ctx["checkpoint"])
@@ -630,7 +631,7 @@ def worker(conn, name: str, ctx: dict) -> None:
         import transformers  # noqa: F401
     elif name == "book":
         import llms_from_scratch.ch06  # noqa: F401
-    import lora_cli.classifier  # noqa: F401
+    import lora_cli.tasks.classifier  # noqa: F401
     cuda = ctx["device"].startswith("cuda")
     baseline = rss_mb()
     try:
@@ -738,8 +739,8 @@ def peft_targets(family) -> list[str]:
 
 
 def batch_plan(n: int, batch_size: int, seed: int, steps: int, start_epoch: int = 1):
-    """Indices for `steps` batches: epoch orders of lora_cli.data.epoch_order, last partial batch dropped."""
-    from lora_cli.data import epoch_order
+    """Indices for `steps` batches: epoch orders of lora_cli.data.classification.epoch_order, last partial batch dropped."""
+    from lora_cli.data.classification import epoch_order
 
     flat, epoch = [], start_epoch
     while len(flat) < steps * batch_size:
@@ -765,14 +766,14 @@ def encode_splits(texts: dict[str, list[str]], cfg, pad: int, shared: Path, tmpd
 
     import torch
 
-    from lora_cli.data import encode_texts
+    from lora_cli.data.classification import encode_texts
 
     if cfg.vocab_size >= MIN_BPE_VOCAB:
-        from lora_cli.tokenizer import get_tokenizer
+        from lora_cli.data.tokenizer import get_tokenizer
 
         tokenizer, source = get_tokenizer(shared / "gpt2_bpe"), "GPT-2 BPE"
     else:
-        from lora_cli.hf_tokenizer import load_tokenizer
+        from lora_cli.data.hf_tokenizer import load_tokenizer
 
         path, vocab = tmpdir / "tokenizer.json", min(400, cfg.vocab_size)
         subprocess.run([sys.executable, str(REPO / "scripts" / "make_tokenizer.py"),
@@ -789,7 +790,7 @@ def encode_splits(texts: dict[str, list[str]], cfg, pad: int, shared: Path, tmpd
 
 def find_preset(parser: argparse.ArgumentParser, name: str):  # noqa: ANN201
     """(family, config) of the preset `name` of any family; an unknown one is a usage error."""
-    from lora_cli import families
+    from lora_cli.models import families
 
     found = families.preset(name)
     if found is None:
@@ -857,10 +858,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from lora_cli import sms_spam
-    from lora_cli.checkpoint import init_checkpoint, save_base
-    from lora_cli.data import read_table
-    from lora_cli.device import resolve_device
+    from lora_cli.data import sms_spam
+    from lora_cli.data.classification import read_table
+    from lora_cli.formats.checkpoint import init_checkpoint, save_base
+    from lora_cli.runtime.device import resolve_device
 
     family, cfg = find_preset(p, args.preset)
     bench_family = FAMILIES[family.name]

@@ -27,15 +27,15 @@ def main() -> None:
     from llms_from_scratch.appendix_e import LinearWithLoRA as BookLoRA
     from llms_from_scratch.ch04 import GPTModel as BookGPT
 
-    from lora_cli.adapter import model_with_adapter
-    from lora_cli.checkpoint import init_checkpoint, load_base, save_base
-    from lora_cli.config import ModelConfig
-    from lora_cli.gpt2 import convert_hf
-    from lora_cli.hf_gpt2 import config_to_hf, scratch_to_hf
-    from lora_cli.lora import LinearWithLoRA
-    from lora_cli.merge import merge_lora, merged_model, save_merged
-    from lora_cli.model import GPTModel
-    from lora_cli.peft_format import export_peft, import_peft
+    from lora_cli.adapters.adapter import model_with_adapter
+    from lora_cli.adapters.merge import merge_lora, merged_model, save_merged
+    from lora_cli.adapters.peft_format import export_peft, import_peft
+    from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
+    from lora_cli.hub.hf_convert import convert_hf
+    from lora_cli.lora.layers import LinearWithLoRA
+    from lora_cli.models.config import ModelConfig
+    from lora_cli.models.gpt import GPTModel
+    from lora_cli.models.hf_gpt2 import config_to_hf, scratch_to_hf
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=50257, context_length=64, emb_dim=args.width, n_heads=args.heads, n_layers=args.layers)
@@ -112,9 +112,10 @@ def main() -> None:
 
 def _random_adapter(base, targets: str):  # noqa: ANN001, ANN202
     """An adapter on `targets` with random nonzero factors and a bias-free head, as if trained."""
-    from lora_cli.adapter import adapter_from_model
-    from lora_cli.classifier import LoraSpec, build_classifier
-    from lora_cli.data import LabelSet
+    from lora_cli.adapters.adapter import adapter_from_model
+    from lora_cli.data.classification import LabelSet
+    from lora_cli.lora.spec import LoraSpec
+    from lora_cli.tasks.classifier import build_classifier
 
     spec = LoraSpec(rank=4, alpha=8, target_spec=[targets], head_bias=False)
     trained = build_classifier(base, 2, spec, seed=2)
@@ -133,11 +134,11 @@ def _families(tmp: Path, diff) -> list[tuple[str, float]]:  # noqa: ANN001
     from llms_from_scratch.llama3 import Llama3Model as BookLlama
     from llms_from_scratch.qwen3 import Qwen3Model as BookQwen
 
-    from lora_cli import families
-    from lora_cli.adapter import model_with_adapter
-    from lora_cli.checkpoint import init_checkpoint, load_base, save_base
-    from lora_cli.merge import save_merged
-    from lora_cli.peft_format import export_peft
+    from lora_cli.adapters.adapter import model_with_adapter
+    from lora_cli.adapters.merge import save_merged
+    from lora_cli.adapters.peft_format import export_peft
+    from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
+    from lora_cli.models import families
 
     rows: list[tuple[str, float]] = []
     pad = 511  # a token id the random texts below never hold (as a tokenizer's special token would be)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a CPU training step's time goes, measured against this machine's own limits.
 
-On a CPU, lora-cli runs each batch as two halves on two worker threads (`lora_cli.halves`): both
+On a CPU, lora-cli runs each batch as two halves on two worker threads (`lora_cli.runtime.halves`): both
 forward passes side by side, the loss, then both backward passes. This script takes bench.py's
 lora-cli system (a preset's shape, random weights, SMS-spam batches of 8, r=16) and times the same
 batches two ways, alternated round by round so the machine's drift cancels out:
@@ -42,7 +42,7 @@ import bench  # noqa: E402
 
 
 class TimedHalves:
-    """`lora_cli.halves.Halves` whose `run` records how long each half took; `one_by_one` runs the
+    """`lora_cli.runtime.halves.Halves` whose `run` records how long each half took; `one_by_one` runs the
     two halves one after the other on the same workers instead of side by side."""
 
     def __init__(self, pool: Any) -> None:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lora_cli import halves
+    from lora_cli.runtime import halves
 
     family, cfg = ablate.model_shape(p, args)
     shared = bench.shared_data(p, args.shared)

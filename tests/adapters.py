@@ -6,13 +6,14 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.adapter import Adapter, adapter_from_model
-from lora_cli.checkpoint import BaseCheckpoint, init_checkpoint, load_base, save_base
-from lora_cli.classifier import LoraSpec, build_classifier
-from lora_cli.config import ModelConfig
-from lora_cli.data import LabelSet
-from lora_cli.lora import apply_lora, resolve_targets
-from lora_cli.model import GPTModel
+from lora_cli.adapters.adapter import Adapter, adapter_from_model
+from lora_cli.data.classification import LabelSet
+from lora_cli.formats.checkpoint import BaseCheckpoint, init_checkpoint, load_base, save_base
+from lora_cli.lora.layers import apply_lora, resolve_targets
+from lora_cli.lora.spec import LoraSpec
+from lora_cli.models.config import ModelConfig
+from lora_cli.models.gpt import GPTModel
+from lora_cli.tasks.classifier import build_classifier
 
 # GPT-2's vocabulary (so transformers and PEFT take it as GPT-2) at width 64 with 2 layers
 NARROW_GPT2 = ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)

@@ -36,14 +36,14 @@ def sms_file() -> Path:
 @pytest.fixture(scope="session")
 def micro_config():
     """A 2-layer, width-64 GPT: fast enough to train in a test."""
-    from lora_cli.config import ModelConfig
+    from lora_cli.models.config import ModelConfig
 
     return ModelConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)
 
 
 @pytest.fixture(scope="session")
 def micro_checkpoint(tmp_path_factory: pytest.TempPathFactory, micro_config) -> Path:
-    from lora_cli.checkpoint import init_checkpoint, save_base
+    from lora_cli.formats.checkpoint import init_checkpoint, save_base
 
     path = tmp_path_factory.mktemp("ckpt") / "micro.safetensors"
     save_base(path, init_checkpoint(micro_config, seed=0), micro_config)
@@ -52,7 +52,7 @@ def micro_checkpoint(tmp_path_factory: pytest.TempPathFactory, micro_config) -> 
 
 @pytest.fixture(scope="session")
 def sms_dir(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> Path:
-    from lora_cli import sms_spam
+    from lora_cli.data import sms_spam
 
     out = tmp_path_factory.mktemp("sms")
     sms_spam.prepare(out, sms_file)

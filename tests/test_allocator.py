@@ -1,4 +1,4 @@
-"""lora_cli.allocator: glibc keeps freed activation memory, unless the user tunes malloc already.
+"""lora_cli.runtime.allocator: glibc keeps freed activation memory, unless the user tunes malloc already.
 
 Each check runs in a fresh interpreter: malloc settings are per process and cannot be undone.
 """
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 _PROBE = """
 import queue, resource, threading
 import torch
-from lora_cli import allocator
+from lora_cli.runtime import allocator
 
 jobs, done = queue.Queue(), queue.Queue()
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lora_cli import fileio
-from lora_cli.cli import app
+from lora_cli.cli.commands import app
+from lora_cli.util import fileio
 
 SIZE = 32 << 20  # 32 MiB per write: long enough to be killed in the middle of one
 
 WRITER = f"""
 import sys
-from lora_cli.fileio import write_bytes
+from lora_cli.util.fileio import write_bytes
 path = sys.argv[1]
 blocks = [bytes([65]) * {SIZE}, bytes([66]) * {SIZE}]
 i = 0

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 from hostile import assert_one_error, run_cli
 
-from lora_cli import fileio, sms_spam
-from lora_cli.adapter import load_adapter, save_adapter
-from lora_cli.checkpoint import load_base
-from lora_cli.errors import LoraCliError
-from lora_cli.merge import save_merged
-from lora_cli.peft_format import export_peft
+from lora_cli.adapters.adapter import load_adapter, save_adapter
+from lora_cli.adapters.merge import save_merged
+from lora_cli.adapters.peft_format import export_peft
+from lora_cli.data import sms_spam
+from lora_cli.formats.checkpoint import load_base
+from lora_cli.util import fileio
+from lora_cli.util.errors import LoraCliError
 
 FIRST, BEFORE, AFTER = "first-file", "atomic_dir:before-swap", "atomic_dir:after-swap"
 

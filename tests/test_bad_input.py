@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from lora_cli.cli import app
+from lora_cli.cli.commands import app
 
 runner = CliRunner()
 
@@ -112,8 +112,8 @@ def eval_args(ws: Path, data: Path, *extra: object) -> list[object]:
 
 
 def other_base(tmp_path: Path, name: str, seed: int = 0, **changes: int) -> Path:
-    from lora_cli.checkpoint import init_checkpoint, save_base
-    from lora_cli.config import ModelConfig
+    from lora_cli.formats.checkpoint import init_checkpoint, save_base
+    from lora_cli.models.config import ModelConfig
 
     cfg = ModelConfig(vocab_size=50257, context_length=128, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)
     cfg = ModelConfig(**(cfg.to_dict() | changes))
@@ -325,7 +325,7 @@ def test_train_truncates_long_texts_with_a_warning(ws: Path, tmp_path: Path) -> 
     out = tmp_path / "run"
     r = invoke(*train_args(ws, out, "--max-length", 4))
     assert r.exit_code == 0, r.output
-    from lora_cli.tokenizer import get_tokenizer
+    from lora_cli.data.tokenizer import get_tokenizer
 
     expected = sum(len(t) > 4 for t in get_tokenizer().encode_ordinary_batch([t for t, _ in TRAIN_ROWS]))
     assert 0 < expected < len(TRAIN_ROWS)
@@ -369,7 +369,7 @@ def test_checkpoint_corrupted_header(ws: Path, tmp_path: Path) -> None:
 
 
 def test_checkpoint_truncated_and_corrupted_pth(ws: Path, tmp_path: Path, micro_config) -> None:
-    from lora_cli.checkpoint import init_checkpoint
+    from lora_cli.formats.checkpoint import init_checkpoint
 
     full = tmp_path / "full.pth"
     torch.save(init_checkpoint(micro_config, 0), full)
@@ -578,7 +578,7 @@ def _raise_oom(*args, **kwargs):
 
 
 def test_out_of_memory_in_training(ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_cli.model import GPTModel
+    from lora_cli.models.gpt import GPTModel
 
     monkeypatch.setattr(GPTModel, "forward", _raise_oom)
     out = tmp_path / "oom-run"
@@ -590,16 +590,16 @@ def test_out_of_memory_in_training(ws: Path, tmp_path: Path, monkeypatch: pytest
 
 
 def test_out_of_memory_from_the_training_function(ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lora_cli.training
+    import lora_cli.training.loop
 
-    monkeypatch.setattr(lora_cli.training, "train", _raise_oom)
+    monkeypatch.setattr(lora_cli.training.loop, "train", _raise_oom)
     out = tmp_path / "oom-run"
     assert_error(invoke(*train_args(ws, out)), "out of memory", "--batch-size")
     assert not out.exists()
 
 
 def test_out_of_memory_in_eval_and_predict(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_cli.model import GPTModel
+    from lora_cli.models.gpt import GPTModel
 
     monkeypatch.setattr(GPTModel, "forward", _raise_oom)
     assert_error(invoke(*eval_args(ws, ws / "val.csv")), "out of memory", "--batch-size")
@@ -686,8 +686,8 @@ def _valid_with(key: str, value) -> dict:
 @example(meta=_valid_with("lora", "[" * 100_000))  # RecursionError in json.loads
 @example(meta=_valid_with("base_fingerprint", 7) | {"base_fingerprint": 7})
 def test_adapter_metadata_parsing_never_crashes(meta: dict) -> None:
-    from lora_cli.adapter import Adapter, adapter_from_parts
-    from lora_cli.errors import LoraCliError
+    from lora_cli.adapters.adapter import Adapter, adapter_from_parts
+    from lora_cli.util.errors import LoraCliError
 
     tensors = {"out_head.weight": torch.zeros(2, 64)}
     try:
@@ -705,7 +705,7 @@ def test_adapter_metadata_parsing_never_crashes(meta: dict) -> None:
 
 
 def test_adapter_metadata_valid_example_parses() -> None:
-    from lora_cli.adapter import adapter_from_parts
+    from lora_cli.adapters.adapter import adapter_from_parts
 
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in VALID.items()}
     adapter = adapter_from_parts({}, meta, "valid")

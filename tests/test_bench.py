@@ -148,8 +148,10 @@ def test_ablation_switches_reach_the_code_they_name() -> None:
 
     from adapters import lora_classifier
     from decoders import autograd_node_names
-    from lora_cli import gelu, halves, lora
-    from lora_cli.config import ModelConfig
+    from lora_cli.lora import layers as lora
+    from lora_cli.models import gelu
+    from lora_cli.models.config import ModelConfig
+    from lora_cli.runtime import halves
 
     sys.path.insert(0, str(REPO / "scripts"))
     import ablate
@@ -201,7 +203,7 @@ def test_step_breakdown_arithmetic_and_its_two_ways_of_running_the_halves() -> N
     sys.path.insert(0, str(REPO / "scripts"))
     import step_breakdown
 
-    from lora_cli import halves
+    from lora_cli.runtime import halves
 
     # 2 steps: side-by-side phases (4, 2) and (3, 3) s, alone (3, 1) and (2, 2), 10 s in all
     parts = step_breakdown.breakdown(10.0, [(4.0, 2.0), (3.0, 3.0)], [(3.0, 1.0), (2.0, 2.0)], 1.0, 2)

@@ -22,16 +22,16 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from adapters import random_adapter
-from hostile import assert_one_error, run_cli
-from lora_cli.adapter import load_adapter, model_with_adapter, save_adapter
-from lora_cli.calibration import calibrate, fit_temperature, nll
-from lora_cli.checkpoint import load_base
-from lora_cli.cli import app
-from lora_cli.data import Encoded, encode_texts, read_table
-from lora_cli.errors import LoraCliError
-from lora_cli.evaluation import classification_report, predict_logits
-from lora_cli.info import describe
-from lora_cli.tokenizer import get_tokenizer
+from hostile import assert_one_error, invoke_cli
+from lora_cli.adapters.adapter import load_adapter, model_with_adapter, save_adapter
+from lora_cli.cli.commands import app
+from lora_cli.data.classification import Encoded, encode_texts, read_table
+from lora_cli.data.tokenizer import get_tokenizer
+from lora_cli.evaluation.calibration import calibrate, fit_temperature, nll
+from lora_cli.evaluation.classification import classification_report, predict_logits
+from lora_cli.formats.checkpoint import load_base
+from lora_cli.formats.info import describe
+from lora_cli.util.errors import LoraCliError
 
 runner = CliRunner()
 T_SET = 2.5  # the temperature stored by hand in the `calibrated` adapter
@@ -209,14 +209,14 @@ def test_export_keeps_the_temperature_natively_and_warns_for_peft(ws: dict) -> N
 
 def test_calibrate_bad_inputs(ws: dict) -> None:
     common = ("--adapter", ws["raw"], "--model", ws["base"])
-    assert_one_error(run_cli("calibrate", *common, "--data", ws["root"] / "missing.csv"), "missing.csv")
+    assert_one_error(invoke_cli("calibrate", *common, "--data", ws["root"] / "missing.csv"), "missing.csv")
     unknown = ws["root"] / "unknown.csv"
     write_csv(unknown, ws["texts"][:4], ["ham", "spam", "eggs", "eggs"], [0, 1, 2, 3])
-    assert_one_error(run_cli("calibrate", *common, "--data", unknown), "'eggs' is not one the model was trained on")
+    assert_one_error(invoke_cli("calibrate", *common, "--data", unknown), "'eggs' is not one the model was trained on")
     single = ws["root"] / "single.csv"
     write_csv(single, ws["texts"][:6], ["ham"], [0] * 6)
-    assert_one_error(run_cli("calibrate", *common, "--data", single), "one class only", "two classes")
-    assert_one_error(run_cli("calibrate", *common, "--data", ws["data"], "--out", ws["root"] / "nowhere" / "a.safetensors"),
+    assert_one_error(invoke_cli("calibrate", *common, "--data", single), "one class only", "two classes")
+    assert_one_error(invoke_cli("calibrate", *common, "--data", ws["data"], "--out", ws["root"] / "nowhere" / "a.safetensors"),
                      "does not exist")
     assert not (ws["root"] / "nowhere").exists()
 
@@ -235,7 +235,7 @@ def test_damaged_calibration_metadata_is_refused_with_its_field(ws: dict, value,
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     path = ws["root"] / "damaged.safetensors"
     save_file(tensors, str(path), meta | {"calibration": value if isinstance(value, str) else json.dumps(value)})
-    assert_one_error(run_cli("info", path), "damaged adapter metadata", phrase)
+    assert_one_error(invoke_cli("info", path), "damaged adapter metadata", phrase)
     with pytest.raises(LoraCliError, match="damaged adapter metadata"):
         load_adapter(path)
 
@@ -245,7 +245,7 @@ def test_predict_refuses_a_zero_temperature(ws: dict) -> None:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     path = ws["root"] / "zero.safetensors"
     save_file(tensors, str(path), meta | {"calibration": '{"temperature": 0.0}'})
-    assert_one_error(run_cli("predict", "--adapter", path, "--model", ws["base"], "hello"), "calibration.temperature")
+    assert_one_error(invoke_cli("predict", "--adapter", path, "--model", ws["base"], "hello"), "calibration.temperature")
 
 
 # ---------------------------------------------------------------- train --calibrate
@@ -255,7 +255,7 @@ def test_predict_refuses_a_zero_temperature(ws: dict) -> None:
 def calibrated_run(tmp_path_factory: pytest.TempPathFactory, micro_checkpoint: Path, sms_dir: Path) -> tuple[Path, dict]:
     """A short run with --calibrate and best-model selection, so the two adapters differ."""
     run = tmp_path_factory.mktemp("train-calibrate") / "run"
-    proc = run_cli("train", "--model", micro_checkpoint, "--data", sms_dir, "--rank", "2", "--epochs", "2",
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--data", sms_dir, "--rank", "2", "--epochs", "2",
                    "--max-steps", "24", "--eval-every", "6", "--select-metric", "val_loss", "--calibrate",
                    "--lr", "3e-3", "--out", run, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -269,7 +269,7 @@ def test_train_calibrate_fits_each_adapter_as_calibrate_does(calibrated_run: tup
         stored = load_adapter(run / name).calibration
         assert stored is not None and stored["data"] == str(sms_dir / "validation.csv")
         # the command fits on the adapter's raw logits (it ignores a stored temperature): the same T
-        proc = run_cli("calibrate", "--adapter", run / name, "--data", sms_dir / "validation.csv",
+        proc = invoke_cli("calibrate", "--adapter", run / name, "--data", sms_dir / "validation.csv",
                        "--out", tmp_path / name, "--json")
         assert proc.returncode == 0, proc.stderr
         again = load_adapter(tmp_path / name).calibration
@@ -280,7 +280,7 @@ def test_train_calibrate_fits_each_adapter_as_calibrate_does(calibrated_run: tup
 
 
 def test_train_calibrate_with_val_split_names_the_split(micro_checkpoint: Path, sms_dir: Path, tmp_path: Path) -> None:
-    proc = run_cli("train", "--model", micro_checkpoint, "--train", sms_dir / "train.csv", "--val-split", "0.2",
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--train", sms_dir / "train.csv", "--val-split", "0.2",
                    "--rank", "2", "--epochs", "1", "--max-steps", "6", "--calibrate", "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
     stored = load_adapter(tmp_path / "run").calibration
@@ -291,7 +291,7 @@ def test_train_calibrate_that_cannot_fit_warns_and_keeps_the_adapter(monkeypatch
                                                                      micro_checkpoint: Path, sms_dir: Path,
                                                                      tmp_path: Path) -> None:
     """No temperature fits (e.g. separable validation data): both adapters are written uncalibrated, with a warning."""
-    from lora_cli import recipe, training
+    from lora_cli.training import recipe, loop as training
 
     def no_fit(*args: object) -> dict:
         raise LoraCliError("no temperature fits the validation data: the NLL keeps falling as T shrinks")
@@ -310,7 +310,7 @@ def test_train_calibrate_that_cannot_fit_warns_and_keeps_the_adapter(monkeypatch
 
 
 def test_train_calibrate_refuses_multilabel(micro_checkpoint: Path, sms_dir: Path, tmp_path: Path) -> None:
-    proc = run_cli("train", "--model", micro_checkpoint, "--data", sms_dir, "--task", "multi-label", "--calibrate",
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--data", sms_dir, "--task", "multi-label", "--calibrate",
                    "--dry-run", "--out", tmp_path / "run")
     assert_one_error(proc, "--calibrate fits one softmax temperature", "multi-label")
     assert not (tmp_path / "run").exists()

@@ -14,9 +14,10 @@ import torch
 from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 from safetensors.torch import save_file
 
-from lora_cli.checkpoint import fingerprint, init_checkpoint, load_base, normalize_state, read_tensors, save_base
-from lora_cli.config import PRESETS, ModelConfig
-from lora_cli.errors import LoraCliError
+from lora_cli.formats.checkpoint import (fingerprint, init_checkpoint, load_base, normalize_state, read_tensors,
+                                         save_base)
+from lora_cli.models.config import PRESETS, ModelConfig
+from lora_cli.util.errors import LoraCliError
 
 # width 256 is gpt2-tiny's, so the head count can be inferred; small vocab and context keep it fast
 BOOK_CFG = dict(vocab_size=500, context_length=64, emb_dim=256, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
@@ -508,8 +509,8 @@ WIDE_VOCAB = ModelConfig(vocab_size=131072, context_length=32, emb_dim=128, n_he
 _RSS_GROWTH = """
 import sys
 import torch
-from lora_cli.checkpoint import load_base
-from lora_cli.classifier import LoraSpec, build_classifier
+from lora_cli.formats.checkpoint import load_base
+from lora_cli.tasks.classifier import LoraSpec, build_classifier
 
 def rss() -> int:
     return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) * 1024

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_cli.cli import app
+from hostile import invoke_cli
+from lora_cli.cli.commands import app
 
 from typer.testing import CliRunner
 
@@ -20,10 +20,8 @@ runner = CliRunner()
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the installed CLI in a fresh process, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy()
-    )
+    """The CLI in this process, in `cwd` (a fresh process per command would cost seconds of imports each)."""
+    return invoke_cli(*args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +219,7 @@ def test_help_for_every_command() -> None:
 
 
 def test_help_does_not_import_torch() -> None:
-    code = "import sys; from lora_cli.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys; from lora_cli.cli.commands import app; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -271,7 +269,7 @@ def test_merge_and_predict_merge(workspace: Path) -> None:
     native = workspace / "merged.safetensors"
     r = runner.invoke(app, ["merge", "--adapter", str(workspace / "runs" / "t"), "--out", str(native)])
     assert r.exit_code == 0, r.output
-    from lora_cli.checkpoint import load_base
+    from lora_cli.formats.checkpoint import load_base
 
     merged = load_base(native)
     assert merged.task_head() is not None and not any(".lora." in k for k in merged.state)
@@ -288,7 +286,7 @@ def test_merge_and_predict_merge(workspace: Path) -> None:
 def test_predict_merges_by_default_only_where_it_pays(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On the CPU, a few texts run unmerged (merging would cost more than it saves); from
     MERGE_MIN_CPU_TOKENS tokens on, or with --merge, LoRA is folded in first; --no-merge never."""
-    import lora_cli.merge as merge_module
+    import lora_cli.adapters.merge as merge_module
 
     assert merge_module.worth_merging(8192, torch.device("cpu")) and not merge_module.worth_merging(8191, torch.device("cpu"))
     assert merge_module.worth_merging(1, torch.device("cuda"))
@@ -327,7 +325,7 @@ def test_info_describes_files(workspace: Path) -> None:
 
 def test_info_on_safetensors_does_not_import_torch(workspace: Path) -> None:
     adapter = workspace / "runs" / "t" / "adapter.safetensors"
-    code = f"import sys; from lora_cli.info import describe; describe({str(adapter)!r}); assert 'torch' not in sys.modules"
+    code = f"import sys; from lora_cli.formats.info import describe; describe({str(adapter)!r}); assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -13,7 +13,7 @@ import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from lora_cli.cli import EXIT_CODES, app
+from lora_cli.cli.commands import EXIT_CODES, app
 
 runner = CliRunner()
 
@@ -174,7 +174,7 @@ def test_merge_and_convert_json(run: Path, tmp_path: Path, micro_checkpoint: Pat
 
 def test_download_json_local_source_then_cached(run: Path, tmp_path: Path, micro_config,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_cli.config import PRESETS
+    from lora_cli.models.config import PRESETS
 
     hf = tmp_path / "hf"
     invoke("merge", "--adapter", run, "--out", hf, "--format", "hf")

@@ -1,4 +1,4 @@
-"""lora_cli.data: table readers, label sets, tokenised batches."""
+"""lora_cli.data.classification: table readers, label sets, tokenised batches."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from lora_cli.data import Encoded, LabelSet, Table, batches, collate, encode_texts, epoch_order, read_table
-from lora_cli.errors import LoraCliError
-from lora_cli.tokenizer import PAD_TOKEN_ID, get_tokenizer
+from lora_cli.data.classification import (Encoded, LabelSet, Table, batches, collate, encode_texts, epoch_order,
+                                          read_table)
+from lora_cli.data.tokenizer import PAD_TOKEN_ID, get_tokenizer
+from lora_cli.util.errors import LoraCliError
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -675,7 +676,7 @@ def test_odd_tables_round_trip_or_clear_error(tmp_path_factory: pytest.TempPathF
 
 
 def test_bucketed_order_is_a_permutation_with_less_padding() -> None:
-    from lora_cli.data import bucketed_order, epoch_order
+    from lora_cli.data.classification import bucketed_order, epoch_order
 
     rng = random.Random(0)
     lengths = [rng.randint(1, 120) for _ in range(1045)]

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from hostile import LORA_CLI, assert_one_error, run_cli
 
-from lora_cli import sms_spam
-from lora_cli.adapter import load_adapter, save_adapter
-from lora_cli.checkpoint import load_base
-from lora_cli.peft_format import export_peft
+from lora_cli.adapters.adapter import load_adapter, save_adapter
+from lora_cli.adapters.peft_format import export_peft
+from lora_cli.data import sms_spam
+from lora_cli.formats.checkpoint import load_base
 
 FREE = 8 << 10  # bytes left on the disk: small JSON files fit, no safetensors or CSV file does
 UNSHARE = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]

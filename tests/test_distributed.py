@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lora_cli import training
-from lora_cli.cli import app
-from lora_cli.errors import LoraCliError
-from lora_cli.recipe import TrainConfig
+from lora_cli.cli.commands import app
+from lora_cli.training import loop as training
+from lora_cli.training.recipe import TrainConfig
+from lora_cli.util.errors import LoraCliError
 from test_training import write_task
 
 TIMING = {"epoch_seconds", "examples_per_second"}
@@ -145,7 +145,7 @@ def test_sigint_stops_every_rank_at_a_checkpoint(runs: dict[str, Path], sms_dir:
 
 
 def test_resume_needs_the_same_global_batch(runs: dict[str, Path], tmp_path: Path, one_thread: None) -> None:
-    from lora_cli import recipe
+    from lora_cli.training import recipe
 
     run = tmp_path / "run"
     shutil.copytree(runs["single"], run)
@@ -228,7 +228,7 @@ def _processes_using(path: Path) -> list[int]:
 
 
 def test_workers_share_the_cores_unless_the_user_set_threads() -> None:
-    from lora_cli.distributed import worker_threads
+    from lora_cli.training.distributed import worker_threads
 
     assert worker_threads(16, 2, {}) == "8"  # torchrun alone would give each rank 1 thread
     assert worker_threads(16, 3, {"PATH": "/bin"}) == "5"

@@ -18,9 +18,11 @@ from hostile import assert_one_error, run_cli
 from loopback import LoopbackServer
 from safetensors.torch import save_file
 
-from lora_cli import families, hub, paths
-from lora_cli.checkpoint import init_checkpoint, load_base
-from lora_cli.errors import LoraCliError
+from lora_cli.data import paths
+from lora_cli.formats.checkpoint import init_checkpoint, load_base
+from lora_cli.hub import hf_hub as hub
+from lora_cli.models import families
+from lora_cli.util.errors import LoraCliError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS = ("model.safetensors", "tokenizer.json")
@@ -174,7 +176,7 @@ def test_download_converts_keeps_the_tokenizer_and_records_the_commit(servers, l
 
 
 def _native(cfg) -> Path:
-    from lora_cli.checkpoint import save_base
+    from lora_cli.formats.checkpoint import save_base
 
     path = paths.home() / "native.safetensors"
     save_base(path, init_checkpoint(cfg, 0), cfg)
@@ -274,7 +276,7 @@ def test_cli_download_then_train_and_eval_without_tokenizer(servers, llama_files
     env = {"HF_ENDPOINT": hub_server.base, "LORA_CLI_HOME": str(tmp_path / "home")}
     from typer.testing import CliRunner  # in this process: the tiny model passes for the preset here only
 
-    from lora_cli.cli import app
+    from lora_cli.cli.commands import app
 
     result = CliRunner().invoke(app, ["download", "smollm2-135m", "--revision", "main", "--json"], env=env)
     assert result.exit_code == 0, result.output
@@ -297,7 +299,7 @@ def test_cli_download_then_train_and_eval_without_tokenizer(servers, llama_files
 
 
 def test_convert_keeps_the_tokenizer_beside_the_base(tmp_path: Path, llama_files: dict[str, bytes]) -> None:
-    from lora_cli.hf_convert import convert_hf_checkpoint
+    from lora_cli.hub.hf_convert import convert_hf_checkpoint
 
     src = tmp_path / "hf"
     src.mkdir()
@@ -322,8 +324,8 @@ def test_convert_keeps_the_tokenizer_beside_the_base(tmp_path: Path, llama_files
 
 
 def test_download_help_lists_every_name() -> None:
-    from lora_cli.cli import DOWNLOAD_NAMES
-    from lora_cli.gpt2 import GPT2_FILES
+    from lora_cli.cli.commands import DOWNLOAD_NAMES
+    from lora_cli.hub.gpt2 import GPT2_FILES
 
     assert set(DOWNLOAD_NAMES) == set(GPT2_FILES) | set(hub.HUB_MODELS)
     proc = run_cli("download", "--help", env={"COLUMNS": "200"}, timeout=60)

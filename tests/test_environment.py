@@ -85,8 +85,8 @@ def test_home_unset(tmp_path: Path, micro_checkpoint: Path) -> None:
 
 
 def test_no_home_directory_at_all_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_cli import paths
-    from lora_cli.errors import LoraCliError
+    from lora_cli.data import paths
+    from lora_cli.util.errors import LoraCliError
 
     for name in ("LORA_CLI_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
@@ -180,7 +180,7 @@ def test_broken_pipe_while_writing_csv_is_quiet(run_dir: Path, tmp_path: Path) -
 
 
 def test_missing_optional_package_is_one_line_naming_the_extra() -> None:
-    from lora_cli.cli import error_message
+    from lora_cli.cli.commands import error_message
 
     exc = ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
     assert "pip install 'lora-cli[plot]'" in error_message(exc)
@@ -192,8 +192,8 @@ def test_unforeseen_exception_is_one_line_with_debug_hint(monkeypatch: pytest.Mo
     """The last resort: a bug still ends in one line that says how to get the traceback."""
     from typer.testing import CliRunner
 
-    from lora_cli import info
-    from lora_cli.cli import app
+    from lora_cli.cli.commands import app
+    from lora_cli.formats import info
 
     def broken(path: object) -> dict:
         raise KeyError("lost")

@@ -13,16 +13,17 @@ from typing import Any
 import pytest
 import torch
 from decoders import hf_model, make_tokenizer_json, max_diff, right_padded
-from hostile import assert_one_error, run_cli
+from hostile import assert_one_error, invoke_cli
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_cli import families
-from lora_cli.checkpoint import fingerprint, init_checkpoint, load_base, save_base
-from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
-from lora_cli.data import Encoded, batches
-from lora_cli.errors import LoraCliError
-from lora_cli.lora import resolve_targets
+from lora_cli.data.classification import Encoded, batches
+from lora_cli.formats.checkpoint import fingerprint, init_checkpoint, load_base, save_base
+from lora_cli.lora.layers import resolve_targets
+from lora_cli.lora.spec import LoraSpec
+from lora_cli.models import families
+from lora_cli.tasks.classifier import build_classifier, count_parameters
+from lora_cli.util.errors import LoraCliError
 
 TINY = {"gpt2": "gpt2-tiny", "llama3": "llama3-tiny", "qwen3": "qwen3-tiny"}
 
@@ -44,7 +45,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for family, preset in TINY.items():
         path = root / f"{preset}.safetensors"
-        proc = run_cli("init", "--preset", preset, "--seed", "123", "--out", path, "--json")
+        proc = invoke_cli("init", "--preset", preset, "--seed", "123", "--out", path, "--json")
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout)
         assert report["preset"] == preset and report["parameters"] == _unique_parameters(families.get(family), preset)
@@ -59,13 +60,13 @@ def _unique_parameters(family: families.Family, preset: str) -> int:
 
 @pytest.mark.parametrize("family", list(TINY))
 def test_init_and_info_of_each_family(bases: dict[str, Path], family: str) -> None:
-    proc = run_cli("info", bases[family], "--json")
+    proc = invoke_cli("info", bases[family], "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["kind"] == "lora-cli checkpoint"
     assert data["model_config"] == families.get(family).presets[TINY[family]].to_dict()
     assert data.get("family") == (None if family == "gpt2" else family)  # GPT-2 files are as before
-    table = run_cli("info", bases[family])
+    table = invoke_cli("info", bases[family])
     assert table.returncode == 0 and "model_config.emb_dim" in table.stdout, table.stderr
     base = load_base(bases[family])
     assert base.family.name == family and base.config_source == "file metadata"
@@ -132,7 +133,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool]
         src = root / f"{family_name}-{tied}-hf"
         hf.save_pretrained(src)
         dest = root / f"{family_name}-{tied}.safetensors"
-        proc = run_cli("convert", src, "--out", dest, "--json")
+        proc = invoke_cli("convert", src, "--out", dest, "--json")
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout)
         assert report["family"] == family_name and report["model_config"] == cfg.to_dict()
@@ -245,8 +246,8 @@ def _retag(src: Path, dest: Path, **metadata: str) -> Path:
 
 def test_a_base_of_an_unknown_family_is_one_error(bases: dict[str, Path], tmp_path: Path, sms_dir: Path) -> None:
     bad = _retag(bases["llama3"], tmp_path / "mamba.safetensors", family="mamba")
-    assert_one_error(run_cli("info", bad), "family", "mamba", "gpt2, llama3, qwen3")
-    assert_one_error(run_cli("train", "--rank", "2", "--alpha", "2", "--model", bad, "--data", sms_dir, "--dry-run"),
+    assert_one_error(invoke_cli("info", bad), "family", "mamba", "gpt2, llama3, qwen3")
+    assert_one_error(invoke_cli("train", "--rank", "2", "--alpha", "2", "--model", bad, "--data", sms_dir, "--dry-run"),
                      "family", "mamba")
 
 
@@ -256,7 +257,7 @@ def test_a_llama_base_with_a_tensor_of_the_wrong_shape_is_one_error(bases: dict[
     tensors["trf_blocks.1.ff.fc2.weight"] = torch.zeros(96, 64)
     bad = tmp_path / "wrong.safetensors"
     save_file(tensors, str(bad), meta)
-    proc = run_cli("train", "--rank", "2", "--alpha", "2", "--model", bad, "--data", sms_dir, "--dry-run")
+    proc = invoke_cli("train", "--rank", "2", "--alpha", "2", "--model", bad, "--data", sms_dir, "--dry-run")
     assert_one_error(proc, "wrong.safetensors does not match the model config")
     assert "  trf_blocks.1.ff.fc2.weight: shape (96, 64), expected (128, 64)\n" in proc.stderr  # the problems, one a line
 
@@ -265,7 +266,7 @@ def test_a_family_config_that_its_schema_refuses_is_one_error(bases: dict[str, P
     with safe_open(str(bases["qwen3"]), "pt") as f:
         cfg = json.loads(f.metadata()["model_config"])
     bad = _retag(bases["qwen3"], tmp_path / "q.safetensors", model_config=json.dumps(cfg | {"n_kv_groups": 3}))
-    assert_one_error(run_cli("info", bad), "damaged checkpoint metadata", "model_config", "n_kv_groups")
+    assert_one_error(invoke_cli("info", bad), "damaged checkpoint metadata", "model_config", "n_kv_groups")
 
 
 def test_convert_refuses_an_unsupported_model_type(converted: dict, tmp_path: Path) -> None:
@@ -275,7 +276,7 @@ def test_convert_refuses_an_unsupported_model_type(converted: dict, tmp_path: Pa
     (other / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
     config = json.loads((src / "config.json").read_text()) | {"model_type": "mistral"}
     (other / "config.json").write_text(json.dumps(config))
-    proc = run_cli("convert", other, "--out", tmp_path / "out.safetensors")
+    proc = invoke_cli("convert", other, "--out", tmp_path / "out.safetensors")
     assert_one_error(proc, "model_type 'mistral' is not supported", "gpt2, llama, qwen3")
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -285,7 +286,7 @@ def test_convert_of_a_dir_without_weights_is_one_error(converted: dict, tmp_path
     empty = tmp_path / "no-weights"
     empty.mkdir()
     (empty / "config.json").write_text((src / "config.json").read_text())
-    proc = run_cli("convert", empty, "--out", tmp_path / "out.safetensors")
+    proc = invoke_cli("convert", empty, "--out", tmp_path / "out.safetensors")
     assert_one_error(proc, "no-weights has no model.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -297,7 +298,7 @@ def test_convert_of_a_llama_whose_tensors_do_not_fit_its_config_is_one_error(con
     (wide / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
     config = json.loads((src / "config.json").read_text()) | {"intermediate_size": 96}
     (wide / "config.json").write_text(json.dumps(config))
-    proc = run_cli("convert", wide, "--out", tmp_path / "out.safetensors")
+    proc = invoke_cli("convert", wide, "--out", tmp_path / "out.safetensors")
     assert_one_error(proc, "does not match the model config")
     assert "  trf_blocks.0.ff.fc1.weight: shape (128, 64), expected (96, 64)\n" in proc.stderr
     assert not (tmp_path / "out.safetensors").exists()
@@ -306,10 +307,10 @@ def test_convert_of_a_llama_whose_tensors_do_not_fit_its_config_is_one_error(con
 def test_import_adapter_refuses_a_base_of_another_family(bases: dict[str, Path], tmp_path: Path) -> None:
     from adapters import narrow_gpt2_base, random_adapter
 
-    from lora_cli.peft_format import export_peft
+    from lora_cli.adapters.peft_format import export_peft
 
     export_peft(random_adapter(narrow_gpt2_base(tmp_path)), tmp_path / "peft")
-    proc = run_cli("import-adapter", tmp_path / "peft", "--model", bases["qwen3"], "--out", tmp_path / "a.safetensors")
+    proc = invoke_cli("import-adapter", tmp_path / "peft", "--model", bases["qwen3"], "--out", tmp_path / "a.safetensors")
     assert_one_error(proc, "is a qwen3 base", "GPT2ForSequenceClassification")
     assert not (tmp_path / "a.safetensors").exists()
 
@@ -328,7 +329,7 @@ def trained(bases: dict[str, Path], tokenizer_json: Path, sms_dir: Path, tmp_pat
     runs = {}
     for family in ("llama3", "qwen3"):
         run = tmp_path_factory.mktemp("runs") / family
-        proc = run_cli("train", "--rank", "4", "--alpha", "8", "--model", bases[family], "--tokenizer", tokenizer_json,
+        proc = invoke_cli("train", "--rank", "4", "--alpha", "8", "--model", bases[family], "--tokenizer", tokenizer_json,
                        "--data", sms_dir, "--epochs", "1", "--max-steps", "3", "--out", run)
         assert proc.returncode == 0, proc.stderr
         runs[family] = run
@@ -338,19 +339,19 @@ def trained(bases: dict[str, Path], tokenizer_json: Path, sms_dir: Path, tmp_pat
 @pytest.mark.parametrize("family", ["llama3", "qwen3"])
 def test_train_and_eval_a_family_through_the_cli(trained: dict, bases: dict[str, Path], sms_dir: Path, family: str) -> None:
     run = trained[family]
-    info = json.loads(run_cli("info", run / "adapter.safetensors", "--json").stdout)
+    info = json.loads(invoke_cli("info", run / "adapter.safetensors", "--json").stdout)
     assert info["family"] == family and info["model_config"] == load_base(bases[family]).config.to_dict()
-    proc = run_cli("eval", "--adapter", run, "--data", sms_dir / "test.csv", "--json")  # the tokenizer from the adapter
+    proc = invoke_cli("eval", "--adapter", run, "--data", sms_dir / "test.csv", "--json")  # the tokenizer from the adapter
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["n"] == 300
-    proc = run_cli("predict", "--adapter", run, "WINNER! Call now", "--json")
+    proc = invoke_cli("predict", "--adapter", run, "WINNER! Call now", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)[0]["label"] in ("ham", "spam")
 
 
 def test_a_merged_family_classifier_is_a_base_and_the_hf_formats_need_a_bias_free_head(trained: dict, tmp_path: Path) -> None:
     run = trained["llama3"]
-    proc = run_cli("merge", "--adapter", run, "--out", tmp_path / "merged.safetensors")
+    proc = invoke_cli("merge", "--adapter", run, "--out", tmp_path / "merged.safetensors")
     assert proc.returncode == 0, proc.stderr
     merged = load_base(tmp_path / "merged.safetensors")
     assert merged.family.name == "llama3" and merged.task_head()[0].shape == (2, 64)
@@ -358,20 +359,20 @@ def test_a_merged_family_classifier_is_a_base_and_the_hf_formats_need_a_bias_fre
     # covers both formats of a bias-free head)
     for args in (["merge", "--adapter", run, "--format", "hf", "--out", tmp_path / "hf"],
                  ["export-adapter", run, "--format", "peft", "--out", tmp_path / "peft"]):
-        assert_one_error(run_cli(*args), "bias", "--no-head-bias")
+        assert_one_error(invoke_cli(*args), "bias", "--no-head-bias")
     assert not (tmp_path / "hf").exists() and not (tmp_path / "peft").exists()
 
 
 def test_training_a_family_without_its_tokenizer_is_one_error(bases: dict[str, Path], tokenizer_json: Path,
                                                               sms_dir: Path, tmp_path: Path) -> None:
     args = ("train", "--rank", "2", "--alpha", "2", "--data", sms_dir, "--max-steps", "1")
-    assert_one_error(run_cli(*args, "--model", bases["qwen3"], "--out", tmp_path / "a"), "qwen3 base", "--tokenizer PATH")
-    assert_one_error(run_cli(*args, "--model", bases["gpt2"], "--tokenizer", tokenizer_json, "--out", tmp_path / "b"),
+    assert_one_error(invoke_cli(*args, "--model", bases["qwen3"], "--out", tmp_path / "a"), "qwen3 base", "--tokenizer PATH")
+    assert_one_error(invoke_cli(*args, "--model", bases["gpt2"], "--tokenizer", tokenizer_json, "--out", tmp_path / "b"),
                      "--tokenizer is for Llama 3 and Qwen3 bases")
     from tokenizers import Tokenizer, models
 
     big = tmp_path / "big.json"  # more ids than the tiny presets' 512
     Tokenizer(models.WordLevel({f"t{i}": i for i in range(600)}, unk_token="t0")).save(str(big))
-    assert_one_error(run_cli(*args, "--model", bases["llama3"], "--tokenizer", big, "--out", tmp_path / "c"),
+    assert_one_error(invoke_cli(*args, "--model", bases["llama3"], "--tokenizer", big, "--out", tmp_path / "c"),
                      "largest token id is 599, outside the model's vocabulary of 512")
     assert not any((tmp_path / run).exists() for run in "abc")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_cli.gelu import gelu_tanh, gelu_tanh_backward
+from lora_cli.models.gelu import gelu_tanh, gelu_tanh_backward
 
 
 def _inputs(dtype: torch.dtype) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""lora_cli.gpt2 and download_file: resumable verified downloads and HF GPT-2 conversion, served from 127.0.0.1."""
+"""lora_cli.hub.gpt2 and download_file: resumable verified downloads and HF GPT-2 conversion, served from 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import pytest
 from loopback import LoopbackServer
 import torch
 
-from lora_cli import gpt2, paths
-from lora_cli.checkpoint import load_base
-from lora_cli.config import ModelConfig
-from lora_cli.download import download_file
-from lora_cli.errors import LoraCliError
-from lora_cli.model import GPTModel
+from lora_cli.data import paths
+from lora_cli.formats.checkpoint import load_base
+from lora_cli.hub import gpt2, hf_convert
+from lora_cli.models.config import ModelConfig
+from lora_cli.models.gpt import GPTModel
+from lora_cli.util.download import download_file
+from lora_cli.util.errors import LoraCliError
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,7 +60,7 @@ TINY = ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n
 @pytest.fixture()
 def tiny_presets(monkeypatch: pytest.MonkeyPatch) -> None:
     """hf_model stands in for the GPT-2 sizes, which a download must be shaped like (families.check_preset)."""
-    from lora_cli.config import PRESETS
+    from lora_cli.models.config import PRESETS
 
     for name in gpt2.GPT2_FILES:
         monkeypatch.setitem(PRESETS, name, TINY)
@@ -232,7 +233,7 @@ def test_download_file_404(tmp_path: Path) -> None:
 
 
 def test_converted_logits_match_transformers(tmp_path: Path, hf_model, hf_dir: Path) -> None:
-    out, cfg = gpt2.convert_hf(hf_dir, tmp_path / "tiny.safetensors")
+    out, cfg = hf_convert.convert_hf(hf_dir, tmp_path / "tiny.safetensors")
     assert cfg == ModelConfig(vocab_size=50257, context_length=64, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)
     ckpt = load_base(out)
     assert ckpt.config_source == "file metadata"
@@ -241,8 +242,8 @@ def test_converted_logits_match_transformers(tmp_path: Path, hf_model, hf_dir: P
 
 
 def test_pytorch_model_bin_converts_the_same(tmp_path: Path, hf_dir: Path, hf_bin_dir: Path) -> None:
-    a, _ = gpt2.convert_hf(hf_dir, tmp_path / "a.safetensors")
-    b, _ = gpt2.convert_hf(hf_bin_dir, tmp_path / "b.safetensors")
+    a, _ = hf_convert.convert_hf(hf_dir, tmp_path / "a.safetensors")
+    b, _ = hf_convert.convert_hf(hf_bin_dir, tmp_path / "b.safetensors")
     assert load_base(a).fingerprint == load_base(b).fingerprint
 
 
@@ -258,7 +259,7 @@ def test_pickle_with_code_is_refused(tmp_path: Path, hf_dir: Path) -> None:
     torch.save({"wte.weight": torch.zeros(2, 2), "payload": Evil()}, bad / "pytorch_model.bin")
     shutil.copy(hf_dir / "config.json", bad / "config.json")
     with pytest.raises(LoraCliError, match="pickled code"):
-        gpt2.convert_hf(bad, tmp_path / "out.safetensors")
+        hf_convert.convert_hf(bad, tmp_path / "out.safetensors")
     assert not marker.exists()
     assert not (tmp_path / "out.safetensors").exists()
 
@@ -269,14 +270,14 @@ def test_missing_config_is_inferred_from_shapes(tmp_path: Path, hf_model) -> Non
     hf_model.save_pretrained(lone)
     (lone / "config.json").unlink()
     with pytest.raises(LoraCliError, match="config.json"):
-        gpt2.convert_hf(lone, tmp_path / "x.safetensors")
+        hf_convert.convert_hf(lone, tmp_path / "x.safetensors")
     # width 256 is gpt2-tiny's (4 heads): inferred
     torch.manual_seed(1)
     cfg = transformers.GPT2Config(n_layer=1, n_embd=256, n_head=4, n_positions=32, vocab_size=300)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     model.save_pretrained(tmp_path / "w256")
     (tmp_path / "w256" / "config.json").unlink()
-    out, got = gpt2.convert_hf(tmp_path / "w256" / "model.safetensors", tmp_path / "w256.safetensors")
+    out, got = hf_convert.convert_hf(tmp_path / "w256" / "model.safetensors", tmp_path / "w256.safetensors")
     assert got == ModelConfig(vocab_size=300, context_length=32, emb_dim=256, n_heads=4, n_layers=1, qkv_bias=True)
     ids = torch.tensor([[1, 2, 3, 299, 0]])
     torch.testing.assert_close(our_logits(out, ids), reference_logits(model, ids), atol=1e-4, rtol=0)
@@ -284,9 +285,9 @@ def test_missing_config_is_inferred_from_shapes(tmp_path: Path, hf_model) -> Non
 
 def test_not_a_hf_checkpoint(tmp_path: Path, micro_checkpoint: Path) -> None:
     with pytest.raises(LoraCliError, match="from-scratch GPTModel checkpoint already"):
-        gpt2.read_hf_checkpoint(micro_checkpoint)
+        hf_convert.read_hf_checkpoint(micro_checkpoint)
     with pytest.raises(LoraCliError, match="has no model.safetensors or pytorch_model.bin"):
-        gpt2.read_hf_checkpoint(tmp_path)
+        hf_convert.read_hf_checkpoint(tmp_path)
 
 
 # --------------------------------------------------------------------------- download_gpt2
@@ -351,7 +352,7 @@ def test_download_gpt2_pinned_hash_applies_to_mirrors(tmp_path: Path, hf_dir: Pa
 
 def test_download_gpt2_local_source_offline(tmp_path: Path, hf_model, hf_bin_dir: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_cli.config import PRESETS
+    from lora_cli.models.config import PRESETS
 
     with pytest.raises(LoraCliError, match="not shaped like gpt2-medium: .*n_layers 2 \\(not 24\\)"):
         gpt2.download_gpt2("gpt2-medium", out=tmp_path / "m.safetensors", source=hf_bin_dir)
@@ -406,7 +407,7 @@ def test_cli_download_then_default_model_and_convert(tmp_path: Path, hf_dir: Pat
     """`lora-cli download gpt2-small --source DIR` fills the cache; `train` then finds `gpt2-small` by name."""
     from typer.testing import CliRunner
 
-    from lora_cli.cli import app
+    from lora_cli.cli.commands import app
 
     runner = CliRunner()
     r = runner.invoke(app, ["download", "gpt2-small", "--source", str(hf_dir)])

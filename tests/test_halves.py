@@ -1,4 +1,4 @@
-"""A CPU step as two concurrent halves of the batch (`lora_cli.halves`): the same logits, loss and
+"""A CPU step as two concurrent halves of the batch (`lora_cli.runtime.halves`): the same logits, loss and
 gradients as the whole batch's (to float rounding), repeatable bit for bit, errors and thread counts
 as a caller expects them."""
 
@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_cli import families, halves
-from lora_cli.checkpoint import init_checkpoint, load_base, save_base
-from lora_cli.classifier import LoraSpec, build_classifier
+from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
+from lora_cli.lora.spec import LoraSpec
+from lora_cli.models import families
+from lora_cli.runtime import halves
+from lora_cli.tasks.classifier import build_classifier
 from decoders import right_padded
 
 LENGTHS = [3, 17, 5, 12, 9, 1, 14, 6]
@@ -125,8 +127,8 @@ def test_multi_label_targets_and_an_unbalanced_batch(model: torch.nn.Module) -> 
 
 def test_inference_runs_batches_two_at_a_time_with_the_same_logits(model: torch.nn.Module,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_cli.data import Encoded
-    from lora_cli.evaluation import predict_logits
+    from lora_cli.data.classification import Encoded
+    from lora_cli.evaluation.classification import predict_logits
 
     gen = torch.Generator().manual_seed(5)
     data = Encoded([torch.randint(1, model.vocab, (n,), generator=gen).tolist() for n in (5, 1, 9, 3, 12, 7, 2)], None)
@@ -196,8 +198,8 @@ def test_training_steps_go_through_the_halves_unless_told_not_to(
 ) -> None:
     """The training loop's steps run as halves on a CPU with two threads, its own ops on one thread meanwhile;
     --no-split-batches, or batches of one row, run them whole with the threads untouched."""
-    from lora_cli.recipe import TrainConfig
-    from lora_cli.training import setup, train
+    from lora_cli.training.loop import setup, train
+    from lora_cli.training.recipe import TrainConfig
 
     calls, set_to = [], []
     original = halves.forward_backward

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_cli.data import encode_texts
-from lora_cli.errors import LoraCliError
-from lora_cli.hf_tokenizer import HFTokenizer, load_tokenizer
+from lora_cli.data.classification import encode_texts
+from lora_cli.data.hf_tokenizer import HFTokenizer, load_tokenizer
+from lora_cli.util.errors import LoraCliError
 
 SPECIAL = "<|endoftext|>"
 

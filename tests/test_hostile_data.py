@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from lora_cli.cli import app
+from lora_cli.cli.commands import app
 
 runner = CliRunner()
 
@@ -164,8 +164,8 @@ def test_repeated_key_in_a_jsonl_record_is_refused(ws: Path, tmp_path: Path) -> 
 
 
 def test_multilabel_reader_shares_the_checks(tmp_path: Path) -> None:
-    from lora_cli.errors import LoraCliError
-    from lora_cli.multilabel import read_multilabel
+    from lora_cli.tasks.multilabel import read_multilabel
+    from lora_cli.util.errors import LoraCliError
 
     data = write(tmp_path / "m.csv", "text,label,label\na,x;y,x\n")
     with pytest.raises(LoraCliError, match=r"'label' twice \(columns 2 and 3\)"):
@@ -176,7 +176,7 @@ def test_multilabel_reader_shares_the_checks(tmp_path: Path) -> None:
 
 
 def test_blank_repeated_header_names_are_not_columns(tmp_path: Path) -> None:
-    from lora_cli.data import read_table
+    from lora_cli.data.classification import read_table
 
     # a spreadsheet's trailing empty columns: no option can pick a blank name, so nothing is ambiguous
     table = read_table(write(tmp_path / "d.csv", "text,label,,\na,ham,,\nb,spam,,\n"))
@@ -215,7 +215,7 @@ def test_temperature_calibrate_cannot_produce_is_refused(ws: Path, tmp_path: Pat
 
 
 def test_temperature_bounds_are_calibrates_search_range(ws: Path, tmp_path: Path) -> None:
-    from lora_cli.calibration import LOG_T_RANGE
+    from lora_cli.evaluation.calibration import LOG_T_RANGE
 
     lo, hi = (math.exp(x) for x in LOG_T_RANGE)
     for temperature, probability in ((lo, None), (hi, 0.5)):  # the ends of the search are accepted
@@ -264,8 +264,8 @@ def test_non_finite_outputs_are_refused_naming_the_adapter(ws: Path, tmp_path: P
 
 
 def test_check_finite_logits_counts_the_texts_and_names_the_first() -> None:
-    from lora_cli.errors import LoraCliError
-    from lora_cli.evaluation import check_finite_logits
+    from lora_cli.evaluation.classification import check_finite_logits
+    from lora_cli.util.errors import LoraCliError
 
     check_finite_logits(torch.zeros(3, 2), "x")
     with pytest.raises(LoraCliError, match=r"^x gives outputs .* for 1 of 3 texts \(the first: text 2\)"):
@@ -332,7 +332,7 @@ def test_predict_from_another_directory_finds_the_recorded_tokenizer(llama: Path
 
 def test_missing_recorded_tokenizer_falls_back_beside_the_base_else_one_clear_error(
         llama: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from lora_cli.paths import tokenizer_path
+    from lora_cli.data.paths import tokenizer_path
 
     monkeypatch.chdir(tmp_path)
     reference = probability(llama_predict(llama))
@@ -403,7 +403,7 @@ def test_predict_file_ignores_an_empty_label_column(ws: Path, tmp_path: Path, su
 
 
 def test_read_table_without_labels_does_not_look_at_the_label_column(tmp_path: Path) -> None:
-    from lora_cli.data import read_table
+    from lora_cli.data.classification import read_table
 
     table = read_table(write(tmp_path / "d.csv", "text,label\na,\nb,1.5x\nc,spam\n"), require_labels=False)
     assert table.texts == ["a", "b", "c"]

@@ -21,12 +21,14 @@ from decoders import make_tokenizer_json
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from lora_cli import families, hub, paths
-from lora_cli.checkpoint import init_checkpoint, load_base, save_base
-from lora_cli.cli import app
-from lora_cli.config import ModelConfig
-from lora_cli.errors import LoraCliError
-from lora_cli.hf_tokenizer import load_tokenizer, tokenizer_for
+from lora_cli.cli.commands import app
+from lora_cli.data import paths
+from lora_cli.data.hf_tokenizer import load_tokenizer, tokenizer_for
+from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
+from lora_cli.hub import hf_hub as hub
+from lora_cli.models import families
+from lora_cli.models.config import ModelConfig
+from lora_cli.util.errors import LoraCliError
 
 runner = CliRunner()
 SPARSE_ID = 100_000

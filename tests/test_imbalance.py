@@ -17,13 +17,13 @@ import yaml
 from sklearn.metrics import log_loss
 from sklearn.utils.class_weight import compute_class_weight
 
-from lora_cli import training
-from lora_cli.adapter import load_adapter
-from lora_cli.data import Table, class_weights, stratified_split
-from lora_cli.errors import LoraCliError
-from lora_cli.paths import resolve_data
-from lora_cli.recipe import TrainConfig
-from hostile import assert_one_error, run_cli
+from lora_cli.adapters.adapter import load_adapter
+from lora_cli.data.classification import Table, class_weights, stratified_split
+from lora_cli.data.paths import resolve_data
+from lora_cli.training import loop as training
+from lora_cli.training.recipe import TrainConfig
+from lora_cli.util.errors import LoraCliError
+from hostile import assert_one_error, invoke_cli
 
 WORDS = "the a movie film plot actor scene was is and it this very quite really story music ending".split()
 
@@ -171,7 +171,7 @@ def test_bad_class_weight_files(case: str, imbalanced: Path, micro_checkpoint: P
     text, phrases = WEIGHT_FILES[case]
     path = tmp_path / f"{case}.json"
     path.write_text(text)
-    proc = run_cli("train", "--model", micro_checkpoint, "--train", imbalanced, "--val-split", "0.2",
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--train", imbalanced, "--val-split", "0.2",
                    "--class-weights", path, "--dry-run", "--device", "cpu")
     assert_one_error(proc, "--class-weights", *phrases)
 
@@ -183,27 +183,27 @@ def test_bad_class_weight_files(case: str, imbalanced: Path, micro_checkpoint: P
     (["--val-split", "0.2", "--val", "{train}"], ["drop --val or --val-split"]),
 ])
 def test_bad_split_and_weight_flags(args: list[str], phrases: list[str], imbalanced: Path, micro_checkpoint: Path) -> None:
-    proc = run_cli("train", "--model", micro_checkpoint, "--train", imbalanced, *[a.format(train=imbalanced) for a in args],
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--train", imbalanced, *[a.format(train=imbalanced) for a in args],
                    *([] if "--val-split" in args else ["--val-split", "0.2"]), "--dry-run", "--device", "cpu")
     assert_one_error(proc, *phrases)
 
 
 def test_cli_refuses_an_impossible_split(micro_checkpoint: Path, tmp_path: Path) -> None:
     data = write_rows(tmp_path / "tiny.csv", {"ham": 1, "spam": 1})
-    proc = run_cli("train", "--model", micro_checkpoint, "--train", data, "--val-split", "0.5", "--dry-run")
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--train", data, "--val-split", "0.5", "--dry-run")
     assert_one_error(proc, "--val-split", "no class", "has two rows")
 
 
 def test_end_to_end_on_an_imbalanced_file(micro_checkpoint: Path, tmp_path: Path) -> None:
     data = write_rows(tmp_path / "imbalanced.csv", {"ham": 170, "spam": 30}, seed=3)
     out = tmp_path / "run"
-    proc = run_cli("train", "--model", micro_checkpoint, "--train", data, "--val-split", "0.1", "--class-weights",
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--train", data, "--val-split", "0.1", "--class-weights",
                    "balanced", "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--device", "cpu", "--quiet",
                    "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "data: 180 train / 20 validation rows, classes ham, spam" in proc.stdout + proc.stderr
     recorded = load_adapter(out / "adapter.safetensors").training_config
     assert recorded["class_weight_values"] == pytest.approx({"ham": 180 / (2 * 153), "spam": 180 / (2 * 27)})
-    proc = run_cli("eval", "--adapter", out, "--data", data, "--json", "--device", "cpu")
+    proc = invoke_cli("eval", "--adapter", out, "--data", data, "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["n"] == 200

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from hostile import LORA_CLI, assert_one_error, run_cli
-from lora_cli import distributed
-from lora_cli.errors import LoraCliError
+from lora_cli.training import distributed
+from lora_cli.util.errors import LoraCliError
 from test_distributed import ONE_THREAD, train_args
 
 SPY = 'import os\nif "RANK" in os.environ and os.environ.get("SPY_DIR"):\n    open(os.path.join(os.environ["SPY_DIR"], str(os.getpid())), "w").close()\n'

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_cli.layers import RMSNorm, _FrozenRMSNorm, apply_rope, rope_tables
+from lora_cli.models.decoder import RMSNorm, _FrozenRMSNorm, apply_rope, rope_tables
 
 
 def _gen(seed: int = 0) -> torch.Generator:

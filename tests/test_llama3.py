@@ -8,18 +8,9 @@ import pytest
 import torch
 
 from decoders import hf_model, max_diff, packed_paths, randomize, right_padded
-from lora_cli.errors import LoraCliError
-from lora_cli.llama3 import (
-    LORA_TARGETS,
-    PEFT_NAMES,
-    PRESETS,
-    Llama3Config,
-    Llama3Model,
-    config_from_hf,
-    config_to_hf,
-    hf_to_native,
-    native_to_hf,
-)
+from lora_cli.models.llama3 import (LORA_TARGETS, PEFT_NAMES, PRESETS, Llama3Config, Llama3Model, config_from_hf,
+                                    config_to_hf, hf_to_native, native_to_hf)
+from lora_cli.util.errors import LoraCliError
 
 TINY = PRESETS["llama3-tiny"]
 UNTIED = dataclasses.replace(TINY, tie_embeddings=False)
@@ -162,7 +153,7 @@ def test_lora_targets_are_linear_layers_with_peft_names() -> None:
 
 def test_expanded_key_values_match_sdpa_gqa(monkeypatch: pytest.MonkeyPatch) -> None:
     """The path for torch < 2.5 (no enable_gqa) gives the same numbers."""
-    from lora_cli import layers
+    from lora_cli.models import decoder as layers
 
     model = randomize(Llama3Model(TINY, out_dim=3))
     ids, last = right_padded([7, 3, 12], TINY.vocab_size)

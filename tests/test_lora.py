@@ -12,12 +12,13 @@ from llms_from_scratch import appendix_e
 from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 from torch import nn
 
-from lora_cli.checkpoint import BaseCheckpoint
-from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
-from lora_cli.config import PRESETS, ModelConfig
-from lora_cli.errors import LoraCliError
-from lora_cli.lora import LinearWithLoRA, apply_lora, lora_modules, lora_scale, resolve_targets
-from lora_cli.model import GPTModel
+from lora_cli.formats.checkpoint import BaseCheckpoint
+from lora_cli.lora.layers import LinearWithLoRA, apply_lora, lora_modules, lora_scale, resolve_targets
+from lora_cli.lora.spec import LoraSpec
+from lora_cli.models.config import PRESETS, ModelConfig
+from lora_cli.models.gpt import GPTModel
+from lora_cli.tasks.classifier import build_classifier, count_parameters
+from lora_cli.util.errors import LoraCliError
 
 MICRO = ModelConfig(vocab_size=100, context_length=16, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)
 
@@ -351,7 +352,7 @@ def _unfused(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def _float64_layer(bias: bool):
-    from lora_cli.lora import LinearWithLoRA
+    from lora_cli.lora.layers import LinearWithLoRA
 
     torch.manual_seed(0)
     layer = LinearWithLoRA(torch.nn.Linear(12, 6, bias=bias), rank=3, scale=1.7).double()
@@ -369,7 +370,7 @@ def test_fused_lora_layer_equals_autograd(gelu: bool, shape: tuple[int, ...], bi
     state) give autograd's numbers in float64, exact to rounding, and pass gradcheck."""
     import torch.nn.functional as F
 
-    from lora_cli.lora import LinearWithLoRA
+    from lora_cli.lora.layers import LinearWithLoRA
 
     layer = _float64_layer(bias)
     u = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -413,7 +414,7 @@ def test_fused_lora_layer_falls_back_where_its_backward_does_not_apply() -> None
     """LoRA dropout in training and a trainable base take autograd's path, with the same numbers."""
     import torch.nn.functional as F
 
-    from lora_cli.lora import LinearWithLoRA
+    from lora_cli.lora.layers import LinearWithLoRA
 
     layer = LinearWithLoRA(torch.nn.Linear(8, 4), rank=2, scale=1.0)
     layer.linear.requires_grad_(False)
@@ -439,10 +440,10 @@ def test_lora_surgery_installs_the_gelu_fused_mlp_and_the_model_knows_nothing_of
     one-node GELU+LoRA path and equals the plain Sequential's. A LoRA on `ff.layers.0` alone leaves it."""
     import inspect
 
-    import lora_cli.model as model_module
-    from lora_cli.config import ModelConfig
-    from lora_cli.lora import GeluThenLoRA, LinearWithLoRA, apply_lora
-    from lora_cli.model import GPTModel
+    import lora_cli.models.gpt as model_module
+    from lora_cli.lora.layers import GeluThenLoRA, LinearWithLoRA, apply_lora
+    from lora_cli.models.config import ModelConfig
+    from lora_cli.models.gpt import GPTModel
 
     assert "lora" not in inspect.getsource(model_module).lower().replace("lora_cli", "")
     cfg = ModelConfig(vocab_size=64, context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)
@@ -476,7 +477,7 @@ def test_lora_surgery_installs_the_gelu_fused_mlp_and_the_model_knows_nothing_of
 def test_linear_with_lora_merges_and_unmerges_itself() -> None:
     """Merged, the layer is the plain Linear of W + scale*(A@B).T (computed in float32); unmerged
     it is the two-branch layer again; both are idempotent and keep the module and its names."""
-    from lora_cli.lora import LinearWithLoRA
+    from lora_cli.lora.layers import LinearWithLoRA
 
     torch.manual_seed(0)
     layer = LinearWithLoRA(torch.nn.Linear(8, 4), rank=2, scale=0.5)
@@ -504,7 +505,7 @@ def test_swiglu_lora_node_equals_autograd_and_passes_gradcheck() -> None:
     fc3(silu(a) * b) and its gradients, in float64, and passes gradcheck."""
     import torch.nn.functional as F
 
-    from lora_cli.lora import LinearWithLoRA
+    from lora_cli.lora.layers import LinearWithLoRA
 
     layer = _float64_layer(bias=False)
     a = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
@@ -525,8 +526,8 @@ def test_swiglu_lora_node_equals_autograd_and_passes_gradcheck() -> None:
 
 def _swiglu_mlp(ranks: tuple[int, int, int], bias: bool):
     """A float64 SwiGLUThenLoRA (12 -> 10 -> 12) whose three Linears carry LoRA of the given ranks."""
-    from lora_cli.layers import FeedForward
-    from lora_cli.lora import LinearWithLoRA, SwiGLUThenLoRA
+    from lora_cli.lora.layers import LinearWithLoRA, SwiGLUThenLoRA
+    from lora_cli.models.decoder import FeedForward
 
     torch.manual_seed(0)
     ff = FeedForward(12, 10)
@@ -593,7 +594,7 @@ def test_swiglu_mlp_takes_the_per_layer_nodes_unless_all_three_are_lora() -> Non
 
 
 def _shared_input_layers(ranks: tuple[int, ...], bias: bool):
-    from lora_cli.lora import LinearWithLoRA
+    from lora_cli.lora.layers import LinearWithLoRA
 
     torch.manual_seed(0)
     layers = [LinearWithLoRA(torch.nn.Linear(12, n, bias=bias), rank=r, scale=4.0 / r).double()
@@ -607,10 +608,10 @@ def _shared_input_layers(ranks: tuple[int, ...], bias: bool):
 
 @pytest.mark.parametrize("ranks, bias", [((3, 3, 3), False), ((2, 4, 3), True)], ids=["same-rank", "ranks-bias"])
 def test_layers_sharing_an_input_run_as_one_node_with_autograds_numbers(ranks: tuple[int, ...], bias: bool) -> None:
-    """`layers.project(x, q, k, v)` on LinearWithLoRA layers is one node (one A product for all three);
+    """`decoder.project(x, q, k, v)` on LinearWithLoRA layers is one node (one A product for all three);
     outputs and gradients equal plain autograd's in float64, and it passes gradcheck, also when an
     output is unused (its gradient is zero) and when the input needs no gradient."""
-    from lora_cli.layers import project
+    from lora_cli.models.decoder import project
 
     layers = _shared_input_layers(ranks, bias)
     x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
@@ -643,7 +644,7 @@ def test_layers_sharing_an_input_run_as_one_node_with_autograds_numbers(ranks: t
 
 def test_project_runs_layers_one_by_one_where_they_cannot_share() -> None:
     """A merged layer, or a plain Linear among the group, sends every layer through its own forward."""
-    from lora_cli.layers import project
+    from lora_cli.models.decoder import project
 
     layers = _shared_input_layers((3, 3, 3), bias=False)
     x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
@@ -663,10 +664,10 @@ def test_project_runs_layers_one_by_one_where_they_cannot_share() -> None:
 def test_lora_surgery_installs_the_swiglu_node_and_fold_restores_the_feedforward() -> None:
     """A LoRA on a Llama block's fc3 makes its FeedForward a SwiGLUThenLoRA over the same children (same
     state_dict names, same numbers, the one-node path in training); folding restores the FeedForward."""
-    from lora_cli import layers
-    from lora_cli.llama3 import PRESETS, Llama3Model
-    from lora_cli.lora import SwiGLUThenLoRA, apply_lora, lora_modules
-    from lora_cli.merge import fold_lora
+    from lora_cli.adapters.merge import fold_lora
+    from lora_cli.lora.layers import SwiGLUThenLoRA, apply_lora, lora_modules
+    from lora_cli.models import decoder as layers
+    from lora_cli.models.llama3 import PRESETS, Llama3Model
 
     torch.manual_seed(0)
     model = Llama3Model(PRESETS["llama3-tiny"]).double().eval()
@@ -708,8 +709,8 @@ def test_under_autocast_the_fused_nodes_run_in_its_dtype_as_close_to_fp32_as_aut
     from adapters import NARROW_GPT2
     from decoders import autograd_node_names, right_padded
 
-    from lora_cli import families
-    from lora_cli.checkpoint import init_checkpoint
+    from lora_cli.formats.checkpoint import init_checkpoint
+    from lora_cli.models import families
 
     cfg = NARROW_GPT2 if preset == "narrow-gpt2" else families.preset(preset)[1]
     base = BaseCheckpoint(Path("unused"), init_checkpoint(cfg, seed=0), cfg, "test", "test")

@@ -9,18 +9,12 @@ import torch
 from adapters import NARROW_GPT2, narrow_gpt2_base, random_adapter
 from torch import nn
 
-from lora_cli.adapter import model_with_adapter
-from lora_cli.checkpoint import load_base, read_tensors
-from lora_cli.errors import LoraCliError
-from lora_cli.lora import LinearWithLoRA
-from lora_cli.merge import (
-    merge_lora,
-    merged_model,
-    merged_state,
-    save_merged,
-    unmerge_lora,
-)
-from lora_cli.model import GPTModel
+from lora_cli.adapters.adapter import model_with_adapter
+from lora_cli.adapters.merge import merge_lora, merged_model, merged_state, save_merged, unmerge_lora
+from lora_cli.formats.checkpoint import load_base, read_tensors
+from lora_cli.lora.layers import LinearWithLoRA
+from lora_cli.models.gpt import GPTModel
+from lora_cli.util.errors import LoraCliError
 
 CFG = NARROW_GPT2
 
@@ -148,7 +142,7 @@ def test_save_merged_hf_refuses_head_bias(base, tmp_path):
 
 def test_in_process_merge_leaves_the_loaded_base_untouched(base):
     """The model shares tensors with the loaded checkpoint; merging must not write into them."""
-    from lora_cli.merge import merge_lora
+    from lora_cli.adapters.merge import merge_lora
 
     before = {k: v.clone() for k, v in base.state.items()}
     model = model_with_adapter(base, trained_adapter(base, "blocks"))

@@ -20,13 +20,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapters import NARROW_GPT2, narrow_gpt2_base, random_adapter
-from hostile import assert_one_error, run_cli
-from lora_cli import checkpoint
-from lora_cli.adapter import load_adapter, model_with_adapter, save_adapter
-from lora_cli.checkpoint import init_checkpoint, load_base, save_base
-from lora_cli.config import PRESETS, ModelConfig
-from lora_cli.errors import LoraCliError
-from lora_cli.info import describe
+from hostile import assert_one_error, invoke_cli
+from lora_cli.adapters.adapter import load_adapter, model_with_adapter, save_adapter
+from lora_cli.formats import checkpoint
+from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
+from lora_cli.formats.info import describe
+from lora_cli.models.config import PRESETS, ModelConfig
+from lora_cli.util.errors import LoraCliError
 
 CSV = "text,label\nWINNER! claim your free prize now,spam\nsee you at lunch,ham\n"
 
@@ -169,7 +169,7 @@ def test_adapter_of_another_format(files, tmp_path: Path, change, phrase: str) -
 ], ids=["layers", "width", "rank", "absurd-rank", "targets", "not-linear", "labels"])
 def test_adapter_metadata_that_does_not_fit_its_tensors(files, tmp_path: Path, monkeypatch, change, phrase: str) -> None:
     """Well-formed values the tensors contradict: refused before a model of their size is allocated."""
-    import lora_cli.adapter as adapter_module
+    import lora_cli.adapters.adapter as adapter_module
 
     devices = []
     real_build = adapter_module.build_classifier
@@ -483,7 +483,7 @@ def cli_args(command: str, path: Path, files) -> list[object]:
 @pytest.mark.parametrize("name", list(CLI_CASES))
 def test_installed_cli_refuses_hostile_files(files, name: str) -> None:
     command, make, phrases, details = CLI_CASES[name]
-    proc = run_cli(*cli_args(command, make(files), files), cwd=files.dir)
+    proc = invoke_cli(*cli_args(command, make(files), files), cwd=files.dir)
     assert_one_error(proc, *phrases)
     for detail in details:  # a list of problems follows the error line, one per line
         assert f"\n  {detail}" in proc.stderr, proc.stderr
@@ -492,6 +492,6 @@ def test_installed_cli_refuses_hostile_files(files, name: str) -> None:
 
 def test_installed_cli_runs_mixed_float_adapter(files) -> None:
     path = rewritten(files.adapter, files.dir / "mixed-ok.safetensors", meta=lambda m: m, tensors=mixed_floats)
-    proc = run_cli("eval", "--adapter", path, "--model", files.base, "--data", files.csv, "--device", "cpu", "--json")
+    proc = invoke_cli("eval", "--adapter", path, "--model", files.base, "--data", files.csv, "--device", "cpu", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["n"] == 2

@@ -19,10 +19,10 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.preprocessing import label_binarize
 
-from hostile import assert_one_error, run_cli
-from lora_cli.evaluation import binary_auc, calibration_bins, classification_report
-from lora_cli.output import eval_tables, print_tables
-from lora_cli.plots import have_matplotlib
+from hostile import assert_one_error, invoke_cli, run_cli
+from lora_cli.cli.output import eval_tables, print_tables
+from lora_cli.cli.plots import have_matplotlib
+from lora_cli.evaluation.classification import binary_auc, calibration_bins, classification_report
 
 TOL = 1e-9
 
@@ -298,7 +298,7 @@ def three_classes(tmp_path_factory: pytest.TempPathFactory, micro_checkpoint: Pa
     (data / "validation.csv").write_text("text,label\n" + "\n".join(rows[:12]) + "\n", encoding="utf-8")
     test = root / "test.csv"
     test.write_text("text,label\n" + "\n".join(r for r in rows if not r.endswith(",c")) + "\n", encoding="utf-8")
-    proc = run_cli("train", "--model", micro_checkpoint, "--data", data, "--rank", "2", "--epochs", "1",
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--data", data, "--rank", "2", "--epochs", "1",
                    "--max-steps", "2", "--batch-size", "4", "--device", "cpu", "--quiet", "--out", root / "run")
     assert proc.returncode == 0, proc.stderr
     return {"run": root / "run", "test": test, "root": root}
@@ -307,7 +307,7 @@ def three_classes(tmp_path_factory: pytest.TempPathFactory, micro_checkpoint: Pa
 def test_eval_json_table_and_plot_carry_auc_and_calibration(three_classes: dict[str, Path]) -> None:
     run, test, png = three_classes["run"], three_classes["test"], three_classes["root"] / "eval.png"
     plot = ["--plot", png] if have_matplotlib() else []
-    proc = run_cli("eval", "--adapter", run, "--data", test, "--device", "cpu", "--json", "--ece-bins", "5", *plot)
+    proc = invoke_cli("eval", "--adapter", run, "--data", test, "--device", "cpu", "--json", "--ece-bins", "5", *plot)
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
     assert {"loss", "accuracy", "n", "per_class", "macro_avg", "confusion_matrix", "data",
@@ -322,7 +322,7 @@ def test_eval_json_table_and_plot_carry_auc_and_calibration(three_classes: dict[
         assert d["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert [p.name for p in png.parent.iterdir() if p.name.startswith("eval")] == ["eval.png"]
 
-    proc = run_cli("eval", "--adapter", run, "--data", test, "--device", "cpu", "--ece-bins", "5")
+    proc = invoke_cli("eval", "--adapter", run, "--data", test, "--device", "cpu", "--ece-bins", "5")
     assert proc.returncode == 0, proc.stderr
     rows = rows_of(proc.stdout)
     assert rows["ROC-AUC (macro)"][-1] == f"{d['roc_auc']:.4f}" and rows["ECE (5 bins)"][-1] == f"{d['ece']:.4f}"
@@ -336,19 +336,19 @@ def test_eval_plot_without_matplotlib_fails_before_the_model_runs(three_classes:
     (shim / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
     out = tmp_path / "eval.png"
     proc = run_cli("eval", "--adapter", three_classes["run"], "--data", tmp_path / "missing.csv", "--plot", out,
-                   env={"PYTHONPATH": str(shim.parent)})
+                   env={"PYTHONPATH": str(shim.parent)})  # a process: the shim must shadow matplotlib from its start
     assert_one_error(proc, "matplotlib", "pip install")  # not "data file not found": checked first
     assert not out.exists()
 
 
 def test_eval_plot_into_a_directory_fails_before_the_model_runs(three_classes: dict[str, Path], tmp_path: Path) -> None:
-    proc = run_cli("eval", "--adapter", three_classes["run"], "--data", tmp_path / "missing.csv", "--plot", tmp_path)
+    proc = invoke_cli("eval", "--adapter", three_classes["run"], "--data", tmp_path / "missing.csv", "--plot", tmp_path)
     assert_one_error(proc, "--plot", "is a directory", "eval.png")
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "1001", "many"])
 def test_eval_rejects_bad_ece_bins(three_classes: dict[str, Path], value: str) -> None:
-    proc = run_cli("eval", "--adapter", three_classes["run"], "--data", three_classes["test"], "--ece-bins", value)
+    proc = invoke_cli("eval", "--adapter", three_classes["run"], "--data", three_classes["test"], "--ece-bins", value)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--ece-bins" in proc.stderr and "Invalid value" in proc.stderr

@@ -10,9 +10,9 @@ from adapters import lora_classifier
 from llms_from_scratch import ch04
 from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 
-from lora_cli.checkpoint import normalize_state
-from lora_cli.config import PRESETS, ModelConfig
-from lora_cli.model import GELU, GPTModel, LayerNorm, MultiHeadAttention
+from lora_cli.formats.checkpoint import normalize_state
+from lora_cli.models.config import PRESETS, ModelConfig
+from lora_cli.models.gpt import GELU, GPTModel, LayerNorm, MultiHeadAttention
 
 SMALL = dict(vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -274,7 +274,7 @@ def test_gpt2_small_parameter_count() -> None:
 
 
 def test_model_config_validation() -> None:
-    from lora_cli.errors import LoraCliError
+    from lora_cli.util.errors import LoraCliError
 
     with pytest.raises(LoraCliError, match="divisible"):
         ModelConfig(emb_dim=100, n_heads=3)

@@ -23,15 +23,15 @@ from safetensors.torch import save_file
 from sklearn.metrics import (accuracy_score, average_precision_score, hamming_loss, precision_recall_fscore_support,
                              roc_auc_score)
 
-from hostile import assert_one_error, run_cli
-from lora_cli.adapter import load_adapter, model_with_adapter
-from lora_cli.checkpoint import load_base
-from lora_cli.data import Encoded, encode_texts
-from lora_cli.errors import LoraCliError
-from lora_cli.evaluation import predict_logits
-from lora_cli.multilabel import (MultiLabelSet, loss, multilabel_report, pos_weights, probabilities, read_multilabel,
-                                 split, tune_thresholds)
-from lora_cli.tokenizer import get_tokenizer
+from hostile import assert_one_error, invoke_cli
+from lora_cli.adapters.adapter import load_adapter, model_with_adapter
+from lora_cli.data.classification import Encoded, encode_texts
+from lora_cli.data.tokenizer import get_tokenizer
+from lora_cli.evaluation.classification import predict_logits
+from lora_cli.formats.checkpoint import load_base
+from lora_cli.tasks.multilabel import (MultiLabelSet, loss, multilabel_report, pos_weights, probabilities,
+                                       read_multilabel, split, tune_thresholds)
+from lora_cli.util.errors import LoraCliError
 
 LABELS = ("spam", "has_digit", "long")
 
@@ -184,10 +184,10 @@ def ws(tmp_path_factory: pytest.TempPathFactory, sms_file: Path, micro_checkpoin
         files[f"{name}_01"] = write_01(d / f"{name}_01.csv", part)
     common = ["--model", micro_checkpoint, "--rank", 4, "--alpha", 8, "--epochs", 1, "--max-steps", 6, "--batch-size",
               16, "--lr", 3e-3, "--eval-every", 2, "--device", "cpu", "--task", "multi-label"]
-    proc = run_cli("train", *common, "--train", files["train"], "--val", files["val"], "--select-metric", "macro_f1",
+    proc = invoke_cli("train", *common, "--train", files["train"], "--val", files["val"], "--select-metric", "macro_f1",
                    "--out", d / "run", "--json")
     assert proc.returncode == 0, proc.stderr
-    proc01 = run_cli("train", *common, "--train", files["train_01"], "--val", files["val_01"], "--label-columns",
+    proc01 = invoke_cli("train", *common, "--train", files["train_01"], "--val", files["val_01"], "--label-columns",
                      ",".join(LABELS), "--class-weights", "balanced", "--select-metric", "auroc", "--out", d / "run01")
     assert proc01.returncode == 0, proc01.stderr
     return SimpleNamespace(dir=d, base=micro_checkpoint, files=files, parts=parts, train=json.loads(proc.stdout),
@@ -234,7 +234,7 @@ def test_eval_json_matches_sklearn_on_recomputed_predictions(ws: SimpleNamespace
     pred = (probs >= thresholds).astype(int)
     reports = []
     for data in (ws.files["test"], ws.files["test_01"]):  # the same rows, ';'-separated and as 0/1 columns
-        proc = run_cli("eval", "--adapter", ws.dir / "run", "--data", data, "--json")
+        proc = invoke_cli("eval", "--adapter", ws.dir / "run", "--data", data, "--json")
         assert proc.returncode == 0, proc.stderr
         reports.append(json.loads(proc.stdout))
     report = reports[0]
@@ -254,7 +254,7 @@ def test_eval_json_matches_sklearn_on_recomputed_predictions(ws: SimpleNamespace
 
 
 def test_eval_table(ws: SimpleNamespace) -> None:
-    proc = run_cli("eval", "--adapter", ws.dir / "run", "--data", ws.files["test"])
+    proc = invoke_cli("eval", "--adapter", ws.dir / "run", "--data", ws.files["test"])
     assert proc.returncode == 0, proc.stderr
     for phrase in ("subset accuracy", "Hamming loss", "micro F1", "macro F1", "threshold", "micro avg", "macro avg",
                    *LABELS):
@@ -265,7 +265,7 @@ def test_predict_prints_the_labels_at_or_above_their_thresholds(ws: SimpleNamesp
     texts = [t for t, _ in ws.parts["test"][:12]]
     adapter = load_adapter(ws.dir / "run")
     expected = library_probabilities(ws.dir / "run" / "adapter.safetensors", ws.base, texts)
-    proc = run_cli("predict", "--adapter", ws.dir / "run", "--json", *texts)
+    proc = invoke_cli("predict", "--adapter", ws.dir / "run", "--json", *texts)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert [r["text"] for r in rows] == texts
@@ -273,17 +273,17 @@ def test_predict_prints_the_labels_at_or_above_their_thresholds(ws: SimpleNamesp
         probs = [row["probabilities"][n] for n in adapter.labels.names]
         assert probs == pytest.approx(want.tolist(), abs=1e-4)
         assert row["labels"] == [n for n, p, t in zip(adapter.labels.names, probs, adapter.labels.thresholds) if p >= t]
-    proc = run_cli("predict", "--adapter", ws.dir / "run", "--format", "csv", *texts[:3])
+    proc = invoke_cli("predict", "--adapter", ws.dir / "run", "--format", "csv", *texts[:3])
     assert proc.returncode == 0, proc.stderr
     lines = list(csv.reader(proc.stdout.splitlines()))
     assert lines[0] == ["text", "labels", *(f"probability_{n}" for n in adapter.labels.names)]
     assert [line[1] for line in lines[1:]] == [";".join(r["labels"]) for r in rows[:3]]
-    table = run_cli("predict", "--adapter", ws.dir / "run", *texts[:3])
+    table = invoke_cli("predict", "--adapter", ws.dir / "run", *texts[:3])
     assert table.returncode == 0 and table.stdout.splitlines()[0].split() == ["labels", "text"]
 
 
 def test_one_label_per_row_is_multilabel_data_too(ws: SimpleNamespace, sms_dir: Path) -> None:
-    proc = run_cli("train", "--task", "multi-label", "--model", ws.base, "--train", sms_dir / "train.csv",
+    proc = invoke_cli("train", "--task", "multi-label", "--model", ws.base, "--train", sms_dir / "train.csv",
                    "--val-split", 0.1, "--rank", 2, "--alpha", 4, "--epochs", 1, "--max-steps", 2, "--batch-size", 8,
                    "--device", "cpu", "--label-names", "0,1", "--out", ws.dir / "one-each")
     assert proc.returncode == 0, proc.stderr
@@ -322,11 +322,11 @@ def test_bad_label_cells_through_the_cli(ws: SimpleNamespace, layout: str, cell:
     if layout == "01":
         bad = ws.dir / f"bad01-{cell}.csv"
         bad.write_text(ws.files["train_01"].read_text().replace("\n", f"\nan extra text,{cell},0,1\n", 1))
-        proc = run_cli(*train_args(ws, bad, ws.files["val_01"], "--label-columns", ",".join(LABELS)))
+        proc = invoke_cli(*train_args(ws, bad, ws.files["val_01"], "--label-columns", ",".join(LABELS)))
     else:
         bad = ws.dir / "bad-cell.csv"
         bad.write_text(ws.files["train"].read_text().replace("\n", f"\none more text,{cell}\n", 1))
-        proc = run_cli(*train_args(ws, bad, ws.files["val"]))
+        proc = invoke_cli(*train_args(ws, bad, ws.files["val"]))
     assert_one_error(proc, str(bad), "line 2", phrase)
     assert not (ws.dir / "never").exists()
 
@@ -334,11 +334,11 @@ def test_bad_label_cells_through_the_cli(ws: SimpleNamespace, layout: str, cell:
 def test_a_validation_label_never_seen_in_training(ws: SimpleNamespace) -> None:
     val = ws.dir / "val-unseen.csv"
     val.write_text(ws.files["val"].read_text() + "a new kind of text,spam;urgent\n")
-    assert_one_error(run_cli(*train_args(ws, ws.files["train"], val)), str(val),
+    assert_one_error(invoke_cli(*train_args(ws, ws.files["train"], val)), str(val),
                      "label 'urgent' is not one the model was trained on")
     test = ws.dir / "test-unseen.csv"
     test.write_text(ws.files["test"].read_text() + "a new kind of text,urgent\n")
-    assert_one_error(run_cli("eval", "--adapter", ws.dir / "run", "--data", test), "label 'urgent'")
+    assert_one_error(invoke_cli("eval", "--adapter", ws.dir / "run", "--data", test), "label 'urgent'")
 
 
 @pytest.mark.parametrize("extra, phrase", [
@@ -349,11 +349,11 @@ def test_a_validation_label_never_seen_in_training(ws: SimpleNamespace) -> None:
 ])
 def test_inconsistent_options(ws: SimpleNamespace, extra: list[str], phrase: str) -> None:
     files = (ws.files["train_01"], ws.files["val_01"]) if "--label-columns" in extra else (ws.files["train"], ws.files["val"])
-    assert_one_error(run_cli(*train_args(ws, *files), *extra), phrase)
+    assert_one_error(invoke_cli(*train_args(ws, *files), *extra), phrase)
 
 
 def test_unknown_task_is_a_usage_error(ws: SimpleNamespace) -> None:
-    proc = run_cli("train", "--task", "multi-class", "--dry-run")
+    proc = invoke_cli("train", "--task", "multi-class", "--dry-run")
     assert proc.returncode == 2 and "multi-class" in proc.stderr
 
 
@@ -393,22 +393,22 @@ def test_damaged_thresholds_through_the_cli(ws: SimpleNamespace, command: str, t
     bad = rewritten(ws.dir / "run" / "adapter.safetensors", ws.dir / f"damaged-{command}.safetensors",
                     thresholds=thresholds)
     args = ["--data", ws.files["test"]] if command == "eval" else ["some text"]
-    assert_one_error(run_cli(command, "--adapter", bad, *args), str(bad), "damaged adapter metadata", phrase)
+    assert_one_error(invoke_cli(command, "--adapter", bad, *args), str(bad), "damaged adapter metadata", phrase)
 
 
 def test_calibrate_and_plot_refuse_a_multilabel_adapter(ws: SimpleNamespace) -> None:
     before = (ws.dir / "run" / "adapter.safetensors").read_bytes()
-    assert_one_error(run_cli("calibrate", "--adapter", ws.dir / "run", "--data", ws.files["val_01"]),
+    assert_one_error(invoke_cli("calibrate", "--adapter", ws.dir / "run", "--data", ws.files["val_01"]),
                      "is a multi-label adapter", "per-label thresholds")
     assert (ws.dir / "run" / "adapter.safetensors").read_bytes() == before
     plot = ws.dir / "eval.png"
-    assert_one_error(run_cli("eval", "--adapter", ws.dir / "run", "--data", ws.files["test"], "--plot", plot),
+    assert_one_error(invoke_cli("eval", "--adapter", ws.dir / "run", "--data", ws.files["test"], "--plot", plot),
                      "--plot", "multi-label adapter")
     assert not plot.exists()
 
 
 def test_info_shows_the_task_and_thresholds(ws: SimpleNamespace) -> None:
-    proc = run_cli("info", ws.dir / "run" / "adapter.safetensors", "--json")
+    proc = invoke_cli("info", ws.dir / "run" / "adapter.safetensors", "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["task"] == "multi-label"
@@ -416,10 +416,10 @@ def test_info_shows_the_task_and_thresholds(ws: SimpleNamespace) -> None:
 
 
 def test_peft_export_warns_that_thresholds_stay_behind(ws: SimpleNamespace, tmp_path: Path) -> None:
-    proc = run_cli("train", "--model", ws.base, "--rank", 2, "--epochs", 1, "--max-steps", 2, "--task", "multi-label",
+    proc = invoke_cli("train", "--model", ws.base, "--rank", 2, "--epochs", 1, "--max-steps", 2, "--task", "multi-label",
                    "--no-head-bias", "--train", ws.files["train"], "--val", ws.files["val"], "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("export-adapter", tmp_path / "run", "--format", "peft", "--out", tmp_path / "peft")
+    proc = invoke_cli("export-adapter", tmp_path / "run", "--format", "peft", "--out", tmp_path / "peft")
     assert proc.returncode == 0, proc.stderr
     assert "warning: the per-label thresholds (" in proc.stderr + proc.stdout
     assert "are not carried over" in proc.stderr + proc.stdout
@@ -429,12 +429,12 @@ def test_resume_refuses_a_checkpoint_of_the_other_task(ws: SimpleNamespace, sms_
     """A single-label run whose config.yaml now says multi-label (its data reads as one label per row):
     the checkpoint does not fit, and the message says why."""
     run = tmp_path / "run"
-    proc = run_cli("train", "--model", ws.base, "--rank", 2, "--epochs", 1, "--max-steps", 2, "--data", sms_dir,
+    proc = invoke_cli("train", "--model", ws.base, "--rank", 2, "--epochs", 1, "--max-steps", 2, "--data", sms_dir,
                    "--out", run)
     assert proc.returncode == 0, proc.stderr
     config = run / "config.yaml"
     text = config.read_text(encoding="utf-8")
     assert "task: single-label" in text
     config.write_text(text.replace("task: single-label", "task: multi-label"), encoding="utf-8")
-    proc = run_cli("train", "--resume", run)
+    proc = invoke_cli("train", "--resume", run)
     assert_one_error(proc, "has task 'single-label'", "has task 'multi-label'")

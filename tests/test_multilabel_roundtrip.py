@@ -19,11 +19,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lora_cli.adapter import load_adapter, save_adapter
-from lora_cli.cli import app
-from lora_cli.data import encode_texts
-from lora_cli.multilabel import DEFAULT_THRESHOLD, MultiLabelSet
-from lora_cli.tokenizer import get_tokenizer
+from lora_cli.adapters.adapter import load_adapter, save_adapter
+from lora_cli.cli.commands import app
+from lora_cli.data.classification import encode_texts
+from lora_cli.data.tokenizer import get_tokenizer
+from lora_cli.tasks.multilabel import DEFAULT_THRESHOLD, MultiLabelSet
 
 runner = CliRunner()
 LABELS = ("spam", "has_digit", "long")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lora_cli.cli import app
-from lora_cli.run_dir import LOCK, hold
+from lora_cli.cli.commands import app
+from lora_cli.formats.run_dir import LOCK, hold
 
 runner = CliRunner()
 SENTINEL = b"precious bytes that must survive"
@@ -199,7 +199,7 @@ def test_the_lock_is_checked_again_once_held(ws: Path, tmp_path: Path) -> None:
     """A run that ended between the first check and the lock has filled the directory: refused, not replaced."""
     run = tmp_path / "run"
     assert invoke(*train_args(ws, run)).exit_code == 0
-    from lora_cli.cli import _claim_run_dir
+    from lora_cli.api.training import claim_run_dir as _claim_run_dir
 
     with pytest.raises(Exception, match="already holds a run"):
         with _claim_run_dir(run, resume=False, overwrite=False):
@@ -218,7 +218,7 @@ def test_a_failed_run_leaves_no_directory_and_no_lock(ws: Path, tmp_path: Path) 
 
 
 def test_oversubscribe_keeps_a_hard_bound_from_memory(ws: Path, tmp_path: Path) -> None:
-    from lora_cli.distributed import max_cpu_processes
+    from lora_cli.training.distributed import max_cpu_processes
 
     most = max_cpu_processes()
     message = assert_error(invoke(*train_args(ws, tmp_path / "run", "--nproc-per-node", 100_000, "--oversubscribe")),
@@ -230,7 +230,7 @@ def test_oversubscribe_keeps_a_hard_bound_from_memory(ws: Path, tmp_path: Path) 
 
 
 def test_the_bound_follows_a_cgroup_limit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from lora_cli import distributed
+    from lora_cli.training import distributed
 
     real_read = Path.read_text
 

@@ -15,16 +15,16 @@ transformers = pytest.importorskip("transformers")
 
 from adapters import narrow_gpt2_base, random_adapter
 from decoders import max_diff, right_padded
-from hostile import assert_one_error, run_cli
+from hostile import assert_one_error, invoke_cli
 from safetensors.torch import load_file, save_file
 
-from lora_cli import families
-from lora_cli.adapter import model_with_adapter
-from lora_cli.checkpoint import init_checkpoint, load_base, save_base
-from lora_cli.errors import LoraCliError
-from lora_cli.hf_tokenizer import HFTokenizer, load_tokenizer
-from lora_cli.merge import decoder_classifier_state, save_merged
-from lora_cli.peft_format import export_peft, import_peft
+from lora_cli.adapters.adapter import model_with_adapter
+from lora_cli.adapters.merge import decoder_classifier_state, save_merged
+from lora_cli.adapters.peft_format import export_peft, import_peft
+from lora_cli.data.hf_tokenizer import HFTokenizer, load_tokenizer
+from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
+from lora_cli.models import families
+from lora_cli.util.errors import LoraCliError
 
 FAMILIES = {"llama3": ("llama3-tiny", "Llama"), "qwen3": ("qwen3-tiny", "Qwen3")}
 LENGTHS = [9, 4, 12]  # right padding of different amounts
@@ -207,7 +207,7 @@ def trained(base, tmp_path_factory: pytest.TempPathFactory, sms_dir: Path, sms_f
     its tokenizer.json (`bpe_tokenizer`) beside it."""
     root = tmp_path_factory.mktemp(f"cli-{base.family.name}")
     bpe_tokenizer(root / "tokenizer.json", sms_file)
-    proc = run_cli("train", "--rank", "4", "--alpha", "8", "--no-head-bias", "--targets", "all-linear",
+    proc = invoke_cli("train", "--rank", "4", "--alpha", "8", "--no-head-bias", "--targets", "all-linear",
                    "--model", base.path, "--tokenizer", root / "tokenizer.json", "--data", sms_dir,
                    "--epochs", "1", "--max-steps", "2", "--out", root / "run")
     assert proc.returncode == 0, proc.stderr
@@ -215,24 +215,24 @@ def trained(base, tmp_path_factory: pytest.TempPathFactory, sms_dir: Path, sms_f
 
 
 def test_cli_export_import_merge(base, trained: Path, tmp_path: Path) -> None:
-    from lora_cli.adapter import load_adapter
+    from lora_cli.adapters.adapter import load_adapter
 
     adapter = load_adapter(trained)
     ours = model_with_adapter(base, adapter)
     tok = load_tokenizer(trained.parent / "tokenizer.json")
     assert tok.pad_id == SPECIAL_ID
-    proc = run_cli("export-adapter", trained, "--format", "peft", "--out", tmp_path / "peft")
+    proc = invoke_cli("export-adapter", trained, "--format", "peft", "--out", tmp_path / "peft")
     assert proc.returncode == 0, proc.stderr
     assert f"set pad_token_id={SPECIAL_ID}" in proc.stdout and "warning" not in proc.stderr
     assert json.loads((tmp_path / "peft" / "lora_cli.json").read_text())["pad_token_id"] == SPECIAL_ID
     a, b = logits(ours, load_peft(base, tmp_path / "peft"), base)
     assert max_diff(a, b) < 1e-4
     assert max_diff(*text_logits(ours, load_peft(base, tmp_path / "peft", pad_id=SPECIAL_ID), tok)) < 1e-4
-    proc = run_cli("import-adapter", tmp_path / "peft", "--model", base.path, "--out", tmp_path / "back.safetensors")
+    proc = invoke_cli("import-adapter", tmp_path / "peft", "--model", base.path, "--out", tmp_path / "back.safetensors")
     assert proc.returncode == 0, proc.stderr
     back, _ = logits(model_with_adapter(base, load_adapter(tmp_path / "back.safetensors")), None, base)
     assert max_diff(a, back) < 1e-5
-    proc = run_cli("merge", "--adapter", trained, "--format", "hf", "--out", tmp_path / "hf")
+    proc = invoke_cli("merge", "--adapter", trained, "--format", "hf", "--out", tmp_path / "hf")
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stderr
     hf = hf_classes(base)[0].from_pretrained(tmp_path / "hf").eval()
@@ -248,7 +248,7 @@ def test_cli_export_import_merge(base, trained: Path, tmp_path: Path) -> None:
 def test_cli_merge_warns_when_the_tokenizer_has_no_special_token(base, trained: Path, tmp_path: Path,
                                                                   sms_file: Path) -> None:
     plain = bpe_tokenizer(tmp_path / "plain.json", sms_file, special=False)
-    proc = run_cli("merge", "--adapter", trained, "--format", "hf", "--tokenizer", plain, "--out", tmp_path / "hf")
+    proc = invoke_cli("merge", "--adapter", trained, "--format", "hf", "--tokenizer", plain, "--out", tmp_path / "hf")
     assert proc.returncode == 0, proc.stderr
     warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and f"{plain} has no special token" in warning[0], proc.stderr
@@ -258,8 +258,8 @@ def test_cli_merge_warns_when_the_tokenizer_has_no_special_token(base, trained: 
 
 def test_hf_pad_id_without_a_tokenizer_is_the_family_pad_id_with_a_warning(base, trained: Path, tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
-    from lora_cli.adapter import load_adapter
-    from lora_cli.cli import _hf_pad_id
+    from lora_cli.adapters.adapter import load_adapter
+    from lora_cli.cli.commands import _hf_pad_id
 
     adapter = load_adapter(trained)
     assert _hf_pad_id(adapter, base.path, None) == SPECIAL_ID  # the tokenizer training recorded
@@ -277,7 +277,7 @@ def test_cli_refuses_a_q_proj_of_the_wrong_shape(base, tmp_path: Path) -> None:
     tensors = load_file(str(weights))
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     save_file(tensors | {key: torch.zeros(tensors[key].shape[0] + 8, 4)}, str(weights))
-    proc = run_cli("import-adapter", tmp_path / "peft", "--model", base.path, "--out", tmp_path / "a.safetensors")
+    proc = invoke_cli("import-adapter", tmp_path / "peft", "--model", base.path, "--out", tmp_path / "a.safetensors")
     assert_one_error(proc, "model.layers.0.self_attn.q_proj", "do not fit the base")
     assert not (tmp_path / "a.safetensors").exists()
 
@@ -285,7 +285,7 @@ def test_cli_refuses_a_q_proj_of_the_wrong_shape(base, tmp_path: Path) -> None:
 def test_cli_refuses_an_adapter_of_another_family(base, tmp_path: Path) -> None:
     export_peft(random_adapter(narrow_gpt2_base(tmp_path)), tmp_path / "gpt2-peft")
     (tmp_path / "gpt2-peft" / "lora_cli.json").unlink()  # as PEFT itself writes it: the key names tell
-    proc = run_cli("import-adapter", tmp_path / "gpt2-peft", "--model", base.path, "--out", tmp_path / "a.safetensors")
+    proc = invoke_cli("import-adapter", tmp_path / "gpt2-peft", "--model", base.path, "--out", tmp_path / "a.safetensors")
     assert_one_error(proc, "GPT2ForSequenceClassification", f"is a {base.family.name} base")
     other = "qwen3" if base.family.name == "llama3" else "llama3"
     assert not (tmp_path / "a.safetensors").exists()

@@ -15,11 +15,11 @@ transformers = pytest.importorskip("transformers")
 from adapters import NARROW_GPT2, narrow_gpt2_base, random_adapter  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from lora_cli.adapter import model_with_adapter  # noqa: E402
-from lora_cli.errors import LoraCliError  # noqa: E402
-from lora_cli.hf_gpt2 import config_to_hf  # noqa: E402
-from lora_cli.merge import hf_classifier_state  # noqa: E402
-from lora_cli.peft_format import export_peft, import_peft  # noqa: E402
+from lora_cli.adapters.adapter import model_with_adapter  # noqa: E402
+from lora_cli.adapters.merge import hf_classifier_state  # noqa: E402
+from lora_cli.adapters.peft_format import export_peft, import_peft  # noqa: E402
+from lora_cli.models.hf_gpt2 import config_to_hf  # noqa: E402
+from lora_cli.util.errors import LoraCliError  # noqa: E402
 
 CFG = NARROW_GPT2
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from adapters import lora_classifier
 
-from lora_cli.config import ModelConfig
-from lora_cli.errors import LoraCliError
-from lora_cli.model import GPTModel
-from lora_cli.precision import autocast, cast_frozen_base, grad_scaler, resolve_precision
+from lora_cli.models.config import ModelConfig
+from lora_cli.models.gpt import GPTModel
+from lora_cli.runtime.precision import autocast, cast_frozen_base, grad_scaler, resolve_precision
+from lora_cli.util.errors import LoraCliError
 
 CPU = torch.device("cpu")
 CFG = ModelConfig(vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)

@@ -8,16 +8,9 @@ import pytest
 import torch
 
 from decoders import hf_model, max_diff, packed_paths, randomize, right_padded
-from lora_cli.errors import LoraCliError
-from lora_cli.qwen3 import (
-    PRESETS,
-    Qwen3Config,
-    Qwen3Model,
-    config_from_hf,
-    config_to_hf,
-    hf_to_native,
-    native_to_hf,
-)
+from lora_cli.models.qwen3 import (PRESETS, Qwen3Config, Qwen3Model, config_from_hf, config_to_hf, hf_to_native,
+                                   native_to_hf)
+from lora_cli.util.errors import LoraCliError
 
 TINY = PRESETS["qwen3-tiny"]
 UNTIED = dataclasses.replace(TINY, tie_embeddings=False)

@@ -195,7 +195,7 @@ def test_console_outputs_match(session: Session) -> None:
 def test_every_command_has_an_example() -> None:
     shown = {shlex.split(cmd)[1] for b in readme_blocks() if b.lang == "console" for cmd, _ in b.commands
              if cmd.startswith("lora-cli ")}
-    from lora_cli.cli import app
+    from lora_cli.cli.commands import app
 
     commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands} | {"data"}
     assert commands - shown <= {"download"}, f"no console example for {sorted(commands - shown - {'download'})}"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_cli import recipe
-from lora_cli.errors import LoraCliError
+from lora_cli.training import recipe
+from lora_cli.util.errors import LoraCliError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -83,7 +83,7 @@ def test_template_lists_every_option() -> None:
 
 
 def test_template_is_derived_from_the_declarations() -> None:
-    """configs/template.yaml is what `python -m lora_cli.recipe` prints: regenerate it after changing an option."""
+    """configs/template.yaml is what `python -m lora_cli.training.recipe` prints: regenerate it after changing an option."""
     assert (CONFIGS / "template.yaml").read_text(encoding="utf-8") == recipe.template_yaml()
 
 

@@ -1,4 +1,4 @@
-"""Recomputed activations (`lora_cli.recompute`): what is not stored comes back bit for bit, once per
+"""Recomputed activations (`lora_cli.models.recompute`): what is not stored comes back bit for bit, once per
 tensor, and only where no other saved-tensor hooks are set; in the decoders, the same gradients."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_cli import families, recompute
-from lora_cli.checkpoint import init_checkpoint, save_base, load_base
-from lora_cli.classifier import LoraSpec, build_classifier
+from lora_cli.formats.checkpoint import init_checkpoint, save_base, load_base
+from lora_cli.lora.spec import LoraSpec
+from lora_cli.models import families, recompute
+from lora_cli.tasks.classifier import build_classifier
 from decoders import right_padded
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from hostile import assert_one_error, run_cli
-from lora_cli.run_dir import LOCK
+from lora_cli.formats.run_dir import LOCK
 from test_training import write_task
 
 NEWEST, OLDER = "step-000000004.pt", "step-000000002.pt"
@@ -33,7 +33,7 @@ def train_args(task: Path, ckpt: Path, out: Path, rank: int = 4) -> list[object]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, micro_checkpoint: Path) -> dict[str, Path]:
     """The run the tests damage (through the CLI), and the same run with rank 2 (in this process: quicker)."""
-    from lora_cli import recipe, training
+    from lora_cli.training import recipe, loop as training
 
     root = tmp_path_factory.mktemp("hostile-resume")
     write_task(root / "train.csv", 64, seed=31)
@@ -249,8 +249,8 @@ def test_resume_without_a_metrics_log(run: Path) -> None:
 
 
 def test_read_metrics_file_torn_versus_damaged(tmp_path: Path) -> None:
-    from lora_cli.errors import LoraCliError
-    from lora_cli.run_dir import read_metrics_file
+    from lora_cli.formats.run_dir import read_metrics_file
+    from lora_cli.util.errors import LoraCliError
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1}\n\n{"step": 2}\n{"step": 3, "ev')

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from hostile import assert_one_error, run_cli
-from lora_cli import training
-from lora_cli.classifier import adapter_tensors
-from lora_cli.errors import LoraCliError
-from lora_cli.recipe import TrainConfig
+from lora_cli.tasks.classifier import adapter_tensors
+from lora_cli.training import loop as training
+from lora_cli.training.recipe import TrainConfig
+from lora_cli.util.errors import LoraCliError
 from test_resume import assert_same_run, newest_step, run, start, wait_for_step
 from test_training import write_task
 

@@ -1,4 +1,4 @@
-"""lora_cli.schema, the one reader for untrusted structured data: what each schema accepts, and
+"""lora_cli.util.schema, the one reader for untrusted structured data: what each schema accepts, and
 that every refusal is a SchemaError (a LoraCliError) naming the bad field by its path."""
 
 from __future__ import annotations
@@ -9,11 +9,9 @@ import math
 import pytest
 import torch
 
-from lora_cli.errors import LoraCliError
-from lora_cli.schema import (
-    MAX_DEPTH, AnyValue, Bool, Float, Int, Json, ListOf, MapOf, Nullable, Obj, Rule, SchemaError, Str, Tensor,
-    Tuple, check, loads,
-)
+from lora_cli.util.errors import LoraCliError
+from lora_cli.util.schema import (MAX_DEPTH, AnyValue, Bool, Float, Int, Json, ListOf, MapOf, Nullable, Obj, Rule,
+                                  SchemaError, Str, Tensor, Tuple, check, loads)
 
 
 def refused(value, schema, *phrases: str) -> str:

@@ -1,4 +1,4 @@
-"""lora_cli.sms_spam and lora_cli.download: the book's SMS Spam split, rebuilt without pandas, and its download."""
+"""lora_cli.data.sms_spam and lora_cli.util.download: the book's SMS Spam split, rebuilt without pandas, and its download."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import pandas as pd
 import pytest
 from loopback import LoopbackServer
 
-from lora_cli import download, sms_spam
-from lora_cli.errors import LoraCliError
+from lora_cli.data import sms_spam
+from lora_cli.util import download
+from lora_cli.util.errors import LoraCliError
 
 SPLITS = ("train", "validation", "test")
 

@@ -1,4 +1,4 @@
-"""lora_cli.tokenizer: GPT-2's BPE from local files, checked by SHA-256, or from tiktoken."""
+"""lora_cli.data.tokenizer: GPT-2's BPE from local files, checked by SHA-256, or from tiktoken."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from lora_cli import tokenizer
-from lora_cli.errors import LoraCliError
-from lora_cli.tokenizer import BPE_ENV, BPE_FILES, PAD_TOKEN_ID, get_tokenizer
+from lora_cli.data import tokenizer
+from lora_cli.data.tokenizer import BPE_ENV, BPE_FILES, PAD_TOKEN_ID, get_tokenizer
+from lora_cli.util.errors import LoraCliError
 
 # Published GPT-2 ids (the book, chapter 2, prints these for tiktoken's "gpt2" encoding).
 BOOK_TEXT = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."

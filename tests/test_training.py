@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_cli import adapter as adapter_io
-from lora_cli import training
-from lora_cli.checkpoint import load_base
-from lora_cli.data import Encoded, batches
-from lora_cli.errors import LoraCliError
-from lora_cli.recipe import TrainConfig
+from lora_cli.adapters import adapter as adapter_io
+from lora_cli.data.classification import Encoded, batches
+from lora_cli.formats.checkpoint import load_base
+from lora_cli.training import loop as training
+from lora_cli.training.recipe import TrainConfig
+from lora_cli.util.errors import LoraCliError
 
 POSITIVE = ["great", "lovely", "wonderful", "superb", "excellent"]
 NEGATIVE = ["awful", "terrible", "dreadful", "horrible", "boring"]
@@ -78,8 +78,8 @@ def test_adapter_reproduces_trained_model(trained, micro_checkpoint: Path) -> No
 
 
 def test_adapter_refuses_mismatches(trained, micro_checkpoint: Path, tmp_path: Path) -> None:
-    from lora_cli.checkpoint import init_checkpoint, save_base
-    from lora_cli.config import ModelConfig
+    from lora_cli.formats.checkpoint import init_checkpoint, save_base
+    from lora_cli.models.config import ModelConfig
 
     s, result = trained
     loaded = adapter_io.load_adapter(result.adapter_path)
@@ -139,8 +139,9 @@ def test_same_seed_same_adapter(tmp_path: Path, micro_checkpoint: Path) -> None:
 
 def test_book_chapter6_classifier_head_is_kept(micro_config, tmp_path: Path) -> None:
     """A base saved after the book's chapter 6 (out_head with 2 rows) starts training from that head."""
-    from lora_cli.checkpoint import init_checkpoint
-    from lora_cli.classifier import LoraSpec, build_classifier
+    from lora_cli.formats.checkpoint import init_checkpoint
+    from lora_cli.lora.spec import LoraSpec
+    from lora_cli.tasks.classifier import build_classifier
 
     state = init_checkpoint(micro_config, seed=0)
     state["out_head.weight"] = torch.randn(2, micro_config.emb_dim)
@@ -155,7 +156,8 @@ def test_book_chapter6_classifier_head_is_kept(micro_config, tmp_path: Path) -> 
 
 
 def test_head_without_bias(micro_checkpoint: Path) -> None:
-    from lora_cli.classifier import LoraSpec, build_classifier, count_parameters
+    from lora_cli.lora.spec import LoraSpec
+    from lora_cli.tasks.classifier import build_classifier, count_parameters
 
     base = load_base(micro_checkpoint)
     model = build_classifier(base, 2, LoraSpec(rank=2, alpha=2, head_bias=False), seed=0)

@@ -1,0 +1,1 @@
+"""Batched inference and the metrics of classification, and temperature calibration."""

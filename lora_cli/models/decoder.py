@@ -1,0 +1,496 @@
+"""The decoder the Llama 3 and Qwen3 families share, with the book's parameter names.
+
+`llms_from_scratch.llama3.Llama3Model` and `llms_from_scratch.qwen3.Qwen3Model` differ only in
+details (Qwen3's free head_dim, QK-norm and `scale`-named norms; Llama 3's RoPE frequency
+scaling), so one `Decoder` takes those as arguments and each family file keeps its config, presets
+and Hugging Face names. As in `lora_cli.models.gpt`, the numbers are the book's but computed with
+`scaled_dot_product_attention`, and a classifier's forward pass skips padding (`Packing`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_cli.models import recompute
+from lora_cli.models.gpt import Packing
+from lora_cli.util.errors import LoraCliError
+from lora_cli.util.schema import Bool, Float, Int, Nullable, Obj, Str, check
+
+# SDPA repeats the key/value heads itself from torch 2.5; older versions get them expanded here.
+_ENABLE_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
+
+class DecoderConfig(Protocol):
+    """The fields `Decoder` reads; Llama3Config and Qwen3Config have them."""
+
+    vocab_size: int
+    context_length: int
+    emb_dim: int
+    n_heads: int
+    n_layers: int
+    hidden_dim: int
+    n_kv_groups: int
+    rope_base: float
+    tie_embeddings: bool
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 (as Hugging Face and the book's Qwen3 do, so bf16 matches them).
+
+    `weight_name` is the parameter's name: `weight` in the book's Llama 3 (torch's nn.RMSNorm),
+    `scale` in its Qwen3.
+    """
+
+    def __init__(self, dim: int, eps: float, weight_name: str = "weight") -> None:
+        super().__init__()
+        self.eps, self.weight_name = eps, weight_name
+        self.register_parameter(weight_name, nn.Parameter(torch.ones(dim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self, self.weight_name)
+        if x.dtype == weight.dtype == torch.float32:
+            if not (weight.requires_grad and torch.is_grad_enabled()):
+                y, r = _FrozenRMSNorm.apply(x, weight, self.eps)
+                return recompute.derive(y, _normed, x, r, weight)
+            return F.rms_norm(x, weight.shape, weight, self.eps)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * weight.float()).to(x.dtype)
+
+
+class _FrozenRMSNorm(torch.autograd.Function):
+    """float32 RMSNorm with a frozen weight (LoRA never trains it) in one autograd node.
+
+    The forward is `F.rms_norm`'s, bit for bit. On the CPU that is a composite of small ops whose
+    autograd graph takes about ten passes over the activations backward and keeps `x * r` as well
+    as `x`; this node keeps `x` and the per-row `r` and takes four (4x faster on SmolLM2's shape).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205 (autograd signature)
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, r)
+        ctx.mark_non_differentiable(r)
+        return _normed(x, r, weight), r
+
+    @staticmethod
+    def backward(ctx, grad, _):  # noqa: ANN001, ANN205
+        # y = x r w with r = (mean(x^2) + eps)^-1/2, so dx = r (g w) - x r^3 mean((g w) x)
+        x, weight, r = ctx.saved_tensors
+        gw = grad * weight
+        c = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(r.pow(3) / x.shape[-1])
+        return gw.mul_(r).addcmul_(x, c, value=-1), None, None
+
+
+def _normed(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x r w, the frozen norm's output: one expression for the forward and its recomputation."""
+    return (x * r).mul_(weight)
+
+
+def rope_tables(
+    head_dim: int, base: float, context_length: int, freq_config: Mapping[str, float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (context_length, head_dim), as the book's `compute_rope_params` computes them,
+    including Llama 3's frequency scaling when `freq_config` is given."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if freq_config is not None:
+        factor, low, high = freq_config["factor"], freq_config["low_freq_factor"], freq_config["high_freq_factor"]
+        original = freq_config["original_context_length"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        medium = (wavelen <= original / low) & (wavelen >= original / high)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    angles = torch.arange(context_length, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=1)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the last dimension of `x` by the book's half-split rule, x * cos + cat(-x2, x1) * sin;
+    the (…, head_dim) tables broadcast against x and are computed in their float32.
+
+    One autograd node that keeps only the tables: the backward pass is the inverse rotation of the
+    gradient, so no rotated copy of q or k is stored, and each direction takes three passes.
+    """
+    out = _Rotation.apply(x, cos, sin)
+    # SDPA saves the rotated q and k; after QK-norm they are recomputed from the norm's input instead.
+    return recompute.derive(out, _rotate, x, cos, sin, 1.0, only_if_derived=True)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """x * cos + cat(-x2, x1) * sin (by -angle with sign -1), in the tables' dtype, in place on one product."""
+    half = x.shape[-1] // 2
+    s = sin[..., :half]  # the table repeats its halves, as the book's does
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], s, value=-sign)
+    out[..., half:].addcmul_(x[..., :half], s, value=sign)
+    return out.to(x.dtype)
+
+
+class _Rotation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):  # noqa: ANN001, ANN205 (autograd signature)
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1.0), None, None
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """SDPA for (B, heads, T, d) queries on (B, kv_groups, T, d) keys and values."""
+    if _ENABLE_GQA:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    group = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kwargs)
+
+
+def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to the same `x`.
+
+    Layers that share an input may do shared work once: a layer class with a static
+    `forward_shared(x, layers)` gets the call for the group, and returns the outputs or None where
+    it cannot (then each layer runs on its own). This keeps the model free of any layer type's details.
+    """
+    shared = getattr(type(linears[0]), "forward_shared", None)
+    if shared is not None and len(linears) > 1 and all(type(m) is type(linears[0]) for m in linears):
+        out = shared(x, linears)
+        if out is not None:
+            return out
+    return tuple(m(x) for m in linears)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: fc3(silu(fc1(x)) * fc2(x)); fc1 is the gate, fc2 the up and fc3 the down projection."""
+
+    def __init__(self, emb_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(emb_dim, hidden_dim, bias=False)
+        self.fc2 = nn.Linear(emb_dim, hidden_dim, bias=False)
+        self.fc3 = nn.Linear(hidden_dim, emb_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))
+
+
+class GroupedQueryAttention(nn.Module):
+    """Causal grouped-query attention with RoPE; optional QK-norm (Qwen3) before the rotation.
+
+    Every method takes cos/sin already gathered for its tokens' positions, so padded, packed and
+    last-token-only inputs share one projection path (`_heads`).
+    """
+
+    def __init__(
+        self, emb_dim: int, n_heads: int, n_kv_groups: int, head_dim: int, qk_norm: bool = False,
+        norm_eps: float = 1e-6, norm_weight: str = "weight",
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_groups, self.head_dim = n_heads, n_kv_groups, head_dim
+        self.W_query = nn.Linear(emb_dim, n_heads * head_dim, bias=False)
+        self.W_key = nn.Linear(emb_dim, n_kv_groups * head_dim, bias=False)
+        self.W_value = nn.Linear(emb_dim, n_kv_groups * head_dim, bias=False)
+        self.out_proj = nn.Linear(n_heads * head_dim, emb_dim, bias=False)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, norm_eps, norm_weight)
+            self.k_norm = RMSNorm(head_dim, norm_eps, norm_weight)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def _heads(
+        self, t: torch.Tensor, heads: int, norm: nn.Module | None,
+        cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A projection (..., tokens, d) -> (..., tokens, heads, head_dim), normalized and rotated if asked."""
+        t = t.unflatten(-1, (heads, self.head_dim))
+        if norm is not None:
+            t = norm(t)
+        return t if cos is None else apply_rope(t, cos.unsqueeze(-2), sin.unsqueeze(-2))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = project(x, self.W_query, self.W_key, self.W_value)
+        q = self._heads(q, self.num_heads, self.q_norm, cos, sin).transpose(1, 2)
+        k = self._heads(k, self.num_kv_groups, self.k_norm, cos, sin).transpose(1, 2)
+        v = self._heads(v, self.num_kv_groups, None).transpose(1, 2)
+        return self.out_proj(attend(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
+
+    def forward_packed(
+        self, x: torch.Tensor, packing: Packing, cos: torch.Tensor, sin: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """Attention over packed tokens (N, d); with `last_only`, queries only at each last token (B, d)."""
+        if last_only:
+            k, v = project(x, self.W_key, self.W_value)
+            rows = packing.last_rows
+            q = self._heads(self.W_query(x[rows]), self.num_heads, self.q_norm, cos[rows], sin[rows])
+        else:
+            q, k, v = project(x, self.W_query, self.W_key, self.W_value)
+            q = self._heads(q, self.num_heads, self.q_norm, cos, sin)
+        k = self._heads(k, self.num_kv_groups, self.k_norm, cos, sin)
+        v = self._heads(v, self.num_kv_groups, None)
+        if packing.lengths is not None:  # one call per sequence on its rows: no padding anywhere
+            # Each tensor is viewed once as (1, heads, tokens, head_dim) (SDPA's fused CPU kernel takes
+            # 4-D inputs only) and split along the tokens: no per-sequence view ops, forward or backward.
+            # A lone query is the sequence's last position, which sees every key: no causal mask then.
+            queries, keys, values = (
+                t.transpose(0, 1)[None].split(n, 2) for t, n in ((q, 1 if last_only else packing.lengths),
+                                                                   (k, packing.lengths), (v, packing.lengths))
+            )
+            outs = [attend(*qkv, is_causal=not last_only) for qkv in zip(queries, keys, values)]
+            return self.out_proj(recompute.derive(_merge_sequences(*outs), _merge_sequences, *outs))
+        k, v = (packing.grid(t.flatten(1), self.num_kv_groups) for t in (k, v))
+        if last_only:  # one query per sequence, padded keys masked
+            ctx = attend(q[:, :, None], k, v, attn_mask=packing.key_mask)
+            return self.out_proj(ctx.reshape(packing.batch, -1))
+        ctx = attend(packing.grid(q.flatten(1), self.num_heads), k, v, is_causal=True)
+        return self.out_proj(recompute.derive(_ungrid(ctx, packing.token_index), _ungrid, ctx, packing.token_index))
+
+
+def _merge_sequences(*outs: torch.Tensor) -> torch.Tensor:
+    """Per-sequence attention outputs, each (1, heads, tokens, head_dim), as one packed (N, heads * head_dim)."""
+    return torch.cat(outs, 2)[0].transpose(0, 1).flatten(1)
+
+
+def _ungrid(ctx: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """Grid attention output (B, heads, T, head_dim) at the real tokens, packed (N, heads * head_dim)."""
+    return ctx.transpose(1, 2).reshape(ctx.shape[0] * ctx.shape[2], -1)[token_index]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + att(norm1(x)), then + ff(norm2(x)); the book's `att`, `ff`, `norm1`, `norm2`."""
+
+    def __init__(self, att: GroupedQueryAttention, ff: FeedForward, norm1: RMSNorm, norm2: RMSNorm) -> None:
+        super().__init__()
+        self.att, self.ff, self.norm1, self.norm2 = att, ff, norm1, norm2
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.att(self.norm1(x), cos, sin)
+        return x + self.ff(self.norm2(x))
+
+    def forward_packed(
+        self, x: torch.Tensor, packing: Packing, cos: torch.Tensor, sin: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """The block on packed tokens; `last_only` returns just each sequence's last token (B, d)."""
+        att = self.att.forward_packed(self.norm1(x), packing, cos, sin, last_only)
+        x = (x[packing.last_rows] if last_only else x) + att
+        return x + self.ff(self.norm2(x))
+
+
+class Decoder(nn.Module):
+    """Llama-style decoder: `tok_emb`, `trf_blocks`, `final_norm`, `out_head` (the book's names).
+
+    `out_dim` is the vocabulary for a language model (its head tied to `tok_emb` when the config
+    says so) or the class count. The RoPE tables are no state: they are computed on first use for
+    the positions a batch needs (`rope`), so a model built on the meta device (to load weights into)
+    works as it is, and a config's context length costs no memory up front.
+    """
+
+    def __init__(
+        self, cfg: DecoderConfig, out_dim: int | None, *, head_dim: int, rope_freq: Mapping[str, float] | None,
+        qk_norm: bool, norm_eps: float, norm_weight: str,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.emb_dim
+
+        def block() -> TransformerBlock:
+            return TransformerBlock(
+                GroupedQueryAttention(d, cfg.n_heads, cfg.n_kv_groups, head_dim, qk_norm, norm_eps, norm_weight),
+                FeedForward(d, cfg.hidden_dim),
+                RMSNorm(d, norm_eps, norm_weight), RMSNorm(d, norm_eps, norm_weight),
+            )
+
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.trf_blocks = nn.ModuleList(block() for _ in range(cfg.n_layers))
+        self.final_norm = RMSNorm(d, norm_eps, norm_weight)
+        self.out_head = nn.Linear(d, out_dim or cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings and out_dim is None:
+            self.out_head.weight = self.tok_emb.weight
+        self.head_dim, self.rope_freq = head_dim, rope_freq
+        self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of positions 0..positions-1 on `device`, float32, cached per device (`apply_rope`)."""
+        cos, sin = self._rope.get(device, (None, None))
+        if cos is None or cos.shape[0] < positions:
+            cos, sin = rope_tables(self.head_dim, self.cfg.rope_base, positions, self.rope_freq)
+            cos, sin = cos.to(device), sin.to(device)
+            self._rope[device] = cos, sin
+        return cos[:positions], sin[:positions]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of `ids` in the blocks' dtype. The table may be stored narrower (a frozen
+        bf16 table stays bf16: widening only the rows looked up gives the same numbers, in half the memory)."""
+        return self.tok_emb(ids).to(self.final_norm.get_parameter(self.final_norm.weight_name).dtype)
+
+    def forward(
+        self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True,
+        attention: str = "auto",
+    ) -> torch.Tensor:
+        """Logits for every position, or only at `last_index`: GPTModel.forward's contract.
+
+        With `last_index` (right padding: each row's last real token) and `packed`, no layer works
+        on padding, RoPE positions restart at 0 in each sequence, and the last block computes its
+        query, MLP and head for the last token only. `packed=False` is the plain padded reference.
+        """
+        seq_len = in_idx.shape[1]
+        if seq_len > self.cfg.context_length:
+            raise ValueError(f"sequence length {seq_len} exceeds the context length {self.cfg.context_length}")
+        with recompute.recomputed():
+            if last_index is not None and packed:
+                packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
+                return self._forward_packed(in_idx, packing)
+            x = self.embed(in_idx)
+            cos, sin = self.rope(seq_len, x.device)
+            for block in self.trf_blocks:
+                x = block(x, cos, sin)
+            if last_index is not None:
+                x = x[torch.arange(x.shape[0], device=x.device), last_index.to(x.device)]
+            return self.out_head(self.final_norm(x))
+
+    def _forward_packed(self, in_idx: torch.Tensor, packing: Packing) -> torch.Tensor:
+        x = self.embed(in_idx.flatten()[packing.token_index])
+        pos = packing.token_index % packing.seq_len
+        cos, sin = (t[pos] for t in self.rope(packing.seq_len, x.device))
+        *blocks, last = self.trf_blocks
+        for block in blocks:
+            x = block.forward_packed(x, packing, cos, sin)
+        x = last.forward_packed(x, packing, cos, sin, last_only=True)
+        return self.out_head(self.final_norm(x))
+
+
+def attention_problem(n_heads: int, n_kv_groups: int, head_dim: int) -> str | None:
+    """What makes a grouped-query attention shape impossible, or None."""
+    if n_heads % n_kv_groups:
+        return f"n_heads ({n_heads}) must be divisible by n_kv_groups ({n_kv_groups})"
+    if head_dim % 2:
+        return f"the head dimension ({head_dim}) must be even for RoPE"
+    return None
+
+
+# Hugging Face module path -> native, for the modules every family has (`{}` is the layer number).
+HF_BLOCK = {
+    "att.W_query": "self_attn.q_proj", "att.W_key": "self_attn.k_proj", "att.W_value": "self_attn.v_proj",
+    "att.out_proj": "self_attn.o_proj", "ff.fc1": "mlp.gate_proj", "ff.fc2": "mlp.up_proj",
+    "ff.fc3": "mlp.down_proj", "norm1": "input_layernorm", "norm2": "post_attention_layernorm",
+}
+PEFT_NAMES = {
+    "W_query": "q_proj", "W_key": "k_proj", "W_value": "v_proj", "out_proj": "o_proj",
+    "fc1": "gate_proj", "fc2": "up_proj", "fc3": "down_proj", "out_head": "score",
+}
+LORA_TARGETS = tuple(PEFT_NAMES)
+# Family.peft_names: each block Linear's Hugging Face module (none fused), the head is `score`.
+PEFT_MODULES = {n: h for n, h in HF_BLOCK.items() if not n.startswith("norm")} | {"out_head": "score"}
+
+
+def _key_map(cfg: DecoderConfig, block: Mapping[str, str], norm: str) -> dict[str, str]:
+    """native key -> HF key for every tensor but the head; a norm's parameter is named `norm` natively."""
+    modules = {"tok_emb": "model.embed_tokens", "final_norm": "model.norm"}
+    for i in range(cfg.n_layers):
+        modules.update({f"trf_blocks.{i}.{n}": f"model.layers.{i}.{h}" for n, h in block.items()})
+    return {f"{n}.{norm if 'norm' in n.rpartition('.')[2] else 'weight'}": f"{h}.weight" for n, h in modules.items()}
+
+
+def hf_to_native(
+    hf_state: Mapping[str, torch.Tensor], cfg: DecoderConfig, block: Mapping[str, str], norm: str,
+    where: str = "Hugging Face state",
+) -> dict[str, torch.Tensor]:
+    """Rename a *ForCausalLM / *ForSequenceClassification state to the book's names.
+
+    The head is `score` (a classifier), `lm_head`, or, for tied embeddings, the embedding itself
+    (HF files store a tied head once). Unknown or missing tensors are a LoraCliError, so a model
+    of another shape is never half-loaded.
+    """
+    names = {h: n for n, h in _key_map(cfg, block, norm).items()}
+    names["score.weight" if "score.weight" in hf_state else "lm_head.weight"] = "out_head.weight"
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in hf_state.items():
+        if key in names:
+            out[names[key]] = tensor
+        elif not key.endswith("rotary_emb.inv_freq"):  # older checkpoints store this constant
+            unknown.append(key)
+    if "out_head.weight" not in out and cfg.tie_embeddings and "model.embed_tokens.weight" in hf_state:
+        out["out_head.weight"] = hf_state["model.embed_tokens.weight"]
+    missing = [n for n in names.values() if n not in out]
+    if unknown or missing:
+        problems = ([f"unknown tensors {', '.join(unknown[:5])}"] if unknown else []) + (
+            [f"missing {', '.join(missing[:5])}"] if missing else [])
+        raise LoraCliError(f"{where} does not fit this model config: {'; '.join(problems)}")
+    return out
+
+
+def native_to_hf(
+    state: Mapping[str, torch.Tensor], cfg: DecoderConfig, block: Mapping[str, str], norm: str
+) -> dict[str, torch.Tensor]:
+    """The inverse of `hf_to_native`: a head of `vocab_size` rows is `lm_head` (left out when tied,
+    as HF files store it), any other is a classifier's `score`."""
+    names = _key_map(cfg, block, norm)
+    head = state.get("out_head.weight")
+    if head is not None and head.shape[0] != cfg.vocab_size:
+        names["out_head.weight"] = "score.weight"
+    elif not cfg.tie_embeddings:
+        names["out_head.weight"] = "lm_head.weight"
+    unknown = [k for k in state if k not in names and k != "out_head.weight"]
+    if unknown:
+        raise LoraCliError(f"no Hugging Face name for {', '.join(unknown[:5])} (not tensors of this model config)")
+    return {names[k]: t for k, t in state.items() if k in names}
+
+
+# The config.json fields lora-cli reads; the rest (token ids, dtype, ...) do not shape the model.
+HF_CONFIG = Obj({
+    "vocab_size": Int(min=1), "max_position_embeddings": Int(min=1), "hidden_size": Int(min=1),
+    "num_attention_heads": Int(min=1), "num_hidden_layers": Int(min=1), "intermediate_size": Int(min=1),
+}, optional={
+    "model_type": Str(), "num_key_value_heads": Nullable(Int(min=1)), "head_dim": Nullable(Int(min=1)),
+    "rope_theta": Float(above=0), "rope_scaling": Nullable(Obj({}, extra=True)),
+    "rope_parameters": Nullable(Obj({}, extra=True)), "tie_word_embeddings": Bool(), "rms_norm_eps": Float(above=0),
+    "hidden_act": Str(), "attention_bias": Bool(), "mlp_bias": Bool(), "use_sliding_window": Bool(),
+}, extra=True)
+
+
+def read_hf_config(data: Any, where: str, model_type: str, norm_eps: float) -> tuple[dict[str, Any], dict, dict]:
+    """The native fields every family shares, the checked config.json and its RoPE parameters.
+
+    Accepts the config.json of transformers 4 (`rope_theta`, `rope_scaling`) and 5 (`rope_parameters`).
+    What the native model cannot compute (biases, another activation or norm epsilon) is refused.
+    """
+    hf = check(data, HF_CONFIG, where)
+    rope = dict(hf.get("rope_scaling") or {}) | dict(hf.get("rope_parameters") or {})
+    rope["rope_theta"] = check(rope.get("rope_theta", hf.get("rope_theta", 10000.0)), Float(above=0), where, "rope_theta")
+    refused = {
+        "model_type": (hf.get("model_type", model_type), model_type), "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (hf.get("attention_bias", False), False), "mlp_bias": (hf.get("mlp_bias", False), False),
+        "rms_norm_eps": (hf.get("rms_norm_eps", norm_eps), norm_eps),
+        "use_sliding_window": (hf.get("use_sliding_window", False), False),
+    }
+    for key, (value, needed) in refused.items():
+        if value != needed:
+            raise LoraCliError(f"{where}: {key} {value!r} is not supported (lora-cli's {model_type} needs {needed!r})")
+    native = dict(
+        vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], emb_dim=hf["hidden_size"],
+        n_heads=hf["num_attention_heads"], n_layers=hf["num_hidden_layers"], hidden_dim=hf["intermediate_size"],
+        n_kv_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"], rope_base=rope["rope_theta"],
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
+    return native, hf, rope
+
+
+def hf_config_common(cfg: DecoderConfig, model_type: str, head_dim: int, norm_eps: float) -> dict[str, Any]:
+    """The config.json fields every family writes (transformers 4 spelling, which 5 reads too)."""
+    return {
+        "model_type": model_type, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length,
+        "hidden_size": cfg.emb_dim, "num_attention_heads": cfg.n_heads, "num_hidden_layers": cfg.n_layers,
+        "intermediate_size": cfg.hidden_dim, "num_key_value_heads": cfg.n_kv_groups, "head_dim": head_dim,
+        "rope_theta": float(cfg.rope_base), "rms_norm_eps": norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu", "attention_bias": False,
+    }
