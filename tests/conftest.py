@@ -13,6 +13,22 @@ SMS_FILE = SHARED_DATA / "sms_spam" / "SMSSpamCollection"
 BPE_DIR = SHARED_DATA / "gpt2_bpe"
 
 
+# The modules whose subject is a process (signals, torchrun, a fresh environment, a disk filling up, the
+# README's shell examples) or a benchmark: the full suite runs them, the fast lane (`pytest -m "not slow"`)
+# leaves them out.
+SLOW_MODULES = {
+    "test_readme", "test_bench", "test_environment", "test_family_runs", "test_resume", "test_resume_hostile",
+    "test_distributed", "test_launch", "test_atomic_dirs", "test_disk_full", "test_schedule_selection",
+    "test_download_families",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def offline_session_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The same for module- and session-scoped fixtures, which run before function-scoped ones."""

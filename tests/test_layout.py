@@ -314,3 +314,11 @@ def test_checker_sees_every_import_form(tmp_path):
     loop = cycles(edges, pkg)
     assert len(loop) == 1 and "lora_cli.high.b (lora_cli/high/b.py:2: imports lora_cli.low.a)" in loop[0] \
         and "lora_cli.low.a (lora_cli/low/a.py:3: imports lora_cli.high.b)" in loop[0]
+
+
+def test_the_slow_modules_exist():
+    """conftest.SLOW_MODULES names test modules that exist: a renamed one would silently join the fast lane."""
+    from conftest import SLOW_MODULES
+
+    missing = sorted(m for m in SLOW_MODULES if not (ROOT / "tests" / f"{m}.py").is_file())
+    assert not missing, f"conftest.SLOW_MODULES names modules that are not there: {missing}"
