@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hostile import assert_one_error, run_cli
+from hostile import assert_one_error, invoke_cli, run_cli
 
 TEXTS = ["WINNER! Gewinn für Sie, rufen Sie an ✓", "Déjeuner à midi? 🍜"]
 ASCII_ENVS = {
@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, micro_checkpoint: Path, sm
         shutil.copy(sms_dir / f"{split}.csv", data / f"{split}.csv")
     (data / "dataset.json").write_text(json.dumps({"label_names": ["hâm", "späm ✓"]}), encoding="utf-8")
     out = root / "run"
-    proc = run_cli("train", "--model", micro_checkpoint, "--data", data, "--rank", "2", "--epochs", "1",
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--data", data, "--rank", "2", "--epochs", "1",
                    "--max-steps", "2", "--device", "cpu", "--quiet", "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
@@ -116,7 +116,7 @@ def test_dataset_json_of_the_wrong_shape(tmp_path: Path, micro_checkpoint: Path,
     for split in ("train", "validation"):
         shutil.copy(sms_dir / f"{split}.csv", tmp_path / f"{split}.csv")
     (tmp_path / "dataset.json").write_text(json.dumps({"label_names": value}), encoding="utf-8")
-    proc = run_cli("train", "--model", micro_checkpoint, "--data", tmp_path, "--dry-run", "--out", tmp_path / "run")
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--data", tmp_path, "--dry-run", "--out", tmp_path / "run")
     assert_one_error(proc, "dataset.json", "label_names")
 
 
@@ -125,22 +125,22 @@ def test_dataset_json_that_is_not_an_object(tmp_path: Path, micro_checkpoint: Pa
     for split in ("train", "validation"):
         shutil.copy(sms_dir / f"{split}.csv", tmp_path / f"{split}.csv")
     (tmp_path / "dataset.json").write_text(content, encoding="utf-8")
-    proc = run_cli("train", "--model", micro_checkpoint, "--data", tmp_path, "--dry-run", "--out", tmp_path / "run")
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--data", tmp_path, "--dry-run", "--out", tmp_path / "run")
     assert_one_error(proc, "dataset.json")
 
 
 @pytest.mark.parametrize("value", ["-1", "0", "129", "99999999999999999999"])
 def test_max_length_out_of_range(run_dir: Path, sms_dir: Path, micro_checkpoint: Path, value: str) -> None:
     """The micro model's context is 128 tokens: 1..128 are valid, anything else is refused before any work."""
-    assert_one_error(run_cli("predict", "--adapter", run_dir, "--max-length", value, "hello"), "--max-length")
-    assert_one_error(run_cli("eval", "--adapter", run_dir, "--data", sms_dir, "--max-length", value), "--max-length")
-    proc = run_cli("train", "--model", micro_checkpoint, "--data", sms_dir, "--max-length", value, "--dry-run",
+    assert_one_error(invoke_cli("predict", "--adapter", run_dir, "--max-length", value, "hello"), "--max-length")
+    assert_one_error(invoke_cli("eval", "--adapter", run_dir, "--data", sms_dir, "--max-length", value), "--max-length")
+    proc = invoke_cli("train", "--model", micro_checkpoint, "--data", sms_dir, "--max-length", value, "--dry-run",
                    "--out", sms_dir.parent / "never")
     assert_one_error(proc, "--max-length")
 
 
 def test_max_length_truncates_and_says_so(run_dir: Path) -> None:
-    proc = run_cli("predict", "--adapter", run_dir, "--max-length", "3", "--json", "one two three four five six")
+    proc = invoke_cli("predict", "--adapter", run_dir, "--max-length", "3", "--json", "one two three four five six")
     assert proc.returncode == 0, proc.stderr
     assert "1 texts truncated to 3 tokens" in proc.stderr
     assert len(json.loads(proc.stdout)) == 1

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hostile import assert_one_error, run_cli
+from hostile import assert_one_error, invoke_cli
 from lora_cli.formats.run_dir import LOCK
 from test_training import write_task
 
@@ -38,7 +38,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, micro_checkpoint: Path) -> di
     root = tmp_path_factory.mktemp("hostile-resume")
     write_task(root / "train.csv", 64, seed=31)
     write_task(root / "val.csv", 16, seed=32)
-    r = run_cli(*train_args(root, micro_checkpoint, root / "main"))
+    r = invoke_cli(*train_args(root, micro_checkpoint, root / "main"))
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (root / "main" / "checkpoints").iterdir()) == [OLDER, NEWEST]
     cfg = recipe.resolve(root / "main" / "config.yaml", {"rank": 2})
@@ -107,7 +107,7 @@ DAMAGES = {
 
 def follow_advice(run_dir: Path, before: dict[str, str], reference: Path) -> None:
     """Resume from the older checkpoint: it finishes, moves the newer files aside and loses none of them."""
-    r = run_cli("train", "--resume", run_dir / "checkpoints" / OLDER, "--quiet")
+    r = invoke_cli("train", "--resume", run_dir / "checkpoints" / OLDER, "--quiet")
     assert r.returncode == 0, r.stderr
     assert "not deleted" in r.stderr and f"resuming {run_dir} from {OLDER}" in r.stderr
     after = hashes(run_dir)
@@ -124,7 +124,7 @@ def test_damaged_newest_checkpoint(runs: dict[str, Path], run: Path, case: str) 
     newest = run / "checkpoints" / NEWEST
     damage(newest, runs)
     before = hashes(run)
-    r = run_cli("train", "--resume", run)
+    r = invoke_cli("train", "--resume", run)
     assert_one_error(r, str(newest), *phrases,
                      f"resume from an older checkpoint with --resume {run / 'checkpoints' / OLDER}",
                      f"start over with lora-cli train --config {run / 'config.yaml'} --out {run} --overwrite")
@@ -138,7 +138,7 @@ def test_a_checkpoint_of_the_per_tensor_adamw_resumes(runs: dict[str, Path], run
     the run's identity: such a checkpoint resumes, to the same adapter up to float rounding."""
     older = run / "checkpoints" / OLDER
     edit(lambda c: c["optimizer"]["param_groups"][0].update(foreach=True, fused=None))(older, runs)
-    r = run_cli("train", "--resume", older, "--quiet")  # 2 more steps, with the loops the checkpoint names
+    r = invoke_cli("train", "--resume", older, "--quiet")  # 2 more steps, with the loops the checkpoint names
     assert r.returncode == 0, r.stderr
     ours, theirs = load_file(str(run / "adapter.safetensors")), load_file(str(runs["main"] / "adapter.safetensors"))
     assert all(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-7) for k in theirs)
@@ -148,10 +148,10 @@ def test_no_usable_older_checkpoint_says_start_over(runs: dict[str, Path], run: 
     truncate(run / "checkpoints" / NEWEST, runs)
     random_bytes(run / "checkpoints" / OLDER, runs)
     before = hashes(run)
-    assert_one_error(run_cli("train", "--resume", run), NEWEST, "no older checkpoint can be resumed from either",
+    assert_one_error(invoke_cli("train", "--resume", run), NEWEST, "no older checkpoint can be resumed from either",
                      "--overwrite")
     (run / "checkpoints" / OLDER).unlink()
-    assert_one_error(run_cli("train", "--resume", run), NEWEST, "there is no older checkpoint", "--overwrite")
+    assert_one_error(invoke_cli("train", "--resume", run), NEWEST, "there is no older checkpoint", "--overwrite")
     assert hashes(run) == {k: v for k, v in before.items() if OLDER not in k}
 
 
@@ -173,7 +173,7 @@ def test_pruning_spares_superseded_files(runs: dict[str, Path], run: Path) -> No
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("keep_checkpoints: 3", "keep_checkpoints: 1"))
     before = hashes(run)
-    r = run_cli("train", "--resume", run / "checkpoints" / OLDER, "--quiet")
+    r = invoke_cli("train", "--resume", run / "checkpoints" / OLDER, "--quiet")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [NEWEST, "superseded"]
     assert hashes(run)[f"checkpoints/superseded/{NEWEST}"] == before[f"checkpoints/{NEWEST}"]
@@ -190,18 +190,18 @@ def untimed(run_dir: Path) -> list[dict]:
 def test_resume_needs_a_checkpoint_of_a_run(run: Path, tmp_path: Path) -> None:
     loose = tmp_path / OLDER
     shutil.copyfile(run / "checkpoints" / OLDER, loose)
-    assert_one_error(run_cli("train", "--resume", loose), str(loose), "not a checkpoint of a run directory")
+    assert_one_error(invoke_cli("train", "--resume", loose), str(loose), "not a checkpoint of a run directory")
     aside = run / "checkpoints" / "superseded" / NEWEST
     aside.parent.mkdir()
     (run / "checkpoints" / NEWEST).rename(aside)
-    assert_one_error(run_cli("train", "--resume", aside), "move it back into checkpoints/")
+    assert_one_error(invoke_cli("train", "--resume", aside), "move it back into checkpoints/")
 
 
 def test_an_epoch_left_unfinished_is_finished(run: Path) -> None:
     """A checkpoint at the last step but before the epoch's end (SIGINT in the last step): validation still runs."""
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("max_steps: 4", "max_steps: 2"))
-    r = run_cli("train", "--resume", run / "checkpoints" / OLDER, "--quiet")
+    r = invoke_cli("train", "--resume", run / "checkpoints" / OLDER, "--quiet")
     assert r.returncode == 0, r.stderr
     assert [(r["event"], r["step"]) for r in rows(run)] == [("epoch", 2)]
 
@@ -214,9 +214,9 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(run: Path) -> None:
     intact = metrics.read_bytes()
     metrics.write_bytes(intact + b'{"event": "train", "epoch": 1, "st')  # a crash in the middle of an append
     out = run / "curves-torn.png"
-    r = run_cli("plot", run, "--out", out)
+    r = invoke_cli("plot", run, "--out", out)
     assert r.returncode == 0 and out.is_file(), r.stderr
-    r = run_cli("train", "--resume", run, "--quiet")
+    r = invoke_cli("train", "--resume", run, "--quiet")
     assert r.returncode == 0, r.stderr
     assert "warning: the last line of" in r.stderr and "cut short" in r.stderr
     assert metrics.read_bytes() == intact
@@ -233,17 +233,17 @@ def test_damaged_metrics_log_is_one_error(run: Path, case: str) -> None:
     metrics = run / "metrics.jsonl"
     metrics.write_bytes(BAD_LINES[case] + metrics.read_bytes())
     before = hashes(run)
-    assert_one_error(run_cli("train", "--resume", run), f"{metrics} line 1 is damaged", "delete the file")
+    assert_one_error(invoke_cli("train", "--resume", run), f"{metrics} line 1 is damaged", "delete the file")
     assert hashes(run) == before
     if case == "binary":
-        assert_one_error(run_cli("plot", run, "--out", run / "c.png"), f"{metrics} line 1 is damaged")
+        assert_one_error(invoke_cli("plot", run, "--out", run / "c.png"), f"{metrics} line 1 is damaged")
         assert not (run / "c.png").exists()
 
 
 def test_resume_without_a_metrics_log(run: Path) -> None:
     """What the metrics error offers: the log deleted, training resumes (and starts a new log)."""
     (run / "metrics.jsonl").unlink()
-    r = run_cli("train", "--resume", run / "checkpoints" / OLDER, "--quiet")
+    r = invoke_cli("train", "--resume", run / "checkpoints" / OLDER, "--quiet")
     assert r.returncode == 0, r.stderr
     assert [(r["event"], r["step"]) for r in rows(run)] == [("epoch", 4)]
 
