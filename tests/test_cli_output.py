@@ -13,7 +13,8 @@ import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from lora_cli.cli.commands import EXIT_CODES, app
+from lora_cli.cli.app import EXIT_CODES
+from lora_cli.cli.commands import app
 
 runner = CliRunner()
 

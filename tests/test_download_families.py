@@ -324,7 +324,7 @@ def test_convert_keeps_the_tokenizer_beside_the_base(tmp_path: Path, llama_files
 
 
 def test_download_help_lists_every_name() -> None:
-    from lora_cli.cli.commands import DOWNLOAD_NAMES
+    from lora_cli.cli.prepare import DOWNLOAD_NAMES
     from lora_cli.hub.gpt2 import GPT2_FILES
 
     assert set(DOWNLOAD_NAMES) == set(GPT2_FILES) | set(hub.HUB_MODELS)

@@ -180,7 +180,7 @@ def test_broken_pipe_while_writing_csv_is_quiet(run_dir: Path, tmp_path: Path) -
 
 
 def test_missing_optional_package_is_one_line_naming_the_extra() -> None:
-    from lora_cli.cli.commands import error_message
+    from lora_cli.cli.app import error_message
 
     exc = ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
     assert "pip install 'lora-cli[plot]'" in error_message(exc)

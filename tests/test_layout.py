@@ -39,14 +39,11 @@ ROOT_MODULE = "lora_cli"  # __init__: __version__, and the front door re-exporte
 FRONT_DOOR = {"lora_cli.api.classifier", "lora_cli.api.training"}  # what `lora_cli.__getattr__` imports on first use
 ENTRY = "lora_cli.__main__"  # `python -m lora_cli`: above every layer
 
-LINE_LIMIT = 600
-# Modules allowed over LINE_LIMIT, each with the reason and when that ends.
-OVER_LIMIT = {
-    # 1,159 lines: every command of the CLI in one module; split into modules per command in the next step
-    # of issue 28.
-    "lora_cli/cli/commands.py",
-}
-# Over 500 lines today (under the limit, to watch): lora/layers.py (512), training/loop.py (503).
+LINE_LIMIT = 550  # "about 500": a module past it holds a second concern worth its own file
+# Modules allowed over LINE_LIMIT, each with the reason and when that ends (none today).
+OVER_LIMIT: set[str] = set()
+# Over 500 lines today (under the limit, to watch): adapters/peft_format.py, lora/layers.py, training/distributed.py
+# (the launcher and the process-group context, to be split), training/loop.py.
 
 
 @dataclass(frozen=True)

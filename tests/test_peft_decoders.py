@@ -259,7 +259,7 @@ def test_cli_merge_warns_when_the_tokenizer_has_no_special_token(base, trained: 
 def test_hf_pad_id_without_a_tokenizer_is_the_family_pad_id_with_a_warning(base, trained: Path, tmp_path: Path,
                                                                           capsys: pytest.CaptureFixture) -> None:
     from lora_cli.adapters.adapter import load_adapter
-    from lora_cli.cli.commands import _hf_pad_id
+    from lora_cli.cli.adapters import _hf_pad_id
 
     adapter = load_adapter(trained)
     assert _hf_pad_id(adapter, base.path, None) == SPECIAL_ID  # the tokenizer training recorded
