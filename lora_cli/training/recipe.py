@@ -225,7 +225,7 @@ def builtin_recipe_text() -> str:
     try:
         return resources.files("lora_cli.configs").joinpath(DEFAULT_RECIPE).read_text(encoding="utf-8")
     except ModuleNotFoundError:  # `python -m lora_cli` inside a checkout of a non-editable install
-        return (Path(__file__).resolve().parent.parent / "configs" / DEFAULT_RECIPE).read_text(encoding="utf-8")
+        return (Path(__file__).resolve().parents[2] / "configs" / DEFAULT_RECIPE).read_text(encoding="utf-8")
 
 
 def parse_recipe(text: str, source: str) -> dict[str, Any]:
