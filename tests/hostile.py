@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 LORA_CLI = shutil.which("lora-cli", path=str(Path(sys.executable).parent)) or shutil.which("lora-cli")
 
@@ -63,6 +64,34 @@ def _directory(cwd: Path | None) -> Iterator[None]:
         yield
     finally:
         os.chdir(before)
+
+
+def invoke(*args: object) -> Any:
+    """The command in this process, as typer's CliRunner `Result` (exit_code, stdout, stderr, exception)."""
+    from typer.testing import CliRunner
+
+    from lora_cli.cli.commands import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_error(result: Any, *phrases: str, code: int = 1) -> str:
+    """`invoke`'s result: exit `code`, no exception escaped, no traceback; with code 1 exactly one `error: ` line,
+    not the catch-all for bugs. Returns the message from its `error: ` on (with another code, all the output)."""
+    leaked = result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert not leaked, f"exception escaped the CLI: {result.exception!r}\n{result.output}"
+    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}"
+    assert "Traceback" not in result.output
+    if code == 1:
+        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(error_lines) == 1, result.stderr
+        assert "a bug in lora-cli" not in error_lines[0], error_lines[0]
+        message = result.stderr[result.stderr.index("error: "):]
+    else:
+        message = result.output
+    for phrase in phrases:
+        assert phrase.lower() in message.lower(), f"{phrase!r} not in:\n{message}"
+    return message
 
 
 def assert_one_error(proc: subprocess.CompletedProcess, *phrases: str, code: int = 1) -> str:

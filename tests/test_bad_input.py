@@ -13,11 +13,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from lora_cli.cli.commands import app
+from hostile import assert_error, invoke
 
-runner = CliRunner()
 
 HAM = ["see you at lunch", "ok thanks", "call me later", "on my way home", "what time is dinner", "love you",
        "meeting moved to 3", "happy birthday mate"]
@@ -34,27 +32,6 @@ VAL_ROWS = [(HAM[0], "ham"), (SPAM[0], "spam"), (HAM[1], "ham"), (SPAM[1], "spam
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_error(result, *phrases: str, code: int = 1) -> str:
-    """Exit `code`, the phrases in the message, no exception escaped, no traceback printed."""
-    leaked = result.exception is not None and not isinstance(result.exception, SystemExit)
-    assert not leaked, f"exception escaped the CLI: {result.exception!r}\n{result.output}"
-    assert result.exit_code == code, f"exit {result.exit_code}, expected {code}:\n{result.output}"
-    assert "Traceback" not in result.output
-    if code == 1:
-        error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-        assert len(error_lines) == 1, result.stderr
-        message = result.stderr[result.stderr.index("error: "):]
-    else:
-        message = result.output
-    for phrase in phrases:
-        assert phrase.lower() in message.lower(), f"{phrase!r} not in:\n{message}"
-    return message
 
 
 def assert_no_tmp(directory: Path) -> None:

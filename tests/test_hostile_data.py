@@ -23,11 +23,9 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
-from lora_cli.cli.commands import app
+from hostile import assert_error, invoke
 
-runner = CliRunner()
 
 HAM = ["see you at lunch", "ok thanks", "call me later", "on my way home", "what time is dinner", "love you",
        "meeting moved to 3", "happy birthday mate"]
@@ -40,10 +38,6 @@ VAL_ROWS = [(HAM[0], "ham"), (SPAM[0], "spam"), (HAM[1], "ham"), (SPAM[1], "spam
 # ---------------------------------------------------------------- helpers
 
 
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def csv_text(rows: list[tuple[str, object]], header: str = "text,label") -> str:
     return header + "\n" + "".join(f'"{t}",{lab}\n' for t, lab in rows)
 
@@ -52,21 +46,6 @@ def write(path: Path, content: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(content, encoding="utf-8")
     return path
-
-
-def assert_error(result, *phrases: str) -> str:
-    """Exit 1, exactly one `error: ` line holding every phrase, no escaped exception, no bug catch-all."""
-    leaked = result.exception is not None and not isinstance(result.exception, SystemExit)
-    assert not leaked, f"exception escaped the CLI: {result.exception!r}\n{result.output}"
-    assert result.exit_code == 1, f"exit {result.exit_code}, expected 1:\n{result.output}"
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr
-    message = lines[0]
-    assert "a bug in lora-cli" not in message, message
-    for phrase in phrases:
-        assert phrase.lower() in message.lower(), f"{phrase!r} not in:\n{message}"
-    return message
 
 
 def assert_ok(result) -> None:

@@ -19,9 +19,8 @@ import pytest
 import torch
 from decoders import make_tokenizer_json
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from lora_cli.cli.commands import app
+from hostile import assert_error, invoke
 from lora_cli.data import paths
 from lora_cli.data.hf_tokenizer import load_tokenizer, tokenizer_for
 from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
@@ -30,27 +29,8 @@ from lora_cli.models import families
 from lora_cli.models.config import ModelConfig
 from lora_cli.util.errors import LoraCliError
 
-runner = CliRunner()
 SPARSE_ID = 100_000
 TINY_GPT2 = ModelConfig(vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=2, qkv_bias=True)
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_error(result, *phrases: str) -> str:
-    """Exit 1, exactly one `error:` line holding `phrases`, nothing escaped, no traceback, not the catch-all."""
-    leaked = result.exception is not None and not isinstance(result.exception, SystemExit)
-    assert not leaked, f"exception escaped the CLI: {result.exception!r}\n{result.output}"
-    assert result.exit_code == 1, f"exit {result.exit_code}:\n{result.output}"
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    assert "a bug in lora-cli" not in errors[0], errors[0]
-    for phrase in phrases:
-        assert phrase.lower() in errors[0].lower(), f"{phrase!r} not in {errors[0]!r}"
-    return errors[0]
 
 
 def cache_files() -> list[Path]:

@@ -17,15 +17,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from hostile import assert_error, invoke
 from lora_cli.adapters.adapter import load_adapter, save_adapter
-from lora_cli.cli.commands import app
 from lora_cli.data.classification import encode_texts
 from lora_cli.data.tokenizer import get_tokenizer
 from lora_cli.tasks.multilabel import DEFAULT_THRESHOLD, MultiLabelSet
 
-runner = CliRunner()
 LABELS = ("spam", "has_digit", "long")
 TEXTS = ["Free entry! Call 0900 now to claim your prize", "see you at lunch", "ok, 5 minutes"]
 TEMPERATURE = 1.75
@@ -34,27 +32,10 @@ SINGLE_LABEL_KEYS = {"format", "format_version", "labels", "id2label", "lora", "
                      "training_config", "tool_version"}
 
 
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def ok(*args: object):
     result = invoke(*args)
     assert result.exit_code == 0 and result.exception is None, f"{args[0]}: exit {result.exit_code}\n{result.output}"
     return result
-
-
-def assert_error(result, *phrases: str) -> str:
-    """Exit 1, one `error: ...` line naming the phrases, no exception escaped, no traceback."""
-    leaked = result.exception is not None and not isinstance(result.exception, SystemExit)
-    assert not leaked, f"exception escaped the CLI: {result.exception!r}\n{result.output}"
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    for phrase in phrases:
-        assert phrase.lower() in errors[0].lower(), f"{phrase!r} not in {errors[0]!r}"
-    return errors[0]
 
 
 def warnings(result) -> list[str]:

@@ -9,32 +9,16 @@ import stat
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from lora_cli.cli.commands import app
+from hostile import assert_error, invoke
 from lora_cli.formats.run_dir import LOCK, hold
 
-runner = CliRunner()
 SENTINEL = b"precious bytes that must survive"
 
 TRAIN = "text,label\n" + "".join(f'"{t}",{lab}\n' for t, lab in [
     ("see you at lunch", "ham"), ("ok thanks", "ham"), ("call me later", "ham"), ("on my way home", "ham"),
     ("WINNER! claim your prize", "spam"), ("free entry call 0900", "spam"), ("you won cash", "spam"),
     ("urgent: claim reward", "spam")])
-
-
-def invoke(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_error(result, *phrases: str) -> str:
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.exit_code == 1, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    for phrase in phrases:
-        assert phrase.lower() in errors[0].lower(), f"{phrase!r} not in {errors[0]!r}"
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
