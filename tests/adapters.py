@@ -44,9 +44,9 @@ def lora_classifier(cfg: ModelConfig, classes: int, seed: int) -> GPTModel:
 
 def random_adapter(base: BaseCheckpoint, targets: str = "blocks", *, scaling: str = "alpha-over-rank",
                    head_bias: bool = False, bias_value: float = 0.0, seed: int = 1,
-                   labels: tuple[str, ...] = ("a", "b"), scale: float = 0.3) -> Adapter:
-    """rank 4, alpha 8; LoRA factors and head weight ~ N(0, scale^2); the head bias set to `bias_value`."""
-    spec = LoraSpec(rank=4, alpha=8, scaling=scaling, target_spec=[targets], head_bias=head_bias)
+                   labels: tuple[str, ...] = ("a", "b"), scale: float = 0.3, rank: int = 4) -> Adapter:
+    """rank 4 (or `rank`), alpha 8; LoRA factors and head weight ~ N(0, scale^2); the head bias set to `bias_value`."""
+    spec = LoraSpec(rank=rank, alpha=8, scaling=scaling, target_spec=[targets], head_bias=head_bias)
     model = build_classifier(base, len(labels), spec, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():

@@ -33,6 +33,7 @@ LAYERS = (
     "adapters",    # adapter files (they carry a task's head and labels), PEFT directories, merging
     "training",    # the recipe, the run's setup, the loop, the resume state, data parallelism
     "api",         # the library's front door (Classifier, train), which the CLI and a server call
+    "serve",       # many adapters on one base over HTTP: the mixed-batch model, the scheduler, the ASGI app
     "cli",         # the command line, its tables and plots
 )
 ROOT_MODULE = "lora_cli"  # __init__: __version__, and the front door re-exported lazily; any module may import it

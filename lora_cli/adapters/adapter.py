@@ -159,6 +159,16 @@ def model_with_adapter(
     base: BaseCheckpoint, adapter: Adapter, device: torch.device | str = "cpu", force: bool = False
 ) -> GPTModel:
     """Rebuild the trained classifier: check the base matches, then load the adapter's tensors."""
+    check_fits(base, adapter, force)
+    model = _classifier(base, len(adapter.labels.names), LoraSpec(**adapter.spec.to_dict()), "cpu")
+    model.load_state_dict({k: v.float() for k, v in adapter.tensors.items()}, strict=False)
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+def check_fits(base: BaseCheckpoint, adapter: Adapter, force: bool = False) -> None:
+    """LoraCliError unless the adapter was trained on this base (shape and fingerprint; `force` skips the
+    latter) and its tensors have the names and shapes its metadata implies."""
     if adapter.model_config.to_dict() | {"drop_rate": 0} != base.config.to_dict() | {"drop_rate": 0}:
         raise LoraCliError(
             "the adapter was trained on a model of another shape: adapter "
@@ -183,10 +193,6 @@ def model_with_adapter(
     for name, value in adapter.tensors.items():
         if value.shape != expected[name].shape:
             raise LoraCliError(f"adapter tensor {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}")
-    model = _classifier(base, len(adapter.labels.names), spec, "cpu")
-    model.load_state_dict({k: v.float() for k, v in adapter.tensors.items()}, strict=False)
-    model.requires_grad_(False)
-    return model.eval().to(device)
 
 
 def _classifier(base: BaseCheckpoint, classes: int, spec: LoraSpec, device: str) -> GPTModel:

@@ -144,9 +144,7 @@ class Classifier:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Calibrated softmax probabilities (single-label), or each label's sigmoid in float64 (multi-label)."""
-        if self.multi_label:
-            return torch.sigmoid(logits.double())
-        return torch.softmax(logits / self.temperature, dim=-1)
+        return probabilities(self.adapter, logits, self.calibration)
 
     def predict(self, texts: Sequence[str], batch_size: int = 32, *, merge: bool | None = None) -> list[Prediction]:
         """A `Prediction` for each text, in order."""
@@ -157,15 +155,29 @@ class Classifier:
 
     def predictions(self, texts: Sequence[str], probs: torch.Tensor) -> list[Prediction]:
         """`Prediction`s from the probabilities of `probabilities`."""
-        names, best = self.labels, probs.argmax(-1).tolist()
-        out = []
-        for text, row, top in zip(texts, probs.tolist(), best):
-            scores = dict(zip(names, row))
-            if self.multi_label:
-                out.append(Prediction(text, scores, labels=self.adapter.labels.predicted(row)))
-            else:
-                out.append(Prediction(text, scores, label=names[top]))
-        return out
+        return predictions(self.adapter, texts, probs)
+
+
+def probabilities(adapter: Adapter, logits: torch.Tensor, calibration: bool = True) -> torch.Tensor:
+    """An adapter's probabilities from its raw logits: the softmax of the logits over its calibrated temperature
+    (unless `calibration` is False), or each label's sigmoid in float64 for a multi-label adapter."""
+    if adapter.multi_label:
+        return torch.sigmoid(logits.double())
+    return torch.softmax(logits / (adapter.temperature if calibration else 1.0), dim=-1)
+
+
+def predictions(adapter: Adapter, texts: Sequence[str], probs: torch.Tensor) -> list[Prediction]:
+    """A `Prediction` per text from `probabilities`: the most probable label, or every label at or above its
+    threshold (multi-label)."""
+    names, best = list(adapter.labels.names), probs.argmax(-1).tolist()
+    out = []
+    for text, row, top in zip(texts, probs.tolist(), best):
+        scores = dict(zip(names, row))
+        if adapter.multi_label:
+            out.append(Prediction(text, scores, labels=adapter.labels.predicted(row)))
+        else:
+            out.append(Prediction(text, scores, label=names[top]))
+    return out
 
 
 def _sequence(texts: Sequence[str]) -> Sequence[str]:

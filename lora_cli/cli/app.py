@@ -69,7 +69,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 # Optional packages a command may import, and how to get them.
-OPTIONAL_PACKAGES = {"matplotlib": "pip install 'lora-cli[plot]'", "tensorboard": "pip install tensorboard"}
+OPTIONAL_PACKAGES = {"matplotlib": "pip install 'lora-cli[plot]'", "tensorboard": "pip install tensorboard",
+                     "starlette": "pip install 'lora-cli[serve]'", "uvicorn": "pip install 'lora-cli[serve]'"}
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -21,10 +21,7 @@ def build_classifier(
     """
     validate_lora_args(spec.rank, spec.alpha, spec.dropout)
     cfg = base.config
-    with torch.device("meta"):  # no time or memory spent initialising weights we overwrite
-        model = base.family.build(cfg)
-    backbone = {k: _compute_copy(k, v) for k, v in base.state.items() if not k.startswith("out_head.")}
-    model.load_state_dict(backbone, strict=False, assign=True)
+    model = frozen_backbone(base)
     torch.manual_seed(seed)
     model.out_head = nn.Linear(cfg.emb_dim, num_classes, bias=spec.head_bias)
     head = base.task_head()
@@ -33,8 +30,6 @@ def build_classifier(
             model.out_head.weight.copy_(head[0])
             if spec.head_bias and head[1] is not None:
                 model.out_head.bias.copy_(head[1])
-    for p in model.parameters():
-        p.requires_grad_(False)
     for p in model.out_head.parameters():
         p.requires_grad_(True)
     targets = spec.targets or resolve_targets(model, spec.target_spec)
@@ -44,6 +39,18 @@ def build_classifier(
         for p in model.out_head.linear.parameters():  # the book's all-linear: head base frozen
             p.requires_grad_(False)
     return model.to(device)
+
+
+def frozen_backbone(base: BaseCheckpoint) -> nn.Module:
+    """The base's model with its weights and no gradients, its `out_head` left unloaded for a task head to replace.
+
+    Also the shared base of `lora-cli serve`, where every adapter brings its own head.
+    """
+    with torch.device("meta"):  # no time or memory spent initialising weights we overwrite
+        model = base.family.build(base.config)
+    backbone = {k: _compute_copy(k, v) for k, v in base.state.items() if not k.startswith("out_head.")}
+    model.load_state_dict(backbone, strict=False, assign=True)
+    return model.requires_grad_(False)
 
 
 def _compute_copy(name: str, weight: torch.Tensor) -> torch.Tensor:
