@@ -48,8 +48,8 @@ class MultiAdapterModel:
         spec, tensors = adapter.spec, adapter.tensors
         scale = lora_scale(spec.alpha, spec.rank, spec.scaling)
 
-        def weight(name: str) -> torch.Tensor:
-            return tensors[name].to(self.device, torch.float32).contiguous()
+        def weight(name: str) -> torch.Tensor:  # a copy: the file's mapping may be gone (or the file rewritten) later
+            return tensors[name].to(self.device, torch.float32, copy=True).contiguous()
 
         head_name = "out_head.linear" if "out_head" in spec.targets else "out_head"
         head_weight = weight(f"{head_name}.weight")
@@ -65,7 +65,7 @@ class MultiAdapterModel:
             raise ValueError(f"LoRA targets outside the blocks' Linear layers: {unknown}")
         for target, value in factors.items():
             self.layers[target].factors[slot] = value
-        self.head.heads[slot] = Head(head_weight, None if bias is None else bias.to(self.device, torch.float32))
+        self.head.heads[slot] = Head(head_weight, None if bias is None else weight(f"{head_name}.bias"))
         self.slots.add(slot)
 
     def remove(self, slot: int) -> None:

@@ -168,7 +168,8 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise LoraCliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", param="port") from None
+        raise LoraCliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another `port` (0 picks "
+                           "a free one)", param="port") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
