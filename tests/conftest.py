@@ -19,7 +19,7 @@ BPE_DIR = SHARED_DATA / "gpt2_bpe"
 SLOW_MODULES = {
     "test_readme", "test_bench", "test_environment", "test_family_runs", "test_resume", "test_resume_hostile",
     "test_distributed", "test_launch", "test_atomic_dirs", "test_disk_full", "test_schedule_selection",
-    "test_download_families",
+    "test_download_families", "test_serve_process",
 }
 
 
