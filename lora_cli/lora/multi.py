@@ -64,13 +64,13 @@ class Route:
 
 
 class MultiLoRALinear(nn.Module):
-    """A frozen Linear plus, per loaded adapter (slot), that adapter's `scale * (x @ A) @ B` on its own rows."""
+    """A frozen Linear plus, per loaded adapter (slot), that adapter's `(x @ (scale * A)) @ B` on its own rows."""
 
     def __init__(self, linear: nn.Linear, route: Route) -> None:
         super().__init__()
         self.linear = linear
         self.route = route
-        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (scale * A, B)
 
     @property
     def in_features(self) -> int:
@@ -87,9 +87,8 @@ class MultiLoRALinear(nn.Module):
         for slot, start, stop in self.route.segments(x.shape[0]):
             factors = self.factors.get(slot)
             if factors is not None and stop > start:
-                a, b, scale = factors
-                # The same order of operations as `LoRALayer`: the numbers equal a single-adapter model's.
-                y[start:stop] += ((x[start:stop] @ a) * scale) @ b
+                a, b = factors  # `a` holds the scale already: two small matmuls per adapter, the add fused in
+                y[start:stop].addmm_(x[start:stop] @ a, b)
         return y
 
 
