@@ -29,7 +29,8 @@ def main() -> None:
 
     from lora_cli.adapters.adapter import model_with_adapter
     from lora_cli.adapters.merge import merge_lora, merged_model, save_merged
-    from lora_cli.adapters.peft_format import export_peft, import_peft
+    from lora_cli.adapters.peft_export import export_peft
+    from lora_cli.adapters.peft_import import import_peft
     from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
     from lora_cli.hub.hf_convert import convert_hf
     from lora_cli.lora.layers import LinearWithLoRA
@@ -136,7 +137,7 @@ def _families(tmp: Path, diff) -> list[tuple[str, float]]:  # noqa: ANN001
 
     from lora_cli.adapters.adapter import model_with_adapter
     from lora_cli.adapters.merge import save_merged
-    from lora_cli.adapters.peft_format import export_peft
+    from lora_cli.adapters.peft_export import export_peft
     from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
     from lora_cli.models import families
 

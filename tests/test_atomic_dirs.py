@@ -20,7 +20,7 @@ from hostile import assert_one_error, run_cli
 
 from lora_cli.adapters.adapter import load_adapter, save_adapter
 from lora_cli.adapters.merge import save_merged
-from lora_cli.adapters.peft_format import export_peft
+from lora_cli.adapters.peft_export import export_peft
 from lora_cli.data import sms_spam
 from lora_cli.formats.checkpoint import load_base
 from lora_cli.util import fileio

@@ -18,7 +18,7 @@ import pytest
 from hostile import LORA_CLI, assert_one_error, run_cli
 
 from lora_cli.adapters.adapter import load_adapter, save_adapter
-from lora_cli.adapters.peft_format import export_peft
+from lora_cli.adapters.peft_export import export_peft
 from lora_cli.data import sms_spam
 from lora_cli.formats.checkpoint import load_base
 

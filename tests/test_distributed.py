@@ -228,7 +228,7 @@ def _processes_using(path: Path) -> list[int]:
 
 
 def test_workers_share_the_cores_unless_the_user_set_threads() -> None:
-    from lora_cli.training.distributed import worker_threads
+    from lora_cli.training.launch import worker_threads
 
     assert worker_threads(16, 2, {}) == "8"  # torchrun alone would give each rank 1 thread
     assert worker_threads(16, 3, {"PATH": "/bin"}) == "5"

@@ -307,7 +307,7 @@ def test_convert_of_a_llama_whose_tensors_do_not_fit_its_config_is_one_error(con
 def test_import_adapter_refuses_a_base_of_another_family(bases: dict[str, Path], tmp_path: Path) -> None:
     from adapters import narrow_gpt2_base, random_adapter
 
-    from lora_cli.adapters.peft_format import export_peft
+    from lora_cli.adapters.peft_export import export_peft
 
     export_peft(random_adapter(narrow_gpt2_base(tmp_path)), tmp_path / "peft")
     proc = invoke_cli("import-adapter", tmp_path / "peft", "--model", bases["qwen3"], "--out", tmp_path / "a.safetensors")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hostile import LORA_CLI, assert_one_error, run_cli
-from lora_cli.training import distributed
+from lora_cli.training import distributed, launch
 from lora_cli.util.errors import LoraCliError
 from test_distributed import ONE_THREAD, train_args
 
@@ -79,7 +79,7 @@ def test_bad_timeout_on_a_rank_of_plain_torchrun(sms_dir: Path, micro_checkpoint
 def test_a_rank_whose_launcher_died_before_it_started_stops(sms_dir: Path, micro_checkpoint: Path, tmp_path: Path) -> None:
     gone = subprocess.Popen(["true"])
     gone.wait()
-    rank = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", distributed.LAUNCHER_ENV: str(gone.pid)}
+    rank = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", launch.LAUNCHER_ENV: str(gone.pid)}
     r = run_cli(*train(sms_dir, micro_checkpoint, tmp_path / "run"), cwd=tmp_path, env=rank, timeout=60)
     assert_one_error(r, f"launcher that started this rank (pid {gone.pid}) is gone")
     assert not (tmp_path / "run").exists()
@@ -105,19 +105,19 @@ def test_process_count_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert distributed.check_launch(2, None, None, None, "auto").nproc == 2
+    assert launch.check_launch(2, None, None, None, "auto").nproc == 2
     for device in ["auto", "cuda"]:
         for oversubscribe in [False, True]:  # one GPU per process: no way around it
             with pytest.raises(LoraCliError, match="--nproc-per-node 3: this machine has 2 GPUs"):
-                distributed.check_launch(3, None, None, None, device, oversubscribe)
-    monkeypatch.setattr(distributed, "cpu_cores", lambda: 4)
-    assert distributed.check_launch(4, None, None, None, "cpu").nproc == 4  # --device cpu: the cores, not the GPUs
+                launch.check_launch(3, None, None, None, device, oversubscribe)
+    monkeypatch.setattr(launch, "cpu_cores", lambda: 4)
+    assert launch.check_launch(4, None, None, None, "cpu").nproc == 4  # --device cpu: the cores, not the GPUs
     with pytest.raises(LoraCliError, match="--nproc-per-node 5: more CPU processes than the 4 cores"):
-        distributed.check_launch(5, None, None, None, "cpu")
-    assert distributed.check_launch(5, None, None, None, "cpu", oversubscribe=True).nproc == 5
+        launch.check_launch(5, None, None, None, "cpu")
+    assert launch.check_launch(5, None, None, None, "cpu", oversubscribe=True).nproc == 5
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(LoraCliError, match="more CPU processes than the 4 cores"):
-        distributed.check_launch(100000, None, None, None, "auto")
+        launch.check_launch(100000, None, None, None, "auto")
 
 
 @pytest.mark.parametrize("nproc, nnodes, endpoint, rdzv_id, phrase", [
@@ -142,18 +142,18 @@ def test_process_count_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
 ])
 def test_bad_launch_options(nproc: int, nnodes: str | None, endpoint: str | None, rdzv_id: str | None, phrase: str) -> None:
     with pytest.raises(LoraCliError, match=re.escape(phrase)):
-        distributed.check_launch(nproc, nnodes, endpoint, rdzv_id, "cpu")
+        launch.check_launch(nproc, nnodes, endpoint, rdzv_id, "cpu")
 
 
 def test_good_launch_options() -> None:
-    check = distributed.check_launch
+    check = launch.check_launch
     assert not check(None, None, None, None, "cpu").multi
     assert not check(1, "1", None, None, "cpu").multi
     assert check(2, None, None, None, "cpu").world == 2
     spec = check(1, "1:4", "[::1]:29400", "job", "cpu")
     assert spec.multi and spec.nnodes == (1, 4) and spec.world is None and spec.rdzv_id == "job"
     assert check(2, " 3 ", "node0:1", None, "cpu").world == 6
-    assert distributed.cpu_cores() >= 1
+    assert launch.cpu_cores() >= 1
 
 
 # ---------------------------------------------------------------- the workers die with the launcher

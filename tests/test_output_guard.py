@@ -202,7 +202,7 @@ def test_a_failed_run_leaves_no_directory_and_no_lock(ws: Path, tmp_path: Path) 
 
 
 def test_oversubscribe_keeps_a_hard_bound_from_memory(ws: Path, tmp_path: Path) -> None:
-    from lora_cli.training.distributed import max_cpu_processes
+    from lora_cli.training.launch import max_cpu_processes
 
     most = max_cpu_processes()
     message = assert_error(invoke(*train_args(ws, tmp_path / "run", "--nproc-per-node", 100_000, "--oversubscribe")),
@@ -214,14 +214,14 @@ def test_oversubscribe_keeps_a_hard_bound_from_memory(ws: Path, tmp_path: Path) 
 
 
 def test_the_bound_follows_a_cgroup_limit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from lora_cli.training import distributed
+    from lora_cli.training import launch
 
     real_read = Path.read_text
 
     def fake_read(self: Path, *args, **kwargs) -> str:
         if str(self) == "/sys/fs/cgroup/memory.max":
-            return f"{3 * distributed.PROCESS_MEMORY}\n"
+            return f"{3 * launch.PROCESS_MEMORY}\n"
         return real_read(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "read_text", fake_read)
-    assert distributed.max_cpu_processes() == 3
+    assert launch.max_cpu_processes() == 3

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from lora_cli.adapters.adapter import model_with_adapter
 from lora_cli.adapters.merge import decoder_classifier_state, save_merged
-from lora_cli.adapters.peft_format import export_peft, import_peft
+from lora_cli.adapters.peft_export import export_peft
+from lora_cli.adapters.peft_import import import_peft
 from lora_cli.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
 from lora_cli.models import families

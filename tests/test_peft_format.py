@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from lora_cli.adapters.adapter import model_with_adapter  # noqa: E402
 from lora_cli.adapters.merge import hf_classifier_state  # noqa: E402
-from lora_cli.adapters.peft_format import export_peft, import_peft  # noqa: E402
+from lora_cli.adapters.peft_export import export_peft  # noqa: E402
+from lora_cli.adapters.peft_import import import_peft  # noqa: E402
 from lora_cli.models.hf_gpt2 import config_to_hf  # noqa: E402
 from lora_cli.util.errors import LoraCliError  # noqa: E402
 

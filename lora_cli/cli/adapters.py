@@ -89,8 +89,8 @@ def export_adapter(
     result = {"source": str(source), "out": str(out), "format": output_format, "dtype": dtype,
               "lora_layers": len(adapter.spec.targets), "rank": adapter.spec.rank, "classes": adapter.labels.names}
     if output_format == "peft":
-        from lora_cli.adapters.peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_FILES, METADATA_FILE,
-                                                   export_peft)
+        from lora_cli.adapters.peft_export import export_peft
+        from lora_cli.adapters.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_FILES, METADATA_FILE
 
         check_output(out, overwrite, EXPORT_FILES)
         recorded = adapter.training_config.get("model")  # where a tokenizer may be stored beside the base
@@ -130,7 +130,7 @@ def import_adapter(
     Example: lora-cli import-adapter spam-peft/ --model gpt2-small --out spam.safetensors
     """
     from lora_cli.adapters.adapter import save_adapter
-    from lora_cli.adapters.peft_format import import_peft
+    from lora_cli.adapters.peft_import import import_peft
     from lora_cli.data.paths import resolve_model
     from lora_cli.formats.checkpoint import load_base
     from lora_cli.tasks.multilabel import DEFAULT_THRESHOLD

@@ -125,10 +125,10 @@ def train(
             raise LoraCliError(f"run directory {run_dir} already holds a run; pass --resume {run_dir}, --overwrite or another --out")
 
     from lora_cli.api.training import claim_run_dir
-    from lora_cli.training import distributed
+    from lora_cli.training import distributed, launch, rank_failures
 
-    launched = distributed.follow_launcher()  # a rank of `--nproc-per-node` dies with its launcher, even on kill -9
-    spec = distributed.check_launch(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, cfg.device, oversubscribe)
+    launched = launch.follow_launcher()  # a rank of `--nproc-per-node` dies with its launcher, even on kill -9
+    spec = launch.check_launch(nproc_per_node, nnodes, rdzv_endpoint, rdzv_id, cfg.device, oversubscribe)
     if spec.multi:
         if not dry_run and not distributed.under_torchrun():  # re-run this command on every process
             if spec.world is not None:
@@ -137,15 +137,15 @@ def train(
 
             resolve_data(cfg.data, cfg.train, cfg.val, cfg.val_split)  # prepares the built-in data set once, not on every rank
             with claim_run_dir(run_dir, bool(resume_from), overwrite):  # the launcher holds it for its ranks
-                code = distributed.launch(_relaunch_args(command, run_dir if out is None and resume is None else None),
-                                          spec, _state["debug"])
+                code = launch.launch(_relaunch_args(command, run_dir if out is None and resume is None else None),
+                                     spec, _state["debug"])
             if code:
                 raise typer.Exit(code)
             return
     ctx = distributed.init(cfg.device)
     claim = not dry_run and ctx.is_main and not launched
     with claim_run_dir(run_dir, bool(resume_from), overwrite) if claim else contextlib.nullcontext(), \
-            distributed.report_failures(ctx):
+            rank_failures.report_failures(ctx):
         _train_rank(cfg, run_dir, ctx, resume_from, overwrite, dry_run, quiet, as_json)
     ctx.shutdown()
 

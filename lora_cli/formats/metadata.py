@@ -83,7 +83,7 @@ def _task_problem(meta: dict[str, Any]) -> str | None:
     return None
 
 
-# What a PEFT export's lora_cli.json keeps of the adapter's task (`peft_format.export_peft`): the adapter's fields
+# What a PEFT export's lora_cli.json keeps of the adapter's task (`peft_export.export_peft`): the adapter's fields
 # as plain JSON values, checked as an adapter's are
 EXPORTED_TASK = Rule(Obj({"labels": LABELS}, optional={
     "task": Str(choices=TASKS), "thresholds": THRESHOLDS, "calibration": CALIBRATION}, extra=True), _task_problem)

@@ -42,7 +42,7 @@ from lora_cli.runtime.precision import autocast, cast_frozen_base, configure_mat
 from lora_cli.tasks import multilabel
 from lora_cli.tasks.classifier import adapter_tensors, build_classifier
 from lora_cli.tasks.multilabel import MultiLabelSet
-from lora_cli.training import distributed
+from lora_cli.training import distributed, rank_failures
 from lora_cli.training.recipe import TrainConfig, to_yaml
 from lora_cli.training.resume import Accumulator, Selection, TrainState
 from lora_cli.training.run_setup import Setup
@@ -332,7 +332,7 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
             state.seen += s.global_batch
             if grad_norm is not None:
                 acc.grad_norm = grad_norm.detach().float()
-            distributed.injected_failure(dist, state.step)
+            rank_failures.injected_failure(dist, state.step)
             signum = dist.agree_max(stop.signum or 0)  # every rank stops at the same step
             if state.step % cfg.log_every == 0:  # the only host syncs inside an epoch
                 acc.check_finite(dist)
