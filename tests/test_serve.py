@@ -4,6 +4,7 @@ client can cause is a JSON body with a 4xx status."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -177,8 +178,16 @@ def test_hot_load_and_unload(files, offline, tmp_path: Path) -> None:
             assert client.request("POST", "/v1/unload_lora_adapter", {"lora_name": "t2"}).status == 404
             assert load("t2", "calibrated.safetensors").status == 200  # the name is free again
             _check(client.classify("t2", TEXTS[:1]), "t2", TEXTS[:1], offline, same_as="calibrated")
+            # a PEFT export (what `vllm serve --lora-modules` takes) serves the same answers
+            from lora_cli.adapters.adapter import load_adapter
+            from lora_cli.adapters.peft_export import export_peft
+
+            export_peft(load_adapter(files["spam"]), adapter_dir / "spam-peft", pad_id=50256)
+            assert load("peft", "spam-peft").status == 200
+            _check(client.classify("peft", TEXTS), "peft", TEXTS, offline, same_as="spam")
     finally:
         link.unlink()
+        shutil.rmtree(adapter_dir / "spam-peft", ignore_errors=True)
 
 
 def test_adapter_of_another_base_is_refused(files, tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ def check_name(name: str) -> str:
 def read_adapter(path: Path, base: BaseCheckpoint) -> Adapter:
     """An adapter file, training checkpoint, run directory or PEFT export directory, checked to fit `base`."""
     if path.is_dir() and (path / PEFT_CONFIG).is_file():
-        from lora_cli.adapters.peft_format import import_peft
+        from lora_cli.adapters.peft_import import import_peft
 
         adapter = import_peft(path, base)
     else:
