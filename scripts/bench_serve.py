@@ -21,6 +21,7 @@ Usage:
   python scripts/bench_serve.py --preset gpt2-small
   python scripts/bench_serve.py --preset smollm2-135m --seconds 8
   python scripts/bench_serve.py --preset gpt2-tiny --seconds 2 --rounds 1 --skip-memory   # a smoke run
+  python scripts/bench_serve.py --preset smollm2-135m --device cuda --skip-memory          # the server on a GPU
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def make_files(family, cfg, out: Path, n_adapters: int, seed: int) -> tuple[Path
     (out / "adapters").mkdir()
     paths = []
     for i in range(n_adapters):
-        spec = LoraSpec(rank=RANK, alpha=16, target_spec=["blocks"])
+        spec = LoraSpec(rank=RANK, alpha=16, target_spec=["blocks"], head_bias=False)  # PEFT-exportable
         model = build_classifier(base, len(LABELS), spec, seed=seed + i)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -213,10 +214,11 @@ def _peft(base, loaded):
 
 # ---------------------------------------------------------------- part 2: the server over HTTP
 
-def start_server(base_path: Path, adapter_dir: Path, tokenizer: list[str], extra: list[str] = ()) -> tuple[subprocess.Popen, int]:
+def start_server(base_path: Path, adapter_dir: Path, tokenizer: list[str], extra: list[str] = (),
+                 device: str = "cpu") -> tuple[subprocess.Popen, int]:
     log = adapter_dir.parent / f"server-{time.monotonic_ns()}.log"
     proc = subprocess.Popen([sys.executable, "-m", "lora_cli", "serve", "--model", str(base_path), "--adapter-dir",
-                             str(adapter_dir), "--port", "0", "--device", "cpu", "--max-queue", "100000", *tokenizer,
+                             str(adapter_dir), "--port", "0", "--device", device, "--max-queue", "100000", *tokenizer,
                              *extra], stdout=subprocess.DEVNULL, stderr=log.open("w"))
     deadline = time.monotonic() + 600
     while "serving" not in log.read_text():
@@ -306,7 +308,7 @@ def http_part(base_path, adapters, texts, tokenizer, args) -> dict:
         if k > len(adapters):
             continue
         names = [p.stem for p in adapters[:k]]
-        proc, port = start_server(base_path, adapters[0].parent, tokenizer)
+        proc, port = start_server(base_path, adapters[0].parent, tokenizer, device=args.device)
         try:
             load = Load(port, texts, names, args.seed)
             asyncio.run(load.closed(8, 1.0))  # warm-up: every adapter loaded
@@ -380,6 +382,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--registered", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="the servers' device (the in-process part runs on the CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--skip-http", action="store_true")

@@ -10,7 +10,10 @@
 #   warmup          a gpt2-tiny epoch with CUDA's lazy module loading and with eager loading, to tell whether the slow
 #                   first epoch (15-26 s against 3-5 s on 2026-12-04) is loading kernels;
 #   gpt2            the book's 5-epoch GPT-2 small recipe timed on the GPU: lora-cli vs PEFT and the book's code
-#                   (the book's only where llms-from-scratch is importable).
+#                   (the book's only where llms-from-scratch is importable);
+#   serve           scripts/bench_serve.py with the server on the GPU (SmolLM2-135M shape), then, where vLLM is
+#                   installed, scripts/vllm_smoke.py: a PEFT export answers /classify under `vllm serve --enable-lora`
+#                   as under `lora-cli serve`.
 # Usage: scripts/device_check.sh DATA_DIR OUT_DIR [STAGES]   (DATA_DIR holds sms_spam/ and gpt2_bpe/, a copy of
 #        ../shared/data inside the checkout, since only the checkout travels; STAGES: a comma list, by default
 #        smollm2,qwen3,profile,warmup: about 7 minutes there, one call of a 15-minute lease; cli,gpt2 make a second).
@@ -116,4 +119,14 @@ fi
 book=,book; "$py" -c "import llms_from_scratch" 2>/dev/null || book=
 has gpt2 && bench cuda-gpt2-small-recipe 200 --preset gpt2-small --systems "lora-cli,peft$book" \
   --steps 30 --warmup 10 --rounds 3 --predict-rounds 1 --predict-texts 64 --accuracy-epochs 5 --time-budget 60
+if has serve; then
+  step "serve: many adapters on the GPU; the same adapter under vLLM"
+  timeout 300 "$py" "$repo/scripts/bench_serve.py" --preset smollm2-135m --device "$dev" --shared "$data" \
+    --seconds 5 --rounds 2 --skip-memory --json "$out/serve.json" 2>&1 | tee "$out/serve.txt"
+  if "$py" -c "import vllm" 2>/dev/null; then
+    timeout 420 "$py" "$repo/scripts/vllm_smoke.py" --shared "$data" 2>&1 | tee "$out/vllm-smoke.txt"
+  else
+    echo "vllm is not installed here: the scale-out smoke test is skipped" | tee "$out/vllm-smoke.txt"
+  fi
+fi
 step done
