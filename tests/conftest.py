@@ -14,7 +14,7 @@ BPE_DIR = SHARED_DATA / "gpt2_bpe"
 
 
 # The modules whose subject is a process (signals, torchrun, a fresh environment, a disk filling up, the
-# README's shell examples), a benchmark, or many short training runs (test_resume_hostile): the full suite
+# shell examples of the README and docs/), a benchmark, or many short training runs (test_resume_hostile): the full suite
 # runs them, the fast lane (`pytest -m "not slow"`) leaves them out.
 SLOW_MODULES = {
     "test_readme", "test_bench", "test_environment", "test_family_runs", "test_resume", "test_resume_hostile",

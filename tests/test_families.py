@@ -1,7 +1,7 @@
 """Model families: init, info and convert of every family through the real CLI, base checks, classifiers.
 
 GPT-2 must be exactly as before families existed: its files carry no `family` field, old files load
-as GPT-2, and `init --preset gpt2-tiny` draws the same weights (the README's fingerprints).
+as GPT-2, and `init --preset gpt2-tiny` draws the same weights (the fingerprints docs/commands.md shows).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_init_and_info_of_each_family(bases: dict[str, Path], family: str) -> No
 
 
 def test_gpt2_init_draws_the_same_weights_as_before(bases: dict[str, Path]) -> None:
-    """The README's quick-start base (gpt2-tiny, seed 123) has the fingerprint its adapters record."""
+    """The README's quick-start base (gpt2-tiny, seed 123) has the fingerprint its adapters record (docs/commands.md)."""
     assert load_base(bases["gpt2"]).fingerprint.startswith("c3416045f14e")
 
 

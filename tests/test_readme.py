@@ -1,9 +1,11 @@
-"""The README's shell examples run, in order, and print what the README shows.
+"""The shell examples of the README and of docs/ run, in order, and print what the pages show.
 
-Every ```bash and ```console block of README.md is executed in document order in one scratch
-directory with ../shared beside it and the repository's scripts/ in it, as if typed into one shell: variables a ```bash block exports
-stay set for the blocks after it. A ```console block holds `$ COMMAND` lines, each followed by
-the output the README shows for it (stdout and stderr together, as a terminal shows them); the
+Every ```bash and ```console block of README.md and then of the pages in DOCS (in that order; the
+command reference continues in the directory of the README's quick start) is executed in document
+order in one scratch directory with ../shared beside it and the repository's scripts/ in it, as if
+typed into one shell: variables a ```bash block exports stay set for the blocks after it, in the
+same page or the next. A ```console block holds `$ COMMAND` lines, each followed by
+the output the page shows for it (stdout and stderr together, as a terminal shows them); the
 command's real output must match it line by line and word by word, numbers included, except
   - numbers with a decimal point or a percent sign (times, losses, accuracies, file sizes in MB),
   - every number in the output of `train`, `eval`, `predict` and `plot`, which depend on the
@@ -16,8 +18,8 @@ the `<!-- test-command -->` markers is CI's own command and never runs here. The
 recorded on the CPU, so the examples run with CUDA hidden.
 
 Run `python tests/test_readme.py` to print every console example with the output it prints now,
-and `python tests/test_readme.py --update` to write those outputs into README.md (after a deliberate
-change of output; review the diff).
+and `python tests/test_readme.py --update` to write those outputs into the pages they come from
+(after a deliberate change of output; review the diff).
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ import pytest
 
 from conftest import SHARED_DATA
 
-README_PATH = Path(__file__).resolve().parents[1] / "README.md"
-README = README_PATH.read_text(encoding="utf-8")
-MAX_SKIPPED = 9  # blocks that need the internet, a GPU cluster or a fresh virtual environment
+ROOT = Path(__file__).resolve().parents[1]
+README_PATH = ROOT / "README.md"
+# The pages whose examples run, in the order they run: one shell session over all of them.
+DOCS = [README_PATH] + [ROOT / "docs" / name for name in ("commands.md", "reliability.md", "scaling.md", "benchmarks.md")]
+MAX_SKIPPED = 9  # blocks, on all the pages together, that need the internet, a GPU cluster or a fresh virtual environment
 
 TEST_COMMAND = re.compile(r"<!-- test-command -->.*?<!-- /test-command -->", re.S)
 BLOCK = re.compile(
@@ -55,8 +59,14 @@ RULE = re.compile(r"[\u2500-\u257f]+")
 class Block:
     lang: str
     body: str
-    line: int  # 1-based line of the opening fence in README.md
+    line: int  # 1-based line of the opening fence in its page
     skip_reason: str | None
+    path: Path = README_PATH  # the page
+
+    @property
+    def where(self) -> str:
+        """PAGE:LINE of the opening fence, the page relative to the repository root."""
+        return f"{self.path.relative_to(ROOT).as_posix()}:{self.line}"
 
     @property
     def commands(self) -> list[tuple[str, str]]:
@@ -66,15 +76,22 @@ class Block:
             if text.startswith("$ "):
                 pairs.append((text[2:], []))
             else:
-                assert pairs, f"README.md:{self.line}: console block output before any `$ ` command"
+                assert pairs, f"{self.where}: console block output before any `$ ` command"
                 pairs[-1][1].append(text)
         return [(cmd, "\n".join(out)) for cmd, out in pairs]
 
 
-def readme_blocks(text: str = README) -> list[Block]:
+def page_blocks(path: Path, text: str | None = None) -> list[Block]:
+    """The shell blocks of one page (read from disk unless `text` is given), in document order."""
+    text = path.read_text(encoding="utf-8") if text is None else text
     without_ci = TEST_COMMAND.sub(lambda m: "\n" * m.group(0).count("\n"), text)  # CI's command never runs here
-    return [Block(m["lang"], m["body"], without_ci.count("\n", 0, m.start("lang")) + 1, m["reason"])
+    return [Block(m["lang"], m["body"], without_ci.count("\n", 0, m.start("lang")) + 1, m["reason"], path)
             for m in BLOCK.finditer(without_ci)]
+
+
+def doc_blocks() -> list[Block]:
+    """The shell blocks of every page in DOCS, in the order they run."""
+    return [block for path in DOCS for block in page_blocks(path)]
 
 
 # ---------------------------------------------------------------- comparing outputs
@@ -101,18 +118,18 @@ def _token_pattern(token: str, loose: bool) -> re.Pattern:
 
 
 def output_mismatch(command: str, expected: str, actual: str) -> str | None:
-    """None if `actual` is what the README shows for `command` (see the module docstring), else why not."""
+    """None if `actual` is what the page shows for `command` (see the module docstring), else why not."""
     words = shlex.split(command.split(";")[0])
     loose = len(words) > 1 and words[0] == "lora-cli" and words[1] in LOOSE_COMMANDS
     want = [line for line in expected.splitlines() if line.strip()]
     got = [line for line in actual.splitlines() if line.strip()]
     if len(want) != len(got):
-        return f"{len(got)} lines printed, the README shows {len(want)}"
+        return f"{len(got)} lines printed, the page shows {len(want)}"
     for n, (w, g) in enumerate(zip(want, got), 1):
         wt, gt = _tokens(w), _tokens(g)
         same = len(wt) == len(gt) and all(a == b or _token_pattern(a, loose).fullmatch(b) for a, b in zip(wt, gt))
         if not same:
-            return f"line {n}: the README shows\n  {w}\nbut the command printed\n  {g}"
+            return f"line {n}: the page shows\n  {w}\nbut the command printed\n  {g}"
     return None
 
 
@@ -149,7 +166,7 @@ def run_readme(root: Path, blocks: list[Block] | None = None) -> Session:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's lora-cli
     env["CUDA_VISIBLE_DEVICES"] = ""
     session = Session(work)
-    for block in blocks if blocks is not None else readme_blocks():
+    for block in blocks if blocks is not None else doc_blocks():
         if block.skip_reason is not None:
             session.skipped.append(block)
             continue
@@ -175,10 +192,10 @@ def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
 
 def test_every_example_runs(session: Session) -> None:
     failed = [r for r in session.runs if r.returncode != 0]
-    assert not failed, (f"README.md:{failed[0].block.line}: `{failed[0].command}` exited with "
+    assert not failed, (f"{failed[0].block.where}: `{failed[0].command}` exited with "
                         f"{failed[0].returncode}:\n{failed[0].output}")
-    runnable = [b.line for b in readme_blocks() if b.skip_reason is None]
-    assert sorted({r.block.line for r in session.runs}) == runnable
+    runnable = [b.where for b in doc_blocks() if b.skip_reason is None]
+    assert list(dict.fromkeys(r.block.where for r in session.runs)) == runnable
 
 
 def test_console_outputs_match(session: Session) -> None:
@@ -187,34 +204,69 @@ def test_console_outputs_match(session: Session) -> None:
         if r.expected is None:
             continue
         problem = output_mismatch(r.command, r.expected, r.output)
-        assert problem is None, f"README.md:{r.block.line}: `$ {r.command}`: {problem}\n--- printed:\n{r.output}"
+        assert problem is None, f"{r.block.where}: `$ {r.command}`: {problem}\n--- printed:\n{r.output}"
         checked += 1
     assert checked >= 12, "every command has an example with its output"
 
 
 def test_every_command_has_an_example() -> None:
-    shown = {shlex.split(cmd)[1] for b in readme_blocks() if b.lang == "console" for cmd, _ in b.commands
+    shown = {shlex.split(cmd)[1] for b in doc_blocks() if b.lang == "console" for cmd, _ in b.commands
              if cmd.startswith("lora-cli ")}
     from lora_cli.cli.commands import app
 
     commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands} | {"data"}
     assert commands - shown <= {"download"}, f"no console example for {sorted(commands - shown - {'download'})}"
-    assert any("lora-cli download" in b.body for b in readme_blocks() if b.skip_reason)  # shown, but needs the internet
+    assert any("lora-cli download" in b.body for b in doc_blocks() if b.skip_reason)  # shown, but needs the internet
 
 
 def test_skipped_blocks_are_few_and_say_why() -> None:
-    blocks = readme_blocks()
-    skipped = [b for b in blocks if b.skip_reason is not None]
-    assert 0 < len(skipped) <= MAX_SKIPPED, [b.line for b in skipped]
+    skipped = [b for b in doc_blocks() if b.skip_reason is not None]
+    assert 0 < len(skipped) <= MAX_SKIPPED, [b.where for b in skipped]
     for b in skipped:
-        assert len(b.skip_reason.split()) >= 3, f"README.md:{b.line}: say why the block cannot run offline"
-    # every marker belongs to a block (a marker a line too early would silently run nothing)
-    without_ci = TEST_COMMAND.sub("", README)
-    assert len(SKIP_MARKER.findall(without_ci)) == len(skipped)
-    # CI's test command is never run here, and no other shell block escapes the parser
-    assert "pytest" not in "".join(b.body for b in blocks if b.skip_reason is None)
-    fences = re.findall(r"^```(\w*)", TEST_COMMAND.sub("", README), re.M)
-    assert fences.count("bash") + fences.count("console") + fences.count("sh") + fences.count("shell") == len(blocks)
+        assert len(b.skip_reason.split()) >= 3, f"{b.where}: say why the block cannot run offline"
+    for path in DOCS:
+        blocks = page_blocks(path)
+        without_ci = TEST_COMMAND.sub("", path.read_text(encoding="utf-8"))
+        # every marker belongs to a block (a marker a line too early would silently run nothing)
+        assert len(SKIP_MARKER.findall(without_ci)) == sum(b.skip_reason is not None for b in blocks), path.name
+        # CI's test command is never run here, and no other shell block escapes the parser
+        assert "pytest" not in "".join(b.body for b in blocks if b.skip_reason is None), path.name
+        fences = re.findall(r"^```(\w*)", without_ci, re.M)
+        assert fences.count("bash") + fences.count("console") + fences.count("sh") + fences.count("shell") == len(blocks), path.name
+    assert "<!-- test-command -->" in README_PATH.read_text(encoding="utf-8")  # .ci/run reads it there
+
+
+def test_readme_links_every_command_to_its_reference() -> None:
+    """The README's command table names every command, and each link lands on a heading of docs/commands.md."""
+    from lora_cli.cli.commands import app
+
+    readme = README_PATH.read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z -]+)` \| .+ \| \[[^]]+\]\(docs/commands\.md#([a-z0-9-]+)\) \|$", readme, re.M)
+    commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands} | {"data sms-spam"}
+    assert {name for name, _ in rows} == commands
+    reference = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", reference, re.M)}
+    for name, anchor in rows:
+        assert anchor in anchors, f"README.md: `{name}` links to docs/commands.md#{anchor}, which is no heading"
+
+
+def test_relative_links_resolve() -> None:
+    """Every relative link of the pages names a file that exists, and an anchor in a page, a heading of it."""
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
+            assert path.exists(), f"{page.relative_to(ROOT)}: the link {target} names no file"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.M)
+                assert anchor in {_anchor(h) for h in headings}, f"{page.relative_to(ROOT)}: the link {target} names no heading"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
 
 
 def test_offline_quickstart(session: Session) -> None:
@@ -243,27 +295,31 @@ def test_comparison_rules() -> None:
     assert output_mismatch("lora-cli eval", table, "a    b\n\u2500\u2500\u2500\u2500\u2500\u2500\nx   10") is None
 
 
-def update_readme(session: Session) -> int:
-    """Write the outputs of `session` into README.md's console blocks (read afresh); the number of blocks changed."""
-    outputs = {}
+def update_pages(session: Session) -> int:
+    """Write the outputs of `session` into the console blocks of the pages they ran from (each read afresh);
+    the number of blocks changed."""
+    outputs: dict[tuple[Path, int], list[str]] = {}
     for r in session.runs:
         if r.expected is not None:
-            outputs.setdefault(r.block.line, []).append(f"$ {r.command}\n" + "".join(
+            outputs.setdefault((r.block.path, r.block.line), []).append(f"$ {r.command}\n" + "".join(
                 line.rstrip() + "\n" for line in r.output.splitlines()))
-    text = README_PATH.read_text(encoding="utf-8")
-    blocks = readme_blocks(text)
     changed = 0
-    for block in reversed(blocks):  # from the end, so earlier offsets stay valid
-        new = "".join(outputs.get(block.line, []))
-        if block.lang != "console" or not new or new == block.body:
-            continue
-        assert [c for c, _ in block.commands] == [c.splitlines()[0][2:] for c in outputs[block.line]]
-        start = _line_offset(text, block.line + 1)
-        end = start + len(block.body)
-        assert text[start:end] == block.body
-        text = text[:start] + new + text[end:]
-        changed += 1
-    README_PATH.write_text(text, encoding="utf-8")
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        page_changed = 0
+        for block in reversed(page_blocks(path, text)):  # from the end, so earlier offsets stay valid
+            new = "".join(outputs.get((path, block.line), []))
+            if block.lang != "console" or not new or new == block.body:
+                continue
+            assert [c for c, _ in block.commands] == [c.splitlines()[0][2:] for c in outputs[(path, block.line)]]
+            start = _line_offset(text, block.line + 1)
+            end = start + len(block.body)
+            assert text[start:end] == block.body
+            text = text[:start] + new + text[end:]
+            page_changed += 1
+        if page_changed:
+            path.write_text(text, encoding="utf-8")
+            changed += page_changed
     return changed
 
 
@@ -282,12 +338,12 @@ if __name__ == "__main__":
         result = run_readme(Path(tmp))
         if result.runs and result.runs[-1].returncode:
             r = result.runs[-1]
-            sys.exit(f"README.md:{r.block.line}: `{r.command}` exited with {r.returncode}:\n{r.output}")
+            sys.exit(f"{r.block.where}: `{r.command}` exited with {r.returncode}:\n{r.output}")
         if "--update" in sys.argv:
-            print(f"updated {update_readme(result)} console blocks of {README_PATH}")
+            print(f"updated {update_pages(result)} console blocks of {', '.join(p.name for p in DOCS)}")
         else:
             for r in result.runs:
                 if r.expected is not None:
-                    print(f"README.md:{r.block.line} ({r.seconds:.1f} s)\n$ {r.command}\n{r.output}")
+                    print(f"{r.block.where} ({r.seconds:.1f} s)\n$ {r.command}\n{r.output}")
         print(f"{sum(r.seconds for r in result.runs):.0f} s in all; the bash blocks "
               f"{sum(r.seconds for r in result.runs if r.expected is None):.0f} s", file=sys.stderr)
