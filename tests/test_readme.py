@@ -9,7 +9,8 @@ the output the page shows for it (stdout and stderr together, as a terminal show
 command's real output must match it line by line and word by word, numbers included, except
   - numbers with a decimal point or a percent sign (times, losses, accuracies, file sizes in MB),
   - every number in the output of `train`, `eval`, `predict` and `plot`, which depend on the
-    trained weights and on the machine (the words, labels and layout must still match),
+    trained weights and on the machine, and of `curl` (a server's answers also carry ids and times);
+    the words, labels and layout must still match,
   - hex digests of 12 to 64 digits (fingerprints of float weights).
 Box-drawing rules and runs of spaces are compared loosely (a wider number widens a table).
 
@@ -40,8 +41,9 @@ from conftest import SHARED_DATA
 ROOT = Path(__file__).resolve().parents[1]
 README_PATH = ROOT / "README.md"
 # The pages whose examples run, in the order they run: one shell session over all of them.
-DOCS = [README_PATH] + [ROOT / "docs" / name for name in ("commands.md", "reliability.md", "scaling.md", "benchmarks.md")]
-MAX_SKIPPED = 9  # blocks, on all the pages together, that need the internet, a GPU cluster or a fresh virtual environment
+DOCS = [README_PATH] + [ROOT / "docs" / name for name in ("commands.md", "reliability.md", "scaling.md", "benchmarks.md",
+                                                          "serving.md")]
+MAX_SKIPPED = 10  # blocks, on all the pages together, that need the internet, a GPU cluster or a fresh virtual environment
 
 TEST_COMMAND = re.compile(r"<!-- test-command -->.*?<!-- /test-command -->", re.S)
 BLOCK = re.compile(
@@ -120,7 +122,7 @@ def _token_pattern(token: str, loose: bool) -> re.Pattern:
 def output_mismatch(command: str, expected: str, actual: str) -> str | None:
     """None if `actual` is what the page shows for `command` (see the module docstring), else why not."""
     words = shlex.split(command.split(";")[0])
-    loose = len(words) > 1 and words[0] == "lora-cli" and words[1] in LOOSE_COMMANDS
+    loose = words[:1] == ["curl"] or len(words) > 1 and words[0] == "lora-cli" and words[1] in LOOSE_COMMANDS
     want = [line for line in expected.splitlines() if line.strip()]
     got = [line for line in actual.splitlines() if line.strip()]
     if len(want) != len(got):
