@@ -4,7 +4,8 @@
 details (Qwen3's free head_dim, QK-norm and `scale`-named norms; Llama 3's RoPE frequency
 scaling), so one `Decoder` takes those as arguments and each family file keeps its config, presets
 and Hugging Face names. As in `lora_cli.models.gpt`, the numbers are the book's but computed with
-`scaled_dot_product_attention`, and a classifier's forward pass skips padding (`Packing`).
+`scaled_dot_product_attention`, and a classifier's forward pass skips padding, attending through the
+packed attention every family shares (`lora_cli.models.packing`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models import recompute
-from lora_cli.models.gpt import Packing
+from lora_cli.models.packing import Packing, attend, packed_attention
 from lora_cli.util.errors import LoraCliError
 from lora_cli.util.schema import Bool, Float, Int, Nullable, Obj, Str, check
-
-# SDPA repeats the key/value heads itself from torch 2.5; older versions get them expanded here.
-_ENABLE_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
 
 class DecoderConfig(Protocol):
@@ -147,14 +145,6 @@ class _Rotation(torch.autograd.Function):
         return _rotate(grad, cos, sin, -1.0), None, None
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """SDPA for (B, heads, T, d) queries on (B, kv_groups, T, d) keys and values."""
-    if _ENABLE_GQA:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
-    group = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kwargs)
-
-
 def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
     """Each of `linears` applied to the same `x`.
 
@@ -237,32 +227,7 @@ class GroupedQueryAttention(nn.Module):
             q = self._heads(q, self.num_heads, self.q_norm, cos, sin)
         k = self._heads(k, self.num_kv_groups, self.k_norm, cos, sin)
         v = self._heads(v, self.num_kv_groups, None)
-        if packing.lengths is not None:  # one call per sequence on its rows: no padding anywhere
-            # Each tensor is viewed once as (1, heads, tokens, head_dim) (SDPA's fused CPU kernel takes
-            # 4-D inputs only) and split along the tokens: no per-sequence view ops, forward or backward.
-            # A lone query is the sequence's last position, which sees every key: no causal mask then.
-            queries, keys, values = (
-                t.transpose(0, 1)[None].split(n, 2) for t, n in ((q, 1 if last_only else packing.lengths),
-                                                                   (k, packing.lengths), (v, packing.lengths))
-            )
-            outs = [attend(*qkv, is_causal=not last_only) for qkv in zip(queries, keys, values)]
-            return self.out_proj(recompute.derive(_merge_sequences(*outs), _merge_sequences, *outs))
-        k, v = (packing.grid(t.flatten(1), self.num_kv_groups) for t in (k, v))
-        if last_only:  # one query per sequence, padded keys masked
-            ctx = attend(q[:, :, None], k, v, attn_mask=packing.key_mask)
-            return self.out_proj(ctx.reshape(packing.batch, -1))
-        ctx = attend(packing.grid(q.flatten(1), self.num_heads), k, v, is_causal=True)
-        return self.out_proj(recompute.derive(_ungrid(ctx, packing.token_index), _ungrid, ctx, packing.token_index))
-
-
-def _merge_sequences(*outs: torch.Tensor) -> torch.Tensor:
-    """Per-sequence attention outputs, each (1, heads, tokens, head_dim), as one packed (N, heads * head_dim)."""
-    return torch.cat(outs, 2)[0].transpose(0, 1).flatten(1)
-
-
-def _ungrid(ctx: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """Grid attention output (B, heads, T, head_dim) at the real tokens, packed (N, heads * head_dim)."""
-    return ctx.transpose(1, 2).reshape(ctx.shape[0] * ctx.shape[2], -1)[token_index]
+        return self.out_proj(packed_attention(q, k, v, packing, last_only))
 
 
 class TransformerBlock(nn.Module):
