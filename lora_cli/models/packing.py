@@ -83,6 +83,7 @@ def packed_attention(
     `k` and `v` are (N, kv_groups, head_dim), one row per real token; `q` is (N, heads, head_dim), or with
     `last_only` (B, heads, head_dim), the query of each sequence's last token only (the classifier reads
     nothing else). `heads` is a multiple of `kv_groups` (grouped-query attention; equal for plain multi-head).
+    `dropout_p` drops attention weights, as GPT-2 does in training; the decoder families have no attention dropout.
     """
     if packing.lengths is not None:  # one call per sequence on its rows: no padding anywhere
         # Each tensor is viewed once as (1, heads, tokens, head_dim) (SDPA's fused CPU kernel takes
