@@ -60,18 +60,18 @@ def switches():  # noqa: ANN201
     import torch.nn.functional as F
 
     from lora_cli.lora import layers as lora
-    from lora_cli.models import gelu, gpt as model
+    from lora_cli.models import gelu, gpt as model, packing
     from lora_cli.runtime import halves
 
     forward = model.GPTModel.forward
-    plan = model.Packing.from_last_index.__func__
+    plan = packing.Packing.from_last_index.__func__
     aten_gelu = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731
     aten_gelu_backward = lambda g, x: (aten_gelu(x), torch.ops.aten.gelu_backward(g, x, approximate="tanh"))  # noqa: E731
     return {
         "all": contextlib.nullcontext,
         "packing": lambda: patched(model.GPTModel, "forward",
                                    lambda self, ids, last=None, packed=True, attention="auto": forward(self, ids, last, False)),
-        "per-sequence": lambda: patched(model.Packing, "from_last_index",
+        "per-sequence": lambda: patched(packing.Packing, "from_last_index",
                                         classmethod(lambda cls, li, t, dev, attention="auto": plan(cls, li, t, dev, "grid"))),
         "fused-lora": lambda: patched(lora.LinearWithLoRA, "_fusable", lambda self, x: False),
         "sigmoid-gelu": lambda: _both(

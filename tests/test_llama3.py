@@ -153,13 +153,13 @@ def test_lora_targets_are_linear_layers_with_peft_names() -> None:
 
 def test_expanded_key_values_match_sdpa_gqa(monkeypatch: pytest.MonkeyPatch) -> None:
     """The path for torch < 2.5 (no enable_gqa) gives the same numbers."""
-    from lora_cli.models import decoder as layers
+    from lora_cli.models import packing
 
     model = randomize(Llama3Model(TINY, out_dim=3))
     ids, last = right_padded([7, 3, 12], TINY.vocab_size)
     with torch.no_grad():
         fused = model(ids), model(ids, last_index=last)
-        monkeypatch.setattr(layers, "_ENABLE_GQA", not layers._ENABLE_GQA)
+        monkeypatch.setattr(packing, "_ENABLE_GQA", not packing._ENABLE_GQA)
         expanded = model(ids), model(ids, last_index=last)
     assert max(max_diff(a, b) for a, b in zip(fused, expanded)) < 1e-5
 

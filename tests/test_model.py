@@ -13,6 +13,7 @@ from llms_from_scratch.ch04 import GPTModel as BookGPTModel
 from lora_cli.formats.checkpoint import normalize_state
 from lora_cli.models.config import PRESETS, ModelConfig
 from lora_cli.models.gpt import GELU, GPTModel, LayerNorm, MultiHeadAttention
+from lora_cli.models.packing import Packing
 
 SMALL = dict(vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -328,6 +329,25 @@ def test_packed_forward_equals_each_sequence_alone_in_the_book_model(attention: 
         got = ours(ids, last, attention=attention)
         expected = torch.stack([book(ids[i : i + 1, :n])[0, -1] for i, n in enumerate(lengths)])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("last_only", [False, True])
+@pytest.mark.parametrize("attention", ["per-sequence", "grid"])
+def test_packed_attention_drops_out_in_training_only(attention: str, last_only: bool) -> None:
+    """GPT-2's attention dropout (the book's, on the attention weights) applies on the packed path in training,
+    and in eval mode the packed attention is the padded one's at the real tokens."""
+    torch.manual_seed(0)
+    att = MultiHeadAttention(ModelConfig.from_dict(book_cfg(drop_rate=0.5)))
+    lengths = [5, 9, 2]
+    padded = torch.randn(len(lengths), max(lengths), SMALL["emb_dim"])
+    packing = Packing.from_last_index(torch.tensor(lengths) - 1, max(lengths), padded.device, attention)
+    x = padded.flatten(0, 1)[packing.token_index]
+    with torch.no_grad():
+        reference = att.eval()(padded).flatten(0, 1)[packing.token_index]
+        evaluated = att.forward_packed(x, packing, last_only)
+        trained = att.train().forward_packed(x, packing, last_only)
+    torch.testing.assert_close(evaluated, reference[packing.last_rows] if last_only else reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(trained, evaluated, atol=1e-3)
 
 
 def test_packed_forward_in_inference_mode_matches_no_grad() -> None:

@@ -2,28 +2,25 @@
 
 `llms_from_scratch.llama3.Llama3Model` and `llms_from_scratch.qwen3.Qwen3Model` differ only in
 details (Qwen3's free head_dim, QK-norm and `scale`-named norms; Llama 3's RoPE frequency
-scaling), so one `Decoder` takes those as arguments and each family file keeps its config, presets
-and Hugging Face names. As in `lora_cli.models.gpt`, the numbers are the book's but computed with
-`scaled_dot_product_attention`, and a classifier's forward pass skips padding (`Packing`).
+scaling), so one `Decoder` takes those as arguments and each family file keeps its config and
+presets; `lora_cli.models.hf_decoder` maps the names and config.json of Hugging Face's models of this
+shape. As in `lora_cli.models.gpt`, the numbers are the book's but computed with
+`scaled_dot_product_attention`, and a classifier's forward pass skips padding, attending through the
+packed attention every family shares (`lora_cli.models.packing`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models import recompute
-from lora_cli.models.gpt import Packing
-from lora_cli.util.errors import LoraCliError
-from lora_cli.util.schema import Bool, Float, Int, Nullable, Obj, Str, check
-
-# SDPA repeats the key/value heads itself from torch 2.5; older versions get them expanded here.
-_ENABLE_GQA = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+from lora_cli.models.packing import Packing, attend, packed_attention
 
 
 class DecoderConfig(Protocol):
@@ -147,14 +144,6 @@ class _Rotation(torch.autograd.Function):
         return _rotate(grad, cos, sin, -1.0), None, None
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    """SDPA for (B, heads, T, d) queries on (B, kv_groups, T, d) keys and values."""
-    if _ENABLE_GQA:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
-    group = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **kwargs)
-
-
 def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
     """Each of `linears` applied to the same `x`.
 
@@ -237,32 +226,7 @@ class GroupedQueryAttention(nn.Module):
             q = self._heads(q, self.num_heads, self.q_norm, cos, sin)
         k = self._heads(k, self.num_kv_groups, self.k_norm, cos, sin)
         v = self._heads(v, self.num_kv_groups, None)
-        if packing.lengths is not None:  # one call per sequence on its rows: no padding anywhere
-            # Each tensor is viewed once as (1, heads, tokens, head_dim) (SDPA's fused CPU kernel takes
-            # 4-D inputs only) and split along the tokens: no per-sequence view ops, forward or backward.
-            # A lone query is the sequence's last position, which sees every key: no causal mask then.
-            queries, keys, values = (
-                t.transpose(0, 1)[None].split(n, 2) for t, n in ((q, 1 if last_only else packing.lengths),
-                                                                   (k, packing.lengths), (v, packing.lengths))
-            )
-            outs = [attend(*qkv, is_causal=not last_only) for qkv in zip(queries, keys, values)]
-            return self.out_proj(recompute.derive(_merge_sequences(*outs), _merge_sequences, *outs))
-        k, v = (packing.grid(t.flatten(1), self.num_kv_groups) for t in (k, v))
-        if last_only:  # one query per sequence, padded keys masked
-            ctx = attend(q[:, :, None], k, v, attn_mask=packing.key_mask)
-            return self.out_proj(ctx.reshape(packing.batch, -1))
-        ctx = attend(packing.grid(q.flatten(1), self.num_heads), k, v, is_causal=True)
-        return self.out_proj(recompute.derive(_ungrid(ctx, packing.token_index), _ungrid, ctx, packing.token_index))
-
-
-def _merge_sequences(*outs: torch.Tensor) -> torch.Tensor:
-    """Per-sequence attention outputs, each (1, heads, tokens, head_dim), as one packed (N, heads * head_dim)."""
-    return torch.cat(outs, 2)[0].transpose(0, 1).flatten(1)
-
-
-def _ungrid(ctx: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """Grid attention output (B, heads, T, head_dim) at the real tokens, packed (N, heads * head_dim)."""
-    return ctx.transpose(1, 2).reshape(ctx.shape[0] * ctx.shape[2], -1)[token_index]
+        return self.out_proj(packed_attention(q, k, v, packing, last_only))
 
 
 class TransformerBlock(nn.Module):
@@ -375,122 +339,3 @@ def attention_problem(n_heads: int, n_kv_groups: int, head_dim: int) -> str | No
     if head_dim % 2:
         return f"the head dimension ({head_dim}) must be even for RoPE"
     return None
-
-
-# Hugging Face module path -> native, for the modules every family has (`{}` is the layer number).
-HF_BLOCK = {
-    "att.W_query": "self_attn.q_proj", "att.W_key": "self_attn.k_proj", "att.W_value": "self_attn.v_proj",
-    "att.out_proj": "self_attn.o_proj", "ff.fc1": "mlp.gate_proj", "ff.fc2": "mlp.up_proj",
-    "ff.fc3": "mlp.down_proj", "norm1": "input_layernorm", "norm2": "post_attention_layernorm",
-}
-PEFT_NAMES = {
-    "W_query": "q_proj", "W_key": "k_proj", "W_value": "v_proj", "out_proj": "o_proj",
-    "fc1": "gate_proj", "fc2": "up_proj", "fc3": "down_proj", "out_head": "score",
-}
-LORA_TARGETS = tuple(PEFT_NAMES)
-# Family.peft_names: each block Linear's Hugging Face module (none fused), the head is `score`.
-PEFT_MODULES = {n: h for n, h in HF_BLOCK.items() if not n.startswith("norm")} | {"out_head": "score"}
-
-
-def _key_map(cfg: DecoderConfig, block: Mapping[str, str], norm: str) -> dict[str, str]:
-    """native key -> HF key for every tensor but the head; a norm's parameter is named `norm` natively."""
-    modules = {"tok_emb": "model.embed_tokens", "final_norm": "model.norm"}
-    for i in range(cfg.n_layers):
-        modules.update({f"trf_blocks.{i}.{n}": f"model.layers.{i}.{h}" for n, h in block.items()})
-    return {f"{n}.{norm if 'norm' in n.rpartition('.')[2] else 'weight'}": f"{h}.weight" for n, h in modules.items()}
-
-
-def hf_to_native(
-    hf_state: Mapping[str, torch.Tensor], cfg: DecoderConfig, block: Mapping[str, str], norm: str,
-    where: str = "Hugging Face state",
-) -> dict[str, torch.Tensor]:
-    """Rename a *ForCausalLM / *ForSequenceClassification state to the book's names.
-
-    The head is `score` (a classifier), `lm_head`, or, for tied embeddings, the embedding itself
-    (HF files store a tied head once). Unknown or missing tensors are a LoraCliError, so a model
-    of another shape is never half-loaded.
-    """
-    names = {h: n for n, h in _key_map(cfg, block, norm).items()}
-    names["score.weight" if "score.weight" in hf_state else "lm_head.weight"] = "out_head.weight"
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, tensor in hf_state.items():
-        if key in names:
-            out[names[key]] = tensor
-        elif not key.endswith("rotary_emb.inv_freq"):  # older checkpoints store this constant
-            unknown.append(key)
-    if "out_head.weight" not in out and cfg.tie_embeddings and "model.embed_tokens.weight" in hf_state:
-        out["out_head.weight"] = hf_state["model.embed_tokens.weight"]
-    missing = [n for n in names.values() if n not in out]
-    if unknown or missing:
-        problems = ([f"unknown tensors {', '.join(unknown[:5])}"] if unknown else []) + (
-            [f"missing {', '.join(missing[:5])}"] if missing else [])
-        raise LoraCliError(f"{where} does not fit this model config: {'; '.join(problems)}")
-    return out
-
-
-def native_to_hf(
-    state: Mapping[str, torch.Tensor], cfg: DecoderConfig, block: Mapping[str, str], norm: str
-) -> dict[str, torch.Tensor]:
-    """The inverse of `hf_to_native`: a head of `vocab_size` rows is `lm_head` (left out when tied,
-    as HF files store it), any other is a classifier's `score`."""
-    names = _key_map(cfg, block, norm)
-    head = state.get("out_head.weight")
-    if head is not None and head.shape[0] != cfg.vocab_size:
-        names["out_head.weight"] = "score.weight"
-    elif not cfg.tie_embeddings:
-        names["out_head.weight"] = "lm_head.weight"
-    unknown = [k for k in state if k not in names and k != "out_head.weight"]
-    if unknown:
-        raise LoraCliError(f"no Hugging Face name for {', '.join(unknown[:5])} (not tensors of this model config)")
-    return {names[k]: t for k, t in state.items() if k in names}
-
-
-# The config.json fields lora-cli reads; the rest (token ids, dtype, ...) do not shape the model.
-HF_CONFIG = Obj({
-    "vocab_size": Int(min=1), "max_position_embeddings": Int(min=1), "hidden_size": Int(min=1),
-    "num_attention_heads": Int(min=1), "num_hidden_layers": Int(min=1), "intermediate_size": Int(min=1),
-}, optional={
-    "model_type": Str(), "num_key_value_heads": Nullable(Int(min=1)), "head_dim": Nullable(Int(min=1)),
-    "rope_theta": Float(above=0), "rope_scaling": Nullable(Obj({}, extra=True)),
-    "rope_parameters": Nullable(Obj({}, extra=True)), "tie_word_embeddings": Bool(), "rms_norm_eps": Float(above=0),
-    "hidden_act": Str(), "attention_bias": Bool(), "mlp_bias": Bool(), "use_sliding_window": Bool(),
-}, extra=True)
-
-
-def read_hf_config(data: Any, where: str, model_type: str, norm_eps: float) -> tuple[dict[str, Any], dict, dict]:
-    """The native fields every family shares, the checked config.json and its RoPE parameters.
-
-    Accepts the config.json of transformers 4 (`rope_theta`, `rope_scaling`) and 5 (`rope_parameters`).
-    What the native model cannot compute (biases, another activation or norm epsilon) is refused.
-    """
-    hf = check(data, HF_CONFIG, where)
-    rope = dict(hf.get("rope_scaling") or {}) | dict(hf.get("rope_parameters") or {})
-    rope["rope_theta"] = check(rope.get("rope_theta", hf.get("rope_theta", 10000.0)), Float(above=0), where, "rope_theta")
-    refused = {
-        "model_type": (hf.get("model_type", model_type), model_type), "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (hf.get("attention_bias", False), False), "mlp_bias": (hf.get("mlp_bias", False), False),
-        "rms_norm_eps": (hf.get("rms_norm_eps", norm_eps), norm_eps),
-        "use_sliding_window": (hf.get("use_sliding_window", False), False),
-    }
-    for key, (value, needed) in refused.items():
-        if value != needed:
-            raise LoraCliError(f"{where}: {key} {value!r} is not supported (lora-cli's {model_type} needs {needed!r})")
-    native = dict(
-        vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], emb_dim=hf["hidden_size"],
-        n_heads=hf["num_attention_heads"], n_layers=hf["num_hidden_layers"], hidden_dim=hf["intermediate_size"],
-        n_kv_groups=hf.get("num_key_value_heads") or hf["num_attention_heads"], rope_base=rope["rope_theta"],
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-    )
-    return native, hf, rope
-
-
-def hf_config_common(cfg: DecoderConfig, model_type: str, head_dim: int, norm_eps: float) -> dict[str, Any]:
-    """The config.json fields every family writes (transformers 4 spelling, which 5 reads too)."""
-    return {
-        "model_type": model_type, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length,
-        "hidden_size": cfg.emb_dim, "num_attention_heads": cfg.n_heads, "num_hidden_layers": cfg.n_layers,
-        "intermediate_size": cfg.hidden_dim, "num_key_value_heads": cfg.n_kv_groups, "head_dim": head_dim,
-        "rope_theta": float(cfg.rope_base), "rms_norm_eps": norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu", "attention_bias": False,
-    }

@@ -5,12 +5,11 @@ Keys match `llms_from_scratch.ch04.GPTModel` exactly (`tok_emb`, `pos_emb`,
 `norm1|norm2|final_norm.scale|shift`, `out_head`), so the book's checkpoints load as they are.
 The departures are all in how the numbers are computed, not in what they are: attention runs
 through `scaled_dot_product_attention` (the book's `mask` buffer is a constant and is not
-stored), and a classifier's forward pass skips padding (see `Packing`).
+stored), and a classifier's forward pass skips padding (`lora_cli.models.packing`, whose attention
+every family shares).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,49 +17,7 @@ from torch import nn
 
 from lora_cli.models.config import ModelConfig
 from lora_cli.models.gelu import GELU
-
-ATTENTION_LAYOUTS = ("auto", "per-sequence", "grid")
-
-
-@dataclass
-class Packing:
-    """Where the real tokens of a right-padded batch are, so padding costs no matmul work.
-
-    Linear layers, norms and the MLP see only the N real tokens, as one (N, d) matrix. Attention
-    needs each sequence's tokens together; two layouts give the same numbers up to rounding:
-    - per sequence (`lengths` set; the default on the CPU): one attention call per sequence on
-      slices of the packed matrix, so attention does no work on padding either;
-    - grid (`lengths` None; the default on GPUs, where one large kernel beats many small ones):
-      tokens are scattered into a zero-padded (B, T) grid. Causal attention with right padding
-      never lets a real token see a padded one.
-    """
-
-    batch: int
-    seq_len: int
-    token_index: torch.Tensor  # (N,) flat positions b * T + t of the real tokens, ascending
-    last_rows: torch.Tensor  # (B,) row of each sequence's last real token in the packed (N, d) matrix
-    key_mask: torch.Tensor  # (B, 1, 1, T) True where a key is a real token
-    lengths: list[int] | None  # each sequence's real tokens, for per-sequence attention
-
-    @classmethod
-    def from_last_index(
-        cls, last_index: torch.Tensor, seq_len: int, device: torch.device, attention: str = "auto"
-    ) -> Packing:
-        """Built where `last_index` lives (the CPU in the training loop, so no device sync), then moved."""
-        if attention not in ATTENTION_LAYOUTS:
-            raise ValueError(f"attention layout {attention!r}; choose one of {', '.join(ATTENTION_LAYOUTS)}")
-        lengths = last_index.long() + 1
-        real = torch.arange(seq_len, device=last_index.device) < lengths[:, None]
-        plan = (real.flatten().nonzero().squeeze(1), lengths.cumsum(0) - 1, real[:, None, None, :])
-        if last_index.device != device:
-            plan = tuple(t.to(device, non_blocking=True) for t in plan)
-        per_sequence = attention == "per-sequence" or (attention == "auto" and device.type == "cpu")
-        return cls(len(lengths), seq_len, *plan, lengths.tolist() if per_sequence else None)
-
-    def grid(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        """(N, d) -> (B, heads, T, d / heads), zeros where the padding is."""
-        out = x.new_zeros(self.batch * self.seq_len, x.shape[-1]).index_copy(0, self.token_index, x)
-        return out.view(self.batch, self.seq_len, heads, -1).transpose(1, 2)
+from lora_cli.models.packing import Packing, packed_attention
 
 
 class LayerNorm(nn.Module):
@@ -112,37 +69,13 @@ class MultiHeadAttention(nn.Module):
 
     def forward_packed(self, x: torch.Tensor, packing: Packing, last_only: bool = False) -> torch.Tensor:
         """Attention over packed tokens (N, d); with `last_only`, queries only at each last token (B, d)."""
-        if packing.lengths is not None:
-            return self._per_sequence(x, packing, last_only)
-        k = packing.grid(self.W_key(x), self.num_heads)
-        v = packing.grid(self.W_value(x), self.num_heads)
-        if last_only:  # the classifier reads one position: one query per sequence, padded keys masked
-            q = self.W_query(x[packing.last_rows]).view(packing.batch, self.num_heads, 1, self.head_dim)
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask, dropout_p=self._dropout_p())
-            return self.out_proj(ctx.reshape(packing.batch, -1))
-        q = packing.grid(self.W_query(x), self.num_heads)
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self._dropout_p())
-        ctx = ctx.transpose(1, 2).reshape(packing.batch * packing.seq_len, -1)
-        return self.out_proj(ctx[packing.token_index])
+        q = self._heads(self.W_query(x[packing.last_rows] if last_only else x))
+        k, v = self._heads(self.W_key(x)), self._heads(self.W_value(x))
+        return self.out_proj(packed_attention(q, k, v, packing, last_only, self._dropout_p()))
 
-    def _per_sequence(self, x: torch.Tensor, packing: Packing, last_only: bool) -> torch.Tensor:
-        """One attention call per sequence on its rows of the packed matrix: no padding anywhere."""
-        lengths = packing.lengths
-        keys, values = self.W_key(x).split(lengths), self.W_value(x).split(lengths)
-        # A lone query is the sequence's last position, which sees every key: no causal mask then.
-        # Batched 4-D views: SDPA's fused CPU kernel takes 4-D inputs only (3-D falls back to math).
-        queries = self.W_query(x[packing.last_rows]).split(1) if last_only else self.W_query(x).split(lengths)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (n, d) -> (1, heads, n, head_dim), a view
-            return t.view(1, t.shape[0], self.num_heads, self.head_dim).transpose(1, 2)
-
-        ctx = [
-            F.scaled_dot_product_attention(
-                heads(q), heads(k), heads(v), is_causal=not last_only, dropout_p=self._dropout_p()
-            ).transpose(1, 2).reshape(q.shape[0], -1)
-            for q, k, v in zip(queries, keys, values)
-        ]
-        return self.out_proj(torch.cat(ctx))
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """A projection (rows, d) as (rows, heads, head_dim), a view."""
+        return t.unflatten(-1, (self.num_heads, self.head_dim))
 
     def _dropout_p(self) -> float:
         return self.dropout if self.training else 0.0

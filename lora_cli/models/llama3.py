@@ -15,14 +15,15 @@ from typing import Any, ClassVar
 import torch
 
 from lora_cli.models import decoder as layers
+from lora_cli.models import hf_decoder
 from lora_cli.models.families import TOKENIZER_JSON, Family, HfClassifier
 from lora_cli.util.errors import LoraCliError
 from lora_cli.util.schema import Bool, CheckedConfig, Float, Int, Nullable, Obj, Rule
 
 NORM_EPS = 1e-5
 NORM_WEIGHT = "weight"  # torch's nn.RMSNorm, as the book uses
-LORA_TARGETS = layers.LORA_TARGETS  # the native Linear names a LoRA may target
-PEFT_NAMES = layers.PEFT_NAMES  # native leaf name -> Hugging Face's (PEFT target_modules)
+LORA_TARGETS = hf_decoder.LORA_TARGETS  # the native Linear names a LoRA may target
+PEFT_NAMES = hf_decoder.PEFT_NAMES  # native leaf name -> Hugging Face's (PEFT target_modules)
 
 
 @dataclass(frozen=True)
@@ -106,18 +107,18 @@ class Llama3Model(layers.Decoder):
 
 
 def hf_to_native(hf_state: Mapping[str, torch.Tensor], cfg: Llama3Config, where: str = "Llama state") -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM / LlamaForSequenceClassification names -> the book's (see layers.hf_to_native)."""
-    return layers.hf_to_native(hf_state, cfg, layers.HF_BLOCK, NORM_WEIGHT, where)
+    """LlamaForCausalLM / LlamaForSequenceClassification names -> the book's (see hf_decoder.hf_to_native)."""
+    return hf_decoder.hf_to_native(hf_state, cfg, hf_decoder.HF_BLOCK, NORM_WEIGHT, where)
 
 
 def native_to_hf(state: Mapping[str, torch.Tensor], cfg: Llama3Config) -> dict[str, torch.Tensor]:
     """The book's names -> LlamaForCausalLM's (`lm_head`) or LlamaForSequenceClassification's (`score`)."""
-    return layers.native_to_hf(state, cfg, layers.HF_BLOCK, NORM_WEIGHT)
+    return hf_decoder.native_to_hf(state, cfg, hf_decoder.HF_BLOCK, NORM_WEIGHT)
 
 
 def config_from_hf(data: Any, where: str = "config.json") -> Llama3Config:
     """A Llama3Config from a Llama config.json; a RoPE type other than default or llama3 is refused."""
-    native, hf, rope = layers.read_hf_config(data, where, "llama", NORM_EPS)
+    native, hf, rope = hf_decoder.read_hf_config(data, where, "llama", NORM_EPS)
     head_dim = hf.get("head_dim") or native["emb_dim"] // native["n_heads"]
     if head_dim * native["n_heads"] != native["emb_dim"]:
         raise LoraCliError(f"{where}: head_dim {head_dim} is not hidden_size / num_attention_heads (not a Llama shape)")
@@ -138,7 +139,8 @@ def config_to_hf(cfg: Llama3Config) -> dict[str, Any]:
         "rope_type": "llama3", "factor": freq["factor"], "low_freq_factor": freq["low_freq_factor"],
         "high_freq_factor": freq["high_freq_factor"], "original_max_position_embeddings": freq["original_context_length"],
     }
-    return layers.hf_config_common(cfg, "llama", cfg.head_dim, NORM_EPS) | {"mlp_bias": False, "rope_scaling": scaling}
+    common = hf_decoder.hf_config_common(cfg, "llama", cfg.head_dim, NORM_EPS)
+    return common | {"mlp_bias": False, "rope_scaling": scaling}
 
 
 # Padding is never attended to (causal attention, right padding) nor, on the packed path, embedded:
@@ -146,6 +148,7 @@ def config_to_hf(cfg: Llama3Config) -> dict[str, Any]:
 FAMILY = Family(
     name="llama3", config_class=Llama3Config, config_schema=LLAMA3_CONFIG, presets=PRESETS, model=Llama3Model,
     hf_model_types=("llama",), hf_to_native=hf_to_native, native_to_hf=native_to_hf,
-    config_from_hf=config_from_hf, config_to_hf=config_to_hf, lora_targets=LORA_TARGETS, peft_names=layers.PEFT_MODULES,
-    hf_classifier=HfClassifier("LlamaForSequenceClassification", "model.layers"), tokenizer=TOKENIZER_JSON, pad_id=0,
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, lora_targets=LORA_TARGETS,
+    peft_names=hf_decoder.PEFT_MODULES, hf_classifier=HfClassifier("LlamaForSequenceClassification", "model.layers"),
+    tokenizer=TOKENIZER_JSON, pad_id=0,
 )

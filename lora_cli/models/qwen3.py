@@ -14,15 +14,16 @@ from typing import Any, ClassVar
 import torch
 
 from lora_cli.models import decoder as layers
+from lora_cli.models import hf_decoder
 from lora_cli.models.families import TOKENIZER_JSON, Family, HfClassifier
 from lora_cli.util.errors import LoraCliError
 from lora_cli.util.schema import Bool, CheckedConfig, Float, Int, Obj, Rule
 
 NORM_EPS = 1e-6
 NORM_WEIGHT = "scale"  # the book's Qwen3 RMSNorm
-HF_BLOCK = layers.HF_BLOCK | {"att.q_norm": "self_attn.q_norm", "att.k_norm": "self_attn.k_norm"}
-LORA_TARGETS = layers.LORA_TARGETS  # the native Linear names a LoRA may target
-PEFT_NAMES = layers.PEFT_NAMES  # native leaf name -> Hugging Face's (PEFT target_modules)
+HF_BLOCK = hf_decoder.HF_BLOCK | {"att.q_norm": "self_attn.q_norm", "att.k_norm": "self_attn.k_norm"}
+LORA_TARGETS = hf_decoder.LORA_TARGETS  # the native Linear names a LoRA may target
+PEFT_NAMES = hf_decoder.PEFT_NAMES  # native leaf name -> Hugging Face's (PEFT target_modules)
 
 
 @dataclass(frozen=True)
@@ -77,18 +78,18 @@ class Qwen3Model(layers.Decoder):
 
 
 def hf_to_native(hf_state: Mapping[str, torch.Tensor], cfg: Qwen3Config, where: str = "Qwen3 state") -> dict[str, torch.Tensor]:
-    """Qwen3ForCausalLM / Qwen3ForSequenceClassification names -> the book's (see layers.hf_to_native)."""
-    return layers.hf_to_native(hf_state, cfg, HF_BLOCK if cfg.qk_norm else layers.HF_BLOCK, NORM_WEIGHT, where)
+    """Qwen3ForCausalLM / Qwen3ForSequenceClassification names -> the book's (see hf_decoder.hf_to_native)."""
+    return hf_decoder.hf_to_native(hf_state, cfg, HF_BLOCK if cfg.qk_norm else hf_decoder.HF_BLOCK, NORM_WEIGHT, where)
 
 
 def native_to_hf(state: Mapping[str, torch.Tensor], cfg: Qwen3Config) -> dict[str, torch.Tensor]:
     """The book's names -> Qwen3ForCausalLM's (`lm_head`) or Qwen3ForSequenceClassification's (`score`)."""
-    return layers.native_to_hf(state, cfg, HF_BLOCK if cfg.qk_norm else layers.HF_BLOCK, NORM_WEIGHT)
+    return hf_decoder.native_to_hf(state, cfg, HF_BLOCK if cfg.qk_norm else hf_decoder.HF_BLOCK, NORM_WEIGHT)
 
 
 def config_from_hf(data: Any, where: str = "config.json") -> Qwen3Config:
     """A Qwen3Config from a Qwen3 config.json (dense, full attention, plain RoPE)."""
-    native, hf, rope = layers.read_hf_config(data, where, "qwen3", NORM_EPS)
+    native, hf, rope = hf_decoder.read_hf_config(data, where, "qwen3", NORM_EPS)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise LoraCliError(f"{where}: RoPE type {rope_type!r} is not supported (only default)")
@@ -99,7 +100,8 @@ def config_to_hf(cfg: Qwen3Config) -> dict[str, Any]:
     """config.json fields for transformers' Qwen3Config (4.51+ and 5.x read them)."""
     if not cfg.qk_norm:
         raise LoraCliError("a Qwen3 config without qk_norm has no Hugging Face equivalent (Qwen3 always normalizes q and k)")
-    return layers.hf_config_common(cfg, "qwen3", cfg.head_dim, NORM_EPS) | {"rope_scaling": None, "use_sliding_window": False}
+    common = hf_decoder.hf_config_common(cfg, "qwen3", cfg.head_dim, NORM_EPS)
+    return common | {"rope_scaling": None, "use_sliding_window": False}
 
 
 # Padding is never attended to (causal attention, right padding) nor, on the packed path, embedded:
@@ -107,6 +109,7 @@ def config_to_hf(cfg: Qwen3Config) -> dict[str, Any]:
 FAMILY = Family(
     name="qwen3", config_class=Qwen3Config, config_schema=QWEN3_CONFIG, presets=PRESETS, model=Qwen3Model,
     hf_model_types=("qwen3",), hf_to_native=hf_to_native, native_to_hf=native_to_hf,
-    config_from_hf=config_from_hf, config_to_hf=config_to_hf, lora_targets=LORA_TARGETS, peft_names=layers.PEFT_MODULES,
-    hf_classifier=HfClassifier("Qwen3ForSequenceClassification", "model.layers"), tokenizer=TOKENIZER_JSON, pad_id=0,
+    config_from_hf=config_from_hf, config_to_hf=config_to_hf, lora_targets=LORA_TARGETS,
+    peft_names=hf_decoder.PEFT_MODULES, hf_classifier=HfClassifier("Qwen3ForSequenceClassification", "model.layers"),
+    tokenizer=TOKENIZER_JSON, pad_id=0,
 )
