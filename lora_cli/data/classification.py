@@ -74,10 +74,18 @@ def read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
 
     A name a header repeats, or a key a JSONL record repeats, is refused: one of the values would be
     dropped unseen (a `text,label,label` header trained on the second label column)."""
+    content = read_text(path, "a CSV, TSV or JSONL file")
+    kind = _kind(path, content)
+    return read_jsonl(path, content) if kind == "jsonl" else _read_delimited(path, content, kind)
+
+
+def read_text(path: Path, expected: str) -> str:
+    """The text of data file `path` (UTF-8, a BOM dropped), which must hold more than white space; `expected`
+    says what to pass instead of a directory. Any problem is one LoraCliError naming the file (and the line)."""
     if not path.exists():
         raise LoraCliError(f"data file not found: {path}")
     if path.is_dir():
-        raise LoraCliError(f"{path} is a directory; pass a CSV, TSV or JSONL file")
+        raise LoraCliError(f"{path} is a directory; pass {expected}")
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -89,8 +97,7 @@ def read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
         raise LoraCliError(f"{path}, line {line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from exc
     if not content.strip():
         raise LoraCliError(f"{path} is empty")
-    kind = _kind(path, content)
-    return _read_jsonl(path, content) if kind == "jsonl" else _read_delimited(path, content, kind)
+    return content
 
 
 def stratified_split(table: Table, fraction: float, seed: int) -> tuple[Table, Table]:
@@ -176,30 +183,33 @@ def _refuse_repeated_columns(path: Path, header: Sequence[str], line: int) -> No
         seen[name] = number
 
 
-class _RepeatedKey(Exception):
+class RepeatedKey(Exception):
+    """What `unique_keys` raises for a key one JSON object holds twice; readers name the file and line."""
+
     def __init__(self, key: str) -> None:
         super().__init__(key)
         self.key = key
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """`object_pairs_hook` for json.loads, which would keep the last of two equal keys without a word."""
     obj: dict[str, Any] = {}
     for key, value in pairs:
         if key in obj:
-            raise _RepeatedKey(key)
+            raise RepeatedKey(key)
         obj[key] = value
     return obj
 
 
-def _read_jsonl(path: Path, content: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+def read_jsonl(path: Path, content: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """The keys seen, in order, and (line number, object) pairs of JSONL `content` (blank lines skipped)."""
     rows, columns = [], []
     for number, line in enumerate(_LINE_BREAK.split(content), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line, object_pairs_hook=_unique_keys)
-        except _RepeatedKey as exc:
+            obj = json.loads(line, object_pairs_hook=unique_keys)
+        except RepeatedKey as exc:
             raise LoraCliError(f"{path}, line {number}: key {exc.key!r} appears twice in one record; which value is "
                                "meant is ambiguous: keep one") from None
         except (ValueError, RecursionError) as exc:  # JSONDecodeError; also a huge number, deep nesting

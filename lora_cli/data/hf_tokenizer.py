@@ -62,6 +62,11 @@ class HFTokenizer:
         named = [i for i, content in special.items() if _PAD_LIKE.search(content)]
         return next(iter(named or special), None)
 
+    def special_id(self, content: str) -> int | None:
+        """The id of the added special token spelled `content` (a chat format's `<|eot_id|>`); None if none is."""
+        return next((i for i, t in self._tok.get_added_tokens_decoder().items() if t.special and t.content == content),
+                    None)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
