@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lora_cli.cli.app import BpeDirOption, DeviceOption, ModelConfigOption, TokenizerOption, app, echo, fail, handle_errors
+from lora_cli.cli.app import BpeDirOption, ModelConfigOption, TokenizerOption, app, echo, fail, handle_errors
 
 
 @app.command()
