@@ -166,9 +166,13 @@ def model_with_adapter(
     return model.eval().to(device)
 
 
-def check_fits(base: BaseCheckpoint, adapter: Adapter, force: bool = False) -> None:
+ANOTHER_BASE_FIX = "pass the base it was trained on, or --force to use it anyway"
+
+
+def check_fits(base: BaseCheckpoint, adapter: Adapter, force: bool = False, fix: str = ANOTHER_BASE_FIX) -> None:
     """LoraCliError unless the adapter was trained on this base (shape and fingerprint; `force` skips the
-    latter) and its tensors have the names and shapes its metadata implies."""
+    latter) and its tensors have the names and shapes its metadata implies. `fix`: what the message says to do
+    about another base."""
     if adapter.model_config.to_dict() | {"drop_rate": 0} != base.config.to_dict() | {"drop_rate": 0}:
         raise LoraCliError(
             "the adapter was trained on a model of another shape: adapter "
@@ -177,8 +181,7 @@ def check_fits(base: BaseCheckpoint, adapter: Adapter, force: bool = False) -> N
     if adapter.base_fingerprint != base.fingerprint and not force:
         raise LoraCliError(
             f"the adapter was trained on another base model (fingerprint {adapter.base_fingerprint[:12]}, "
-            f"{base.path} has {base.fingerprint[:12]}); pass the base it was trained on, or --force "
-            "to use it anyway"
+            f"{base.path} has {base.fingerprint[:12]}); {fix}"
         )
     spec = LoraSpec(**adapter.spec.to_dict())
     # First on the meta device (no memory): a rank, label count or target list edited in the

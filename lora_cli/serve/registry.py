@@ -68,7 +68,8 @@ def read_adapter(path: Path, base: BaseCheckpoint) -> Adapter:
         adapter = import_peft(path, base)
     else:
         adapter = load_adapter(path)
-    check_fits(base, adapter)
+    check_fits(base, adapter, fix="a server runs every adapter on its one base: serve this one with the base it was "
+                                   "trained on")
     return adapter
 
 
