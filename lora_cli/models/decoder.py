@@ -6,7 +6,8 @@ scaling), so one `Decoder` takes those as arguments and each family file keeps i
 presets; `lora_cli.models.hf_decoder` maps the names and config.json of Hugging Face's models of this
 shape. As in `lora_cli.models.gpt`, the numbers are the book's but computed with
 `scaled_dot_product_attention`, and a classifier's forward pass skips padding, attending through the
-packed attention every family shares (`lora_cli.models.packing`).
+packed attention every family shares (`lora_cli.models.packing`). Generation passes a
+`lora_cli.models.kv_cache.KVCache`, which every family shares too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models import recompute
+from lora_cli.models.kv_cache import KVCache, LayerCache
 from lora_cli.models.packing import Packing, attend, packed_attention
 
 
@@ -205,13 +207,18 @@ class GroupedQueryAttention(nn.Module):
             t = norm(t)
         return t if cos is None else apply_rope(t, cos.unsqueeze(-2), sin.unsqueeze(-2))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """Causal attention over `x` (B, T, d) rotated by `cos`/`sin` ((T or B, T), head_dim); with
+        `cache`, over the cached tokens too."""
         b, t, _ = x.shape
         q, k, v = project(x, self.W_query, self.W_key, self.W_value)
         q = self._heads(q, self.num_heads, self.q_norm, cos, sin).transpose(1, 2)
         k = self._heads(k, self.num_kv_groups, self.k_norm, cos, sin).transpose(1, 2)
         v = self._heads(v, self.num_kv_groups, None).transpose(1, 2)
-        return self.out_proj(attend(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1))
+        ctx = attend(q, k, v, is_causal=True) if cache is None else cache.attend(q, k, v)
+        return self.out_proj(ctx.transpose(1, 2).reshape(b, t, -1))
 
     def forward_packed(
         self, x: torch.Tensor, packing: Packing, cos: torch.Tensor, sin: torch.Tensor, last_only: bool = False
@@ -236,8 +243,10 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.att, self.ff, self.norm1, self.norm2 = att, ff, norm1, norm2
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.att(self.norm1(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.att(self.norm1(x), cos, sin, cache)
         return x + self.ff(self.norm2(x))
 
     def forward_packed(
@@ -298,25 +307,33 @@ class Decoder(nn.Module):
 
     def forward(
         self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True,
-        attention: str = "auto",
+        attention: str = "auto", cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits for every position, or only at `last_index`: GPTModel.forward's contract.
 
         With `last_index` (right padding: each row's last real token) and `packed`, no layer works
         on padding, RoPE positions restart at 0 in each sequence, and the last block computes its
         query, MLP and head for the last token only. `packed=False` is the plain padded reference.
+        With `cache`, `in_idx` continues each row's cached tokens (the plain path, rotated by the rows' positions).
         """
         seq_len = in_idx.shape[1]
-        if seq_len > self.cfg.context_length:
-            raise ValueError(f"sequence length {seq_len} exceeds the context length {self.cfg.context_length}")
+        end = seq_len + (0 if cache is None else cache.longest)
+        if end > self.cfg.context_length:
+            raise ValueError(f"sequence length {end} exceeds the context length {self.cfg.context_length}")
         with recompute.recomputed():
-            if last_index is not None and packed:
+            if last_index is not None and packed and cache is None:
                 packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
                 return self._forward_packed(in_idx, packing)
             x = self.embed(in_idx)
-            cos, sin = self.rope(seq_len, x.device)
-            for block in self.trf_blocks:
-                x = block(x, cos, sin)
+            cos, sin = self.rope(seq_len if cache is None else cache.max_len, x.device)  # tables made once a generation
+            if cache is None:
+                for block in self.trf_blocks:
+                    x = block(x, cos, sin)
+            else:
+                pos = cache.begin(*in_idx.shape, x.device)
+                cos, sin = cos[pos], sin[pos]
+                for block, layer in zip(self.trf_blocks, cache.layers, strict=True):
+                    x = block(x, cos, sin, layer)
             if last_index is not None:
                 x = x[torch.arange(x.shape[0], device=x.device), last_index.to(x.device)]
             return self.out_head(self.final_norm(x))

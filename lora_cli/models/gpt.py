@@ -6,7 +6,7 @@ Keys match `llms_from_scratch.ch04.GPTModel` exactly (`tok_emb`, `pos_emb`,
 The departures are all in how the numbers are computed, not in what they are: attention runs
 through `scaled_dot_product_attention` (the book's `mask` buffer is a constant and is not
 stored), and a classifier's forward pass skips padding (`lora_cli.models.packing`, whose attention
-every family shares).
+every family shares). Generation passes a `lora_cli.models.kv_cache.KVCache`, which every family shares too.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 
 from lora_cli.models.config import ModelConfig
 from lora_cli.models.gelu import GELU
+from lora_cli.models.kv_cache import KVCache, LayerCache
 from lora_cli.models.packing import Packing, packed_attention
 
 
@@ -58,13 +59,17 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d, d, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        """Causal attention over `x` (B, T, d); with `cache`, over the cached tokens too (no dropout then)."""
         b, t, d = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
         q = self.W_query(x).view(shape).transpose(1, 2)
         k = self.W_key(x).view(shape).transpose(1, 2)
         v = self.W_value(x).view(shape).transpose(1, 2)
-        ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self._dropout_p())
+        if cache is None:
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self._dropout_p())
+        else:
+            ctx = cache.attend(q, k, v)
         return self.out_proj(ctx.transpose(1, 2).reshape(b, t, d))
 
     def forward_packed(self, x: torch.Tensor, packing: Packing, last_only: bool = False) -> torch.Tensor:
@@ -90,8 +95,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_resid = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_resid(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.drop_resid(self.att(self.norm1(x), cache))
         return x + self.drop_resid(self.ff(self.norm2(x)))
 
     def forward_packed(self, x: torch.Tensor, packing: Packing, last_only: bool = False) -> torch.Tensor:
@@ -116,7 +121,7 @@ class GPTModel(nn.Module):
 
     def forward(
         self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True,
-        attention: str = "auto",
+        attention: str = "auto", cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits for every position, or only at `last_index` (one position per row).
 
@@ -126,16 +131,22 @@ class GPTModel(nn.Module):
         may stay on the CPU when the model is on a GPU, which keeps the step free of host syncs.
         `packed=False` runs the plain padded computation, the reference the tests compare to.
         `attention` picks the packed attention layout (`Packing`); both give the same numbers.
+        With `cache`, `in_idx` continues each row's cached tokens (the plain path, at the rows' positions).
         """
         seq_len = in_idx.shape[1]
-        if seq_len > self.cfg.context_length:
-            raise ValueError(f"sequence length {seq_len} exceeds the context length {self.cfg.context_length}")
-        if last_index is not None and packed:
+        end = seq_len + (0 if cache is None else cache.longest)
+        if end > self.cfg.context_length:
+            raise ValueError(f"sequence length {end} exceeds the context length {self.cfg.context_length}")
+        if last_index is not None and packed and cache is None:
             packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
             return self._forward_packed(in_idx, packing)
-        pos = torch.arange(seq_len, device=in_idx.device)
+        pos = torch.arange(seq_len, device=in_idx.device) if cache is None else cache.begin(*in_idx.shape, in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
-        x = self.trf_blocks(x)
+        if cache is None:
+            x = self.trf_blocks(x)
+        else:
+            for block, layer in zip(self.trf_blocks, cache.layers, strict=True):
+                x = block(x, layer)
         if last_index is not None:
             last_index = last_index.to(x.device)
             x = x[torch.arange(x.shape[0], device=x.device), last_index]
