@@ -292,6 +292,15 @@ class Load:
         return latencies
 
 
+def warm(load: Load, names: list[str]) -> None:
+    """One request for each adapter (so that every one is loaded before anything is timed), then a second of load."""
+    for name in names:
+        load.names = [name]
+        asyncio.run(load.closed(1, 0.001))
+    load.names = names
+    asyncio.run(load.closed(8, 1.0))
+
+
 def percentiles(values: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(values, n=100)
     return q[49] * 1000, q[94] * 1000, q[98] * 1000
@@ -311,7 +320,7 @@ def http_part(base_path, adapters, texts, tokenizer, args) -> dict:
         proc, port = start_server(base_path, adapters[0].parent, tokenizer, device=args.device)
         try:
             load = Load(port, texts, names, args.seed)
-            asyncio.run(load.closed(8, 1.0))  # warm-up: every adapter loaded
+            warm(load, names)
             rate = asyncio.run(load.closed(args.clients, args.seconds))
             out["saturation"][k] = rate
             print(f"server, {k} adapters: {rate:.1f} texts/s at saturation ({args.clients} clients)", flush=True)
@@ -350,11 +359,7 @@ def memory_part(base_path: Path, adapters: list[Path], texts, tokenizer, args) -
                                     ("many", many, [f"r{i:04d}" for i in range(loaded)])):
         proc, port = start_server(base_path, directory, tokenizer, ["--max-loaded", str(loaded)])
         try:
-            load = Load(port, texts, names, args.seed)
-            asyncio.run(load.closed(4, 1.0))
-            for name in names:  # every one of them loaded once
-                load.names = [name]
-                asyncio.run(load.closed(1, 0.01))
+            warm(Load(port, texts, names, args.seed), names)
             sizes[label] = rss_mb(proc.pid)
         finally:
             proc.terminate()
@@ -385,6 +390,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="the servers' device (the in-process part runs on the CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shared", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", help="also write the numbers here")
@@ -414,15 +420,17 @@ def main() -> None:
         print(f"{args.preset}, {len(adapters)} adapters (r={RANK}, blocks), batches of {BATCH} SMS texts "
               f"(mean {statistics.mean(map(len, tokens)):.1f} tokens), cpu float32, {torch.get_num_threads()} threads",
               flush=True)
-        model = in_process(base_path, adapters, tokens, args)
-        print("\nin-process, same batches      texts/s   lora-cli / this")
-        for name, rate in model.items():
-            print(f"  {name:<26} {rate:8.1f}   {model['lora-cli'] / rate:6.2f}x")
-        result = {"preset": args.preset, "threads": torch.get_num_threads(), "in_process": model}
+        result = {"preset": args.preset, "threads": torch.get_num_threads()}
+        model = {}
+        if not args.skip_in_process:
+            model = result["in_process"] = in_process(base_path, adapters, tokens, args)
+            print("\nin-process, same batches      texts/s   lora-cli / this")
+            for name, rate in model.items():
+                print(f"  {name:<26} {rate:8.1f}   {model['lora-cli'] / rate:6.2f}x")
         if not args.skip_http:
             print()
             result["http"] = http_part(base_path, adapters, texts, tokenizer, args)
-            if result["http"]["saturation"]:
+            if result["http"]["saturation"] and model:
                 top = result["http"]["saturation"][max(result["http"]["saturation"])]
                 print(f"  server at {max(result['http']['saturation'])} adapters / in-process (a) merged: "
                       f"{top / model['(a) merged']:.2f}x; / (b) peft mixed: {top / model['(b) peft mixed']:.2f}x")

@@ -51,3 +51,19 @@ def _apply() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def return_freed_memory() -> bool:
+    """Hand the heap's free memory back to the kernel now (glibc's malloc_trim); True when some was returned.
+
+    For a long-lived process after a burst of allocations it will not repeat: a server that read and checked a
+    thousand adapter files at start-up, or dropped an adapter from memory, should not keep that memory resident.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

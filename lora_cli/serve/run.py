@@ -123,6 +123,7 @@ def build(settings: ServeSettings) -> Any:
         raise LoraCliError(f"lora-cli serve needs the serve extra ({', '.join(missing)} not installed): {SERVE_EXTRA}")
     from lora_cli.data.paths import resolve_model
     from lora_cli.formats.checkpoint import load_base
+    from lora_cli.runtime.allocator import return_freed_memory
     from lora_cli.runtime.device import resolve_device
     from lora_cli.runtime.precision import resolve_precision
     from lora_cli.serve.app import Limits, Server
@@ -146,6 +147,7 @@ def build(settings: ServeSettings) -> Any:
         registry.register_dir()
     if not len(registry):
         raise LoraCliError(f"{settings.adapter_dir} holds no adapters, and none was named", param="adapter_dir")
+    return_freed_memory()  # what reading and checking every adapter file allocated
     device = resolve_device(settings.device)
     engine = MultiAdapterModel(base, device, resolve_precision(settings.precision, device))
     limits = Limits(settings.max_texts, settings.max_chars, settings.max_request_tokens or settings.max_batch_tokens,

@@ -19,6 +19,7 @@ from typing import Any
 
 from lora_cli.api.classifier import Prediction, predictions, probabilities
 from lora_cli.evaluation.classification import check_finite_logits
+from lora_cli.runtime.allocator import return_freed_memory
 from lora_cli.serve.engine import MultiAdapterModel
 from lora_cli.serve.metrics import Metrics
 from lora_cli.serve.registry import Registered, Registry
@@ -211,6 +212,8 @@ class Scheduler:
     def _install(self, slot: int, adapter: Any, victims: list[int]) -> None:
         for victim in victims:
             self._free(victim)
+        if victims:
+            return_freed_memory()
         try:
             self.engine.install(slot, adapter)
         except BaseException:
