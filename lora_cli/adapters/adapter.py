@@ -13,11 +13,13 @@ import torch
 from lora_cli import __version__
 from lora_cli.data.classification import LabelSet
 from lora_cli.formats.checkpoint import BaseCheckpoint
-from lora_cli.formats.metadata import ADAPTER_FORMAT, ADAPTER_VERSION, read_adapter_metadata
+from lora_cli.data.prompt_styles import PromptStyle
+from lora_cli.formats.metadata import ADAPTER_FORMAT, ADAPTER_VERSION, INSTRUCT, read_adapter_metadata
 from lora_cli.lora.spec import LoraSpec
 from lora_cli.models import families
 from lora_cli.models.gpt import GPTModel
 from lora_cli.tasks.classifier import adapter_tensors, build_classifier
+from lora_cli.tasks.instruct import build_language_model
 from lora_cli.tasks.multilabel import MultiLabelSet
 from lora_cli.util.errors import LoraCliError
 from lora_cli.util.fileio import save_safetensors
@@ -33,12 +35,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Adapter:
     tensors: dict[str, torch.Tensor]
     spec: LoraSpec
-    labels: LabelSet | MultiLabelSet  # a MultiLabelSet (with its thresholds): a multi-label adapter
+    labels: LabelSet | MultiLabelSet | None  # a MultiLabelSet (with its thresholds): multi-label; None: instruct
     model_config: Any  # the base's config, of its family (a ModelConfig for GPT-2)
     base_fingerprint: str
     training_config: dict[str, Any]
     tool_version: str
     calibration: dict[str, Any] | None = None  # `metadata.CALIBRATION`: set by `lora-cli calibrate`
+    prompt_style: PromptStyle | None = None  # an instruct adapter's: how `generate` formats a prompt as training did
+
+    @property
+    def task(self) -> str:
+        """single-label, multi-label or instruct (`metadata.TASKS`)."""
+        return INSTRUCT if self.labels is None else "multi-label" if self.multi_label else "single-label"
+
+    @property
+    def instruct(self) -> bool:
+        return self.labels is None
 
     @property
     def temperature(self) -> float:
@@ -55,11 +67,16 @@ class Adapter:
             optional["family"] = families.of(self.model_config).name
         if self.multi_label:  # `metadata.THRESHOLDS`; a single-label adapter's metadata is as before
             optional |= {"task": "multi-label", "thresholds": json.dumps(self.labels.decision)}
+        if self.instruct:
+            style = self.prompt_style or PromptStyle("plain")
+            optional |= {"task": INSTRUCT, "prompt_style": json.dumps(
+                {"name": style.name} | ({"template": style.template} if style.template is not None else {}))}
+        else:
+            optional["labels"] = json.dumps({"names": self.labels.names, "integer_ids": self.labels.integer_ids})
         return {
             "format": ADAPTER_FORMAT,
             "format_version": str(ADAPTER_VERSION),
             "lora": json.dumps(self.spec.to_dict()),
-            "labels": json.dumps({"names": self.labels.names, "integer_ids": self.labels.integer_ids}),
             "model_config": self.model_config.to_json(),
             "base_fingerprint": self.base_fingerprint,
             "training_config": json.dumps(self.training_config, sort_keys=True, default=str),
@@ -68,10 +85,13 @@ class Adapter:
 
 
 def adapter_from_model(
-    model: GPTModel, spec: LoraSpec, labels: LabelSet | MultiLabelSet, base: BaseCheckpoint, training_config: dict[str, Any]
+    model: GPTModel, spec: LoraSpec, labels: LabelSet | MultiLabelSet | None, base: BaseCheckpoint,
+    training_config: dict[str, Any], prompt_style: PromptStyle | None = None,
 ) -> Adapter:
+    """The adapter of a trained model: a classifier with its `labels`, or a language model with its `prompt_style`."""
     tensors = {k: v.to("cpu", copy=True) for k, v in adapter_tensors(model).items()}
-    return Adapter(tensors, spec, labels, base.config, base.fingerprint, training_config, __version__)
+    return Adapter(tensors, spec, labels, base.config, base.fingerprint, training_config, __version__,
+                   prompt_style=prompt_style)
 
 
 MULTI_LABEL_PROBLEM = "multi_label_classification"  # transformers' config.problem_type: a sigmoid per label
@@ -145,22 +165,35 @@ def adapter_from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], s
     """Validate metadata (`metadata.ADAPTER_METADATA`) and tensors read from an adapter or a training checkpoint."""
     checked = read_adapter_metadata(meta, source)
     tensors = check(tensors, ADAPTER_TENSORS, source, "damaged adapter tensors")
-    labels = MultiLabelSet(checked["labels"]["names"], checked["thresholds"]) if "thresholds" in checked \
+    style = checked.get("prompt_style")
+    labels = None if style is not None else \
+        MultiLabelSet(checked["labels"]["names"], checked["thresholds"]) if "thresholds" in checked \
         else LabelSet(**checked["labels"])
     return Adapter(
         tensors, LoraSpec(**checked["lora"]), labels,
         families.get(checked.get("family", families.GPT2)).config_from_dict(checked["model_config"], source),
         checked["base_fingerprint"], checked.get("training_config", {}), checked.get("tool_version", "?"),
-        checked.get("calibration"),
+        checked.get("calibration"), None if style is None else PromptStyle(style["name"], style.get("template")),
     )
+
+
+def require_task(adapter: Adapter, instruct: bool, source: str = "the adapter") -> None:
+    """LoraCliError unless the adapter is an instruct adapter (`instruct`) or a classifier (not `instruct`)."""
+    if adapter.instruct and not instruct:
+        raise LoraCliError(f"{source} is an instruct adapter (a language model's LoRA, trained with --task instruct): "
+                           "it generates text and has no classes; use lora-cli generate, or eval on instruction data")
+    if instruct and not adapter.instruct:
+        raise LoraCliError(f"{source} is a {adapter.task} classification adapter: it predicts classes and cannot "
+                           "generate text; use lora-cli predict, or train with --task instruct")
 
 
 def model_with_adapter(
     base: BaseCheckpoint, adapter: Adapter, device: torch.device | str = "cpu", force: bool = False
 ) -> GPTModel:
-    """Rebuild the trained classifier: check the base matches, then load the adapter's tensors."""
+    """Rebuild the trained model (a classifier, or an instruct adapter's language model): check the base
+    matches, then load the adapter's tensors."""
     check_fits(base, adapter, force)
-    model = _classifier(base, len(adapter.labels.names), LoraSpec(**adapter.spec.to_dict()), "cpu")
+    model = _model(base, adapter, LoraSpec(**adapter.spec.to_dict()), "cpu")
     model.load_state_dict({k: v.float() for k, v in adapter.tensors.items()}, strict=False)
     model.requires_grad_(False)
     return model.eval().to(device)
@@ -188,7 +221,7 @@ def check_fits(base: BaseCheckpoint, adapter: Adapter, force: bool = False, fix:
     # metadata is refused by the tensors' names and shapes before anything of its size is allocated.
     meta_base = dataclasses.replace(base, state={k: v.to("meta") for k, v in base.state.items()})
     with torch.device("meta"):
-        expected = adapter_tensors(_classifier(meta_base, len(adapter.labels.names), spec, "meta"))
+        expected = adapter_tensors(_model(meta_base, adapter, spec, "meta"))
     missing = sorted(set(expected) - set(adapter.tensors))
     unexpected = sorted(set(adapter.tensors) - set(expected))
     if missing or unexpected:
@@ -198,8 +231,10 @@ def check_fits(base: BaseCheckpoint, adapter: Adapter, force: bool = False, fix:
             raise LoraCliError(f"adapter tensor {name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}")
 
 
-def _classifier(base: BaseCheckpoint, classes: int, spec: LoraSpec, device: str) -> GPTModel:
+def _model(base: BaseCheckpoint, adapter: Adapter, spec: LoraSpec, device: str) -> GPTModel:
     try:
-        return build_classifier(base, classes, spec, seed=0, device=device)
+        if adapter.instruct:
+            return build_language_model(base, spec, seed=0, device=device)
+        return build_classifier(base, len(adapter.labels.names), spec, seed=0, device=device)
     except AttributeError as exc:  # a target module path the model does not have (edited metadata)
         raise LoraCliError(f"the adapter's LoRA targets do not fit the model ({exc})") from exc

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lora_cli.adapters.adapter import Adapter, load_adapter, model_with_adapter
+from lora_cli.adapters.adapter import Adapter, load_adapter, model_with_adapter, require_task
 from lora_cli.data.classification import Encoded, encode_texts
 from lora_cli.data.hf_tokenizer import tokenizer_for
 from lora_cli.data.paths import resolve_model
@@ -92,6 +92,7 @@ class Classifier:
         """
         source = name or (str(adapter) if not isinstance(adapter, Adapter) else "the adapter")
         loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+        require_task(loaded, False, source)
         base = base_for(loaded, model, model_config)
         dev = resolve_device(device)
         net = model_with_adapter(base, loaded, dev, force=force)

@@ -135,7 +135,8 @@ def train(
                 cfg.accumulation_steps(spec.world)  # a bad global batch fails here, once
             from lora_cli.data.paths import resolve_data
 
-            resolve_data(cfg.data, cfg.train, cfg.val, cfg.val_split)  # prepares the built-in data set once, not on every rank
+            if cfg.task != "instruct":  # prepares the built-in data set once, not on every rank
+                resolve_data(cfg.data, cfg.train, cfg.val, cfg.val_split)
             with claim_run_dir(run_dir, bool(resume_from), overwrite):  # the launcher holds it for its ranks
                 code = launch.launch(_relaunch_args(command, run_dir if out is None and resume is None else None),
                                      spec, _state["debug"])
@@ -181,8 +182,9 @@ def _train_rank(cfg: Any, run_dir: Path, ctx: Any, resume: bool | Path, overwrit
     s = training.setup(cfg, say, ctx)
     counts = s.counts()
     say(f"model: {s.base.path} ({s.base.config_source}), device {s.device}")
-    say(f"data: {len(s.train)} train / {len(s.val)} validation rows, "
-        f"{'labels' if cfg.task == 'multi-label' else 'classes'} {', '.join(s.labels.names)}")
+    if not s.instruct:
+        say(f"data: {len(s.train)} train / {len(s.val)} validation rows, "
+            f"{'labels' if cfg.task == 'multi-label' else 'classes'} {', '.join(s.labels.names)}")
     say(
         f"trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
         f"({counts['lora']:,} LoRA + {counts['head']:,} head) in {len(s.spec.targets)} LoRA layers"
@@ -234,8 +236,14 @@ def _train_rank(cfg: Any, run_dir: Path, ctx: Any, resume: bool | Path, overwrit
             "calibration": result.calibration,
         } | thresholds))
         return
-    accuracy = (f"validation accuracy {last['val_accuracy']:.2%} after epoch {last['epoch']}, best "
-                f"{best['val_accuracy']:.2%} (epoch {best['epoch']})") if last else "no epoch finished"
+    if s.instruct and last:
+        accuracy = (f"validation loss {last['val_loss']:.4f} (perplexity {last['val_perplexity']:.2f}, "
+                    f"{last['val_accuracy']:.2%} of response tokens predicted) after epoch {last['epoch']}")
+    elif last:
+        accuracy = (f"validation accuracy {last['val_accuracy']:.2%} after epoch {last['epoch']}, best "
+                    f"{best['val_accuracy']:.2%} (epoch {best['epoch']})")
+    else:
+        accuracy = "no epoch finished"
     typer.echo(
         f"done in {result.seconds:.1f}s ({seen / result.seconds:.0f} examples/s): {accuracy}\n"
         + (f"stopped early: {result.stopped}\n" if result.stopped else "")

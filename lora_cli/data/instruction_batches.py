@@ -9,7 +9,7 @@ ids and the end token, without it (the book's main chapter) the prompt's too. Pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -126,6 +126,28 @@ def collate_instruction(examples: Sequence[Example], mask_prompt: bool = True, p
         inputs[row, : len(i)] = torch.tensor(i, dtype=torch.long)
         targets[row, : len(t)] = torch.tensor(t, dtype=torch.long)
     return inputs, targets
+
+
+def token_batches(data: Any, batch_size: int, order: Sequence[int] | None = None, drop_last: bool = False,
+                  pad_id: int = PAD_TOKEN_ID) -> Iterator[Any]:
+    """Training batches of encoded examples (`data.tokens`: inputs, `data.labels`: their targets) in `order`:
+    `classification.Batch`es whose labels are (B, T) targets, `IGNORE_INDEX` on padding."""
+    import torch
+
+    from lora_cli.data.classification import Batch
+
+    order = list(range(len(data))) if order is None else list(order)
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        rows = [data.tokens[i] for i in idx]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, :len(rows[row])] = torch.tensor(rows[row], dtype=torch.long)
+            targets[row, :len(data.labels[i])] = torch.tensor(data.labels[i], dtype=torch.long)
+        yield Batch(ids, torch.tensor([len(r) - 1 for r in rows], dtype=torch.long), targets, idx)
 
 
 class _Run(NamedTuple):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_cli import __version__
+from lora_cli.data.prompt_styles import BUILT_IN, CUSTOM
 from lora_cli.lora.spec import SCALINGS, scale_problem
 from lora_cli.models import families
 from lora_cli.models.config import MODEL_CONFIG
@@ -23,7 +24,9 @@ from lora_cli.util.schema import Bool, Float, Int, Json, ListOf, Nullable, Obj, 
 ADAPTER_FORMAT = "lora-cli-adapter"
 ADAPTER_VERSION = 1
 BASE_FORMAT = "lora-cli-base"
-TASKS = ("single-label", "multi-label")  # softmax over classes | a sigmoid per label (lora_cli/tasks/multilabel.py)
+# softmax over classes | a sigmoid per label (lora_cli/tasks/multilabel.py) | a language model's LoRA (tasks/instruct.py)
+TASKS = ("single-label", "multi-label", "instruct")
+INSTRUCT = "instruct"
 
 def _lora_problem(lora: dict[str, Any]) -> str | None:
     return scale_problem(lora["alpha"], lora["rank"], lora.get("scaling", "alpha-over-rank"))
@@ -66,10 +69,26 @@ CALIBRATION = Obj({"temperature": _Temperature()}, optional={
 
 # a multi-label adapter: "task" is "multi-label" and "thresholds" holds one decision threshold per label
 THRESHOLDS = ListOf(Float(min=0.0, max=1.0), min_len=2)
+# an instruct adapter's data.prompt_styles.PromptStyle: a built-in style's name, or custom with its template
+PROMPT_STYLE = Obj({"name": Str(choices=(*BUILT_IN, CUSTOM))}, optional={"template": Str(nonempty=True)})
 
 
 def _task_problem(meta: dict[str, Any]) -> str | None:
-    """What is inconsistent between task, thresholds, labels and calibration (None: nothing)."""
+    """What is inconsistent between task, thresholds, labels, calibration and prompt style (None: nothing)."""
+    if meta.get("task") == INSTRUCT:
+        extra = [key for key in ("labels", "thresholds", "calibration") if key in meta]
+        if extra:
+            return f"{extra[0]}: an instruct adapter has no classes"
+        if "prompt_style" not in meta:
+            return "an instruct adapter needs its prompt_style"
+        style = meta["prompt_style"]
+        if (style["name"] == CUSTOM) != ("template" in style):
+            return "prompt_style: a template goes with the name custom, and only with it"
+        return None
+    if "prompt_style" in meta:
+        return "prompt_style: only an instruct adapter has one"
+    if "labels" not in meta:
+        return "labels: missing (a classification adapter names its classes)"
     if meta.get("task", "single-label") == "single-label":
         return "thresholds: only a multi-label adapter has thresholds" if "thresholds" in meta else None
     if "thresholds" not in meta:
@@ -85,8 +104,9 @@ def _task_problem(meta: dict[str, Any]) -> str | None:
 
 # What a PEFT export's lora_cli.json keeps of the adapter's task (`peft_export.export_peft`): the adapter's fields
 # as plain JSON values, checked as an adapter's are
-EXPORTED_TASK = Rule(Obj({"labels": LABELS}, optional={
-    "task": Str(choices=TASKS), "thresholds": THRESHOLDS, "calibration": CALIBRATION}, extra=True), _task_problem)
+EXPORTED_TASK = Rule(Obj({}, optional={"labels": LABELS, "task": Str(choices=TASKS), "thresholds": THRESHOLDS,
+                                        "calibration": CALIBRATION, "prompt_style": PROMPT_STYLE}, extra=True),
+                     _task_problem)
 
 
 @dataclass(frozen=True)
@@ -105,10 +125,11 @@ class _ByFamily(Schema):
 
 def _adapter_metadata(model_config: Schema) -> Schema:
     return Rule(Obj({
-        "format": Str(), "format_version": Str(), "lora": Json(LORA), "labels": Json(LABELS),
+        "format": Str(), "format_version": Str(), "lora": Json(LORA),
         "model_config": Json(model_config), "base_fingerprint": Str(nonempty=True),
     }, optional={"training_config": Json(TRAINING_CONFIG), "tool_version": Str(), "calibration": Json(CALIBRATION),
-                 "task": Str(choices=TASKS), "thresholds": Json(THRESHOLDS), "family": Str()},
+                 "task": Str(choices=TASKS), "thresholds": Json(THRESHOLDS), "family": Str(), "labels": Json(LABELS),
+                 "prompt_style": Json(PROMPT_STYLE)},
         extra=True), _task_problem)
 
 

@@ -307,9 +307,9 @@ class Decoder(nn.Module):
 
     def forward(
         self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True,
-        attention: str = "auto", cache: KVCache | None = None,
+        attention: str = "auto", cache: KVCache | None = None, select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for every position, or only at `last_index`: GPTModel.forward's contract.
+        """Logits for every position, or only at `last_index` or `select`: GPTModel.forward's contract.
 
         With `last_index` (right padding: each row's last real token) and `packed`, no layer works
         on padding, RoPE positions restart at 0 in each sequence, and the last block computes its
@@ -323,7 +323,7 @@ class Decoder(nn.Module):
         with recompute.recomputed():
             if last_index is not None and packed and cache is None:
                 packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
-                return self._forward_packed(in_idx, packing)
+                return self._forward_packed(in_idx, packing, select)
             x = self.embed(in_idx)
             cos, sin = self.rope(seq_len if cache is None else cache.max_len, x.device)  # tables made once a generation
             if cache is None:
@@ -334,18 +334,23 @@ class Decoder(nn.Module):
                 cos, sin = cos[pos], sin[pos]
                 for block, layer in zip(self.trf_blocks, cache.layers, strict=True):
                     x = block(x, cos, sin, layer)
-            if last_index is not None:
+            if select is not None:
+                x = x[select.to(x.device)]
+            elif last_index is not None:
                 x = x[torch.arange(x.shape[0], device=x.device), last_index.to(x.device)]
             return self.out_head(self.final_norm(x))
 
-    def _forward_packed(self, in_idx: torch.Tensor, packing: Packing) -> torch.Tensor:
+    def _forward_packed(self, in_idx: torch.Tensor, packing: Packing, select: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed(in_idx.flatten()[packing.token_index])
         pos = packing.token_index % packing.seq_len
         cos, sin = (t[pos] for t in self.rope(packing.seq_len, x.device))
         *blocks, last = self.trf_blocks
         for block in blocks:
             x = block.forward_packed(x, packing, cos, sin)
-        x = last.forward_packed(x, packing, cos, sin, last_only=True)
+        if select is not None:
+            x = last.forward_packed(x, packing, cos, sin)[packing.selected(select)]
+        else:
+            x = last.forward_packed(x, packing, cos, sin, last_only=True)
         return self.out_head(self.final_norm(x))
 
 

@@ -121,9 +121,9 @@ class GPTModel(nn.Module):
 
     def forward(
         self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True,
-        attention: str = "auto", cache: KVCache | None = None,
+        attention: str = "auto", cache: KVCache | None = None, select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for every position, or only at `last_index` (one position per row).
+        """Logits for every position, or only at `last_index` (one position per row), or at `select`.
 
         With `last_index` (right padding: the last real token of each row), the logits are a
         classifier's: by default the batch is packed (`Packing`), so no layer works on padding,
@@ -132,6 +132,8 @@ class GPTModel(nn.Module):
         `packed=False` runs the plain padded computation, the reference the tests compare to.
         `attention` picks the packed attention layout (`Packing`); both give the same numbers.
         With `cache`, `in_idx` continues each row's cached tokens (the plain path, at the rows' positions).
+        With `select` (a (B, T) bool mask of real tokens, and `last_index`), a language model's logits at those
+        positions only, (M, vocab) in row-major order: the training loss needs no logits where it has no target.
         """
         seq_len = in_idx.shape[1]
         end = seq_len + (0 if cache is None else cache.longest)
@@ -139,7 +141,7 @@ class GPTModel(nn.Module):
             raise ValueError(f"sequence length {end} exceeds the context length {self.cfg.context_length}")
         if last_index is not None and packed and cache is None:
             packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
-            return self._forward_packed(in_idx, packing)
+            return self._forward_packed(in_idx, packing, select)
         pos = torch.arange(seq_len, device=in_idx.device) if cache is None else cache.begin(*in_idx.shape, in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
         if cache is None:
@@ -147,17 +149,22 @@ class GPTModel(nn.Module):
         else:
             for block, layer in zip(self.trf_blocks, cache.layers, strict=True):
                 x = block(x, layer)
-        if last_index is not None:
+        if select is not None:
+            x = x[select.to(x.device)]
+        elif last_index is not None:
             last_index = last_index.to(x.device)
             x = x[torch.arange(x.shape[0], device=x.device), last_index]
         return self.out_head(self.final_norm(x))
 
-    def _forward_packed(self, in_idx: torch.Tensor, packing: Packing) -> torch.Tensor:
+    def _forward_packed(self, in_idx: torch.Tensor, packing: Packing, select: torch.Tensor | None = None) -> torch.Tensor:
         ids = in_idx.flatten()[packing.token_index]
         # A table stored narrower than pos_emb (a frozen bf16 one) is widened by the sum's type promotion.
         x = self.drop_emb(self.tok_emb(ids) + self.pos_emb(packing.token_index % packing.seq_len))
         *blocks, last = self.trf_blocks
         for block in blocks:
             x = block.forward_packed(x, packing)
-        x = last.forward_packed(x, packing, last_only=True)
+        if select is not None:
+            x = last.forward_packed(x, packing)[packing.selected(select)]
+        else:
+            x = last.forward_packed(x, packing, last_only=True)
         return self.out_head(self.final_norm(x))

@@ -58,6 +58,10 @@ class Packing:
         per_sequence = attention == "per-sequence" or (attention == "auto" and device.type == "cpu")
         return cls(len(lengths), seq_len, *plan, lengths.tolist() if per_sequence else None)
 
+    def selected(self, select: torch.Tensor) -> torch.Tensor:
+        """The packed rows (of the N real tokens) where the (B, T) bool mask `select` is set, in row-major order."""
+        return select.to(self.token_index.device).flatten()[self.token_index].nonzero().squeeze(1)
+
     def grid(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """(N, d) -> (B, heads, T, d / heads), zeros where the padding is."""
         out = x.new_zeros(self.batch * self.seq_len, x.shape[-1]).index_copy(0, self.token_index, x)

@@ -192,6 +192,52 @@ def forward_backward(
     logits = torch.cat(leaves)[order]  # the batch's rows in its own order
     loss, root = objective(logits)
     root.backward()
+    _add_half_gradients(params, outs, leaves, halves)
+    return logits.detach(), loss.detach()
+
+
+def forward_backward_tokens(
+    net: torch.nn.Module, ids: torch.Tensor, last_index: torch.Tensor, targets: torch.Tensor,
+    objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    params: Sequence[torch.nn.Parameter], halves: Halves | None,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`forward_backward` for a language model: logits only where `targets` (B, T) has a target
+    (`net(ids, last_index, select=...)`), `objective(logits, their targets)`, then the backward pass.
+
+    Returns (loss, predicted ids, target ids), detached. With `halves`, each half's logits come out in its
+    own row order and the targets are gathered in the same order: a mean over tokens needs no other.
+    """
+    select = targets != ignore_index
+    rows = None if halves is None else split_rows(last_index)
+    if rows is None:
+        with context():
+            logits = net(ids, last_index, select=select.to(ids.device)).float()
+        y = targets[select].to(logits.device)
+        loss, root = objective(logits, y)
+        root.backward()
+        return loss.detach(), logits.detach().argmax(-1), y
+
+    def forward(part: list[int]) -> torch.Tensor:
+        index = torch.tensor(part)
+        last = last_index[index]
+        width = int(last.max()) + 1
+        with context():
+            return net(ids[index, :width], last, select=select[index, :width].to(ids.device)).float()
+
+    outs = halves.run(functools.partial(forward, rows[0]), functools.partial(forward, rows[1]))
+    leaves = [out.detach().requires_grad_() for out in outs]
+    y = torch.cat([targets[torch.tensor(part)][select[torch.tensor(part)]] for part in rows]).to(outs[0].device)
+    logits = torch.cat(leaves)
+    loss, root = objective(logits, y)
+    root.backward()
+    _add_half_gradients(params, outs, leaves, halves)
+    return loss.detach(), logits.detach().argmax(-1), y
+
+
+def _add_half_gradients(params: Sequence[torch.nn.Parameter], outs: list[torch.Tensor], leaves: list[torch.Tensor],
+                        halves: Halves) -> None:
+    """Each half's backward pass from its output's gradient, run on the two workers, summed into `.grad`."""
 
     def backward(out: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return torch.autograd.grad(out, params, grad, allow_unused=True)
@@ -206,4 +252,3 @@ def forward_backward(
             total = torch.empty_like(p)
             total = torch.add(*present, out=total) if len(present) == 2 else total.copy_(present[0])
             p.grad = total if p.grad is None else p.grad.add_(total)
-    return logits.detach(), loss.detach()

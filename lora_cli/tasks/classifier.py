@@ -8,6 +8,7 @@ from torch import nn
 from lora_cli.formats.checkpoint import BaseCheckpoint
 from lora_cli.lora.layers import apply_lora, resolve_targets, validate_lora_args
 from lora_cli.lora.spec import LoraSpec
+from lora_cli.tasks.instruct import is_language_model
 
 
 def build_classifier(
@@ -74,9 +75,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int, int, int]:
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter file holds: every LoRA factor and the whole task head, nothing of the base."""
+    """What an adapter file holds: every LoRA factor and the whole task head, nothing of the base.
+
+    A language model (`tasks.instruct`) keeps the base's vocabulary head: its adapter is the LoRA factors alone.
+    """
+    head = not is_language_model(model)
     return {
         name: p.detach()
         for name, p in model.named_parameters()
-        if ".lora." in name or name.startswith("out_head.")
+        if ".lora." in name or (head and name.startswith("out_head."))
     }

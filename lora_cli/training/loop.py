@@ -42,7 +42,9 @@ from lora_cli.runtime.precision import autocast, cast_frozen_base, configure_mat
 from lora_cli.tasks import multilabel
 from lora_cli.tasks.classifier import adapter_tensors, build_classifier
 from lora_cli.tasks.multilabel import MultiLabelSet
-from lora_cli.training import distributed, rank_failures
+from lora_cli.data.instruction_batches import token_batches
+from lora_cli.formats.metadata import INSTRUCT
+from lora_cli.training import distributed, instruct_setup, rank_failures
 from lora_cli.training.recipe import TrainConfig, to_yaml
 from lora_cli.training.resume import Accumulator, Selection, TrainState
 from lora_cli.training.run_setup import Setup
@@ -105,8 +107,11 @@ class TrainingInterrupted(Exception):
 
 
 def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.SINGLE) -> Setup:
-    """Load the base, read and tokenise the data, and build the LoRA classifier (on this rank's device)."""
+    """Load the base, read and tokenise the data, and build the LoRA classifier (on this rank's device);
+    with --task instruct, the LoRA language model and its instruction data (`instruct_setup`)."""
     cfg.validate()
+    if cfg.task == INSTRUCT:
+        return instruct_setup.setup(cfg, echo, dist)
     grad_accum = cfg.accumulation_steps(dist.world)
     device = dist.device_for(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -157,7 +162,7 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
                  val_source=str(val_path) if val_path else f"--val-split {cfg.val_split} of {train_path}")
 
 
-def evaluate_split(model: GPTModel, data: Encoded, labels: LabelSet | MultiLabelSet, batch_size: int,
+def evaluate_split(model: GPTModel, data: Encoded, labels: LabelSet | MultiLabelSet | None, batch_size: int,
                    device: torch.device, dist: distributed.Context = distributed.SINGLE, precision: str = "fp32") -> dict:
     """Loss, accuracy, macro F1 and ROC-AUC as `lora-cli eval` reports them (the positive class's AUC for two classes).
 
@@ -165,6 +170,8 @@ def evaluate_split(model: GPTModel, data: Encoded, labels: LabelSet | MultiLabel
     (what the adapter would get if it were the one written), so the value selected is what eval shows on it.
     Each rank scores its shard and every rank gathers all the predictions (F1 and AUC need them), so all agree.
     """
+    if labels is None:  # --task instruct
+        return instruct_setup.evaluate(model, data, batch_size, device, dist, precision)
     shard = Encoded(data.tokens[dist.rank::dist.world], data.labels[dist.rank::dist.world])
     shards = dist.gather((predict_logits(model, shard, batch_size, device, precision), shard.labels))
     logits, targets = torch.cat([g[0] for g in shards]), [c for g in shards for c in g[1]]
@@ -287,8 +294,9 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
     def validate(event: str, train_metrics: dict) -> dict:
         val = evaluate_split(model, s.val, s.labels, cfg.batch_size, device, dist, s.precision)
         record = {"event": event, "epoch": state.epoch, "step": state.step, "examples_seen": state.seen,
-                  **train_metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                  "val_macro_f1": val["macro_f1"], "val_auroc": val["auroc"]}
+                  **train_metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+        record |= {"val_perplexity": val["perplexity"]} if s.instruct else \
+            {"val_macro_f1": val["macro_f1"], "val_auroc": val["auroc"]}
         selection.offer(record, model)
         return record
 
@@ -304,18 +312,16 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
         model.train()
         end = max(state.batch, min(steps_per_epoch, state.batch + last_step - state.step))
         mine = rank_share(s, training_order(s, state.epoch), state.batch, end)
-        micro_batches = batches(s.train, cfg.batch_size, mine, drop_last=True, pad_id=s.base.family.pad_id)
+        micro_batches = (token_batches if s.instruct else batches)(s.train, cfg.batch_size, mine, drop_last=True,
+                                                                   pad_id=s.base.family.pad_id)
+        seen_before = state.seen
         bar = tqdm(_groups(micro_batches, s.grad_accum), total=end - state.batch,
                    desc=f"epoch {state.epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for group in bar:
             optimizer.zero_grad(set_to_none=True)
             for k, batch in enumerate(group):
-                ids, y = (_to_device(t, device) for t in (batch.input_ids, batch.labels))
                 with dist.no_sync(net, skip=k < len(group) - 1):  # one gradient all-reduce per step
-                    # last_index stays on the CPU: the model plans its packing there, with no device sync
-                    logits, loss = halves.forward_backward(net, ids, batch.last_index, objective(s, y), trainable,
-                                                           split, functools.partial(autocast, device, s.precision))
-                acc.add(loss, logits, y, state.step + 1, None)
+                    _micro_step(s, net, batch, trainable, split, acc, state.step + 1)
             if scheduled:  # a function of the step alone: a resumed run continues the schedule exactly
                 for group_lr in optimizer.param_groups:
                     group_lr["lr"] = cfg.lr * lr_multiplier(state.step + 1, last_step, warmup, cfg.lr_schedule)
@@ -370,7 +376,9 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
         record = validate("epoch", {"train_loss": train_loss, "train_accuracy": train_acc})
         val = {"loss": record["val_loss"], "accuracy": record["val_accuracy"]}
         seconds = time.perf_counter() - epoch_started
-        record |= {"epoch_seconds": seconds, "examples_per_second": count / seconds}
+        record |= {"epoch_seconds": seconds, "examples_per_second": count / seconds} if not s.instruct else \
+            {"epoch_seconds": seconds, "examples_per_second": (state.seen - seen_before) / seconds,
+             "target_tokens_per_second": count / seconds}
         if log is not None:
             log.write(record)
         state.history.append(record)
@@ -388,6 +396,20 @@ def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.
         echo(f"stopped: {stopped}")
     return RunResult(run_dir, run_dir / rd.ADAPTER, state.history, time.perf_counter() - started, selection, stopped,
                      state.seen, state.step)
+
+
+def _micro_step(s: Setup, net: torch.nn.Module, batch: Batch, trainable: list[torch.nn.Parameter],
+                split: halves.Halves | None, acc: Accumulator, step: int) -> None:
+    """Forward and backward of one micro-batch, its loss and accuracy added to `acc`."""
+    ids, y = (_to_device(t, s.device) for t in (batch.input_ids, batch.labels))
+    # last_index stays on the CPU: the model plans its packing there, with no device sync
+    if s.instruct:
+        loss, predicted, targets = instruct_setup.micro_step(s, net, ids, batch.last_index, y, trainable, split)
+        acc.add_counts(loss, (predicted == targets).sum(), len(targets), step, None)
+        return
+    logits, loss = halves.forward_backward(net, ids, batch.last_index, objective(s, y), trainable, split,
+                                           functools.partial(autocast, s.device, s.precision))
+    acc.add(loss, logits, y, step, None)
 
 
 def objective(s: Setup, y: torch.Tensor) -> halves.Objective:
@@ -473,7 +495,7 @@ def make_adapter(s: Setup) -> Adapter:
         recorded["tokenizer"] = str(Path(s.cfg.tokenizer).resolve())
     if s.class_weights is not None:  # the values too: a --class-weights FILE may change after the run
         recorded["class_weight_values"] = dict(zip(s.labels.names, s.class_weights.tolist()))
-    return adapter_from_model(s.model, s.spec, s.labels, s.base, s.cfg.to_dict() | recorded)
+    return adapter_from_model(s.model, s.spec, s.labels, s.base, s.cfg.to_dict() | recorded, s.prompt_style)
 
 
 class MetricsLog:

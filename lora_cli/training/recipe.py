@@ -14,13 +14,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lora_cli.formats.metadata import TASKS
+from lora_cli.data.instruction_data import FORMS as INSTRUCTION_FORMS
+from lora_cli.formats.metadata import INSTRUCT, TASKS
 from lora_cli.lora.spec import SCALINGS
 from lora_cli.runtime.precision_names import BASE_DTYPES, PRECISIONS
 from lora_cli.util.errors import LoraCliError
 from lora_cli.util.schema import Bool, Float, Int, ListOf, Nullable, Schema, SchemaError, Str
 
 DEFAULT_RECIPE = "sms-spam-gpt2-small.yaml"
+INSTRUCT_RECIPE = "instruct-gpt2-small.yaml"  # the built-in recipe of --task instruct: the book's chapter 7
 SCHEDULES = ("constant", "linear", "cosine")
 SELECT_METRICS = ("last", "val_loss", "accuracy", "macro_f1", "auroc")
 GROUPS = ("model", "data", "LoRA", "optimisation", "bookkeeping")
@@ -87,11 +89,24 @@ class TrainConfig:
     val_split: float | None = option(None, "Hold out this fraction of the training file as validation instead of "
                                      "--val: stratified by class, shuffled with --seed (e.g. 0.1).",
                                      Nullable(Float(above=0, below=1)), "data")
-    task: str = option("single-label", "single-label (one class per text, softmax) or multi-label (any number of "
+    task: str = option("single-label", "single-label (one class per text, softmax), multi-label (any number of "
                        "labels per text: a sigmoid per label, binary cross-entropy, per-label thresholds tuned on the "
-                       "validation set for F1). Multi-label labels: ';'-separated names in the label column (an "
-                       "empty cell: none), or one 0/1 column per label with --label-columns; --class-weights then "
-                       "weighs each label's positives (balanced: negatives / positives).", Str(choices=TASKS), "data")
+                       "validation set for F1) or instruct (instruction fine-tuning of the language model, the book's "
+                       "chapter 7: its defaults are the book's, lr 5e-5, 2 epochs, context 1024). Multi-label labels: "
+                       "';'-separated names in the label column (an empty cell: none), or one 0/1 column per label "
+                       "with --label-columns; --class-weights then weighs each label's positives (balanced: negatives "
+                       "/ positives). Instruct data: a JSON or JSONL file of alpaca, chat or completion records "
+                       "(--data FILE: the book's 85/10/5 split in file order), or a directory of train.json and "
+                       "validation.json (lora-cli data instruction).", Str(choices=TASKS), "data")
+    prompt_style: str | None = option(None, "Instruct: alpaca (the book's prompt), chat (the model's chat format: "
+                                      "llama3 or qwen3), llama3, qwen3, plain (completion records), or a template "
+                                      "file with {instruction}, {input}, {output}. [alpaca for GPT-2, chat for Llama 3 "
+                                      "and Qwen3, plain for completions]", Nullable(Str(nonempty=True)), "data")
+    mask_prompt: bool = option(True, "Instruct: train on the response's tokens only; --no-mask-prompt trains on the "
+                               "whole sequence, as the book's main chapter does (padding is never a target).",
+                               Bool(), "data")
+    data_form: str | None = option(None, "Instruct: the records' form, alpaca, chat or completion. [from the first "
+                                   "record's fields]", Nullable(Str(choices=INSTRUCTION_FORMS)), "data")
     label_columns: list[str] | None = option(None, "Multi-label: one 0/1 column per label, named like the label, "
                                              "instead of --label-column (comma-separated on the command line).",
                                              Nullable(ListOf(Str(nonempty=True), min_len=2, unique=True)), "data")
@@ -192,12 +207,37 @@ class TrainConfig:
             for other, flag in ((self.label_column, "--label-column"), (self.label_names, "--label-names")):
                 if other is not None:
                     raise LoraCliError(f"--label-columns names the labels by their 0/1 columns; drop {flag}")
+        if self.task == INSTRUCT:
+            self._validate_instruct()
+        elif self.prompt_style is not None or self.data_form is not None or not self.mask_prompt:
+            flag = "--prompt-style" if self.prompt_style is not None else "--data-form" if self.data_form else \
+                "--no-mask-prompt"
+            raise LoraCliError(f"{flag} is for instruction data: add --task instruct")
         if self.val is not None and self.val_split is not None:
             raise LoraCliError("--val-split makes the validation set from the training data; drop --val or --val-split")
         if self.val is not None and self.train is None:
             raise LoraCliError("--val needs --train FILE (a --data DIR brings its own validation file)")
-        if self.train is not None and self.val is None and self.val_split is None:
+        if self.train is not None and self.val is None and self.val_split is None and self.task != INSTRUCT:
             raise LoraCliError("--train needs --val FILE or --val-split FRACTION (or pass --data DIR)")
+
+    def _validate_instruct(self) -> None:
+        """What --task instruct does not take: classification's labels, weights, calibration and metrics."""
+        given = [flag for flag, value in (("--label-column", self.label_column), ("--label-names", self.label_names),
+                                          ("--label-columns", self.label_columns), ("--text-column", self.text_column),
+                                          ("--val-split", self.val_split)) if value is not None]
+        if self.class_weights != "none":
+            given.append("--class-weights")
+        if self.calibrate:
+            given.append("--calibrate")
+        if given:
+            raise LoraCliError(f"{given[0]} is for classification; --task instruct reads instruction records (the book's "
+                               "split of --data FILE, or --train FILE --val FILE)")
+        if self.select_metric in ("macro_f1", "auroc"):
+            raise LoraCliError(f"--select-metric {self.select_metric} is a classification metric; with --task instruct "
+                               "choose last, val_loss or accuracy (the validation tokens predicted right)")
+        if self.data == "sms-spam" and self.train is None:
+            raise LoraCliError("--task instruct needs instruction data: pass --data FILE.json (split as the book does), "
+                               "--data DIR (from lora-cli data instruction) or --train FILE --val FILE")
 
     def accumulation_steps(self, world: int = 1) -> int:
         """Micro-batches of `batch_size` per optimizer step on each of `world` processes.
@@ -220,12 +260,12 @@ class TrainConfig:
         return steps
 
 
-def builtin_recipe_text() -> str:
-    """The default recipe: package data when installed, `configs/` when run from a source checkout."""
+def builtin_recipe_text(name: str = DEFAULT_RECIPE) -> str:
+    """A built-in recipe: package data when installed, `configs/` when run from a source checkout."""
     try:
-        return resources.files("lora_cli.configs").joinpath(DEFAULT_RECIPE).read_text(encoding="utf-8")
+        return resources.files("lora_cli.configs").joinpath(name).read_text(encoding="utf-8")
     except ModuleNotFoundError:  # `python -m lora_cli` inside a checkout of a non-editable install
-        return (Path(__file__).resolve().parents[2] / "configs" / DEFAULT_RECIPE).read_text(encoding="utf-8")
+        return (Path(__file__).resolve().parents[2] / "configs" / name).read_text(encoding="utf-8")
 
 
 def parse_recipe(text: str, source: str) -> dict[str, Any]:
@@ -262,8 +302,12 @@ def check_values(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def resolve(config_file: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Built-in recipe, then the file, then flags that were given (None means not given)."""
-    values = parse_recipe(builtin_recipe_text(), f"built-in {DEFAULT_RECIPE}")
+    """Built-in recipe, then the file, then flags that were given (None means not given).
+
+    The built-in recipe is the task's: classification's (`DEFAULT_RECIPE`), or the book's chapter-7 one for
+    --task instruct (named by the flag or the file).
+    """
+    file_values: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
         if path.is_dir():
@@ -276,7 +320,11 @@ def resolve(config_file: str | Path | None, overrides: dict[str, Any]) -> TrainC
             raise LoraCliError(f"cannot read {path}: {exc.strerror or exc}") from exc
         except UnicodeDecodeError as exc:
             raise LoraCliError(f"{path}: not valid UTF-8 (byte 0x{exc.object[exc.start]:02x}); save the file as UTF-8") from exc
-        values.update(parse_recipe(text, str(path)))
+        file_values = parse_recipe(text, str(path))
+    task = overrides.get("task") or file_values.get("task")
+    name = INSTRUCT_RECIPE if task == INSTRUCT else DEFAULT_RECIPE
+    values = parse_recipe(builtin_recipe_text(name), f"built-in {name}")
+    values.update(file_values)
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**values)
     cfg.validate()

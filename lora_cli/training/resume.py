@@ -105,11 +105,15 @@ class Accumulator:
             state["window_loss"].to(device), state["window_correct"].to(device), int(state["window_count"])]
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, step: int, grad_norm: torch.Tensor | None) -> None:
-        n = len(y)
-        self.count += n
-        self.loss += loss.detach() * n
         # multi-label (0/1 target rows): rows whose labels are all right at probability 0.5 (subset accuracy)
         right = (logits.argmax(-1) == y).sum() if y.dim() == 1 else ((logits >= 0) == (y > 0.5)).all(-1).sum()
+        self.add_counts(loss, right, len(y), step, grad_norm)
+
+    def add_counts(self, loss: torch.Tensor, right: torch.Tensor, n: int, step: int,
+                   grad_norm: torch.Tensor | None) -> None:
+        """A micro-batch of `n` predictions (examples, or an instruct run's target tokens), `right` of them right."""
+        self.count += n
+        self.loss += loss.detach() * n
         self.correct += right
         self.window[0] += loss.detach() * n
         self.window[1] += right

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lora_cli.data.classification import Encoded, LabelSet
+from lora_cli.data.prompt_styles import PromptStyle
 from lora_cli.formats.checkpoint import BaseCheckpoint
 from lora_cli.lora.spec import LoraSpec
 from lora_cli.models.gpt import GPTModel
@@ -27,7 +28,8 @@ class Setup:
     cfg: TrainConfig
     device: torch.device
     base: BaseCheckpoint
-    labels: LabelSet | MultiLabelSet  # a MultiLabelSet: --task multi-label (0/1 target rows, BCE loss)
+    labels: LabelSet | MultiLabelSet | None  # a MultiLabelSet: --task multi-label (0/1 target rows, BCE loss);
+    # None: --task instruct (`instruct_setup`), whose Encoded labels are each input's next-token targets
     train: Encoded
     val: Encoded
     spec: LoraSpec
@@ -40,6 +42,11 @@ class Setup:
     class_weights: torch.Tensor | None = None  # --class-weights of the training loss, on the device; None: unweighted
     # (multi-label: the BCE weight of each label's positives)
     val_source: str = "the validation data"  # where the validation rows come from, as calibration metadata names it
+    prompt_style: PromptStyle | None = None  # --task instruct: how records were formatted (the adapter records it)
+
+    @property
+    def instruct(self) -> bool:
+        return self.labels is None
 
     @property
     def global_batch(self) -> int:

@@ -1,0 +1,147 @@
+"""`Generator`: a base language model, with or without an instruct adapter, ready to answer instructions.
+
+The one way into generation that `lora-cli generate`, instruction `eval` (and a Python user) share: find the
+base as the adapter recorded it, rebuild the language model, pick the tokenizer, format each instruction with
+the prompt style training used, and decode (`evaluation.generation.generate`) until the end-of-text or
+end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_cli.adapters.adapter import Adapter, load_adapter, model_with_adapter, require_task
+from lora_cli.api.classifier import base_for
+from lora_cli.data.hf_tokenizer import tokenizer_for
+from lora_cli.data.instruction_batches import encode_prompt, end_token_id
+from lora_cli.data.paths import resolve_model
+from lora_cli.data.prompt_styles import Piece, PromptStyle, default_prompt_style, prompt_style
+from lora_cli.evaluation.generation import generate
+from lora_cli.formats.checkpoint import BaseCheckpoint, load_base
+from lora_cli.runtime.device import resolve_device
+from lora_cli.runtime.precision import configure_matmuls
+from lora_cli.tasks.instruct import frozen_language_model
+from lora_cli.util.errors import LoraCliError
+
+
+@dataclass
+class Answer:
+    """One prompt's generated text and token ids, and why it stopped."""
+
+    prompt: str
+    text: str
+    token_ids: list[int]
+    stopped: str  # "end" (the end token), "length" (--max-new-tokens) or "context" (the model's context is full)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "text": self.text, "tokens": len(self.token_ids), "stopped": self.stopped}
+
+
+class Generator:
+    """A language model ready to generate.
+
+        gen = Generator.load("runs/instruct")
+        gen.answer(["Rewrite the sentence in passive voice."], ["The cat chased the mouse."])[0].text
+
+    `load` takes an instruct adapter (a run directory, an adapter file or a checkpoint), or None and a base
+    `model` to generate with the base alone. Prompts are formatted with the style the adapter records
+    (`style` for a base alone: alpaca for GPT-2, the chat format for Llama 3 and Qwen3).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, style: PromptStyle, base: BaseCheckpoint,
+                 adapter: Adapter | None = None) -> None:
+        self.model, self.tokenizer, self.style, self.base, self.adapter = model, tokenizer, style, base, adapter
+        self.stop_ids = [end_token_id(tokenizer, style)]
+
+    @classmethod
+    def load(cls, adapter: str | Path | Adapter | None = None, *, model: str | None = None,
+             model_config: str | None = None, tokenizer: str | None = None, bpe_dir: str | None = None,
+             device: str = "auto", style: str | None = None, force: bool = False) -> Generator:
+        """Load an instruct adapter onto its base (or `model`), or the base `model` alone when `adapter` is None.
+
+        `style`: a prompt style (`data.prompt_styles.prompt_style`) for a base alone; an adapter's own style is
+        what training used, and another one is refused.
+        """
+        dev = resolve_device(device)
+        if adapter is None:
+            if model is None:
+                raise LoraCliError("no model to generate with: pass an instruct adapter, or a base `model`",
+                                   param="model")
+            base = load_base(resolve_model(model), model_config)
+            net = frozen_language_model(base).eval().to(dev)
+            chosen = prompt_style(style or default_prompt_style("alpaca", base.family.name), base.family.name)
+            loaded = None
+        else:
+            source = str(adapter) if not isinstance(adapter, Adapter) else "the adapter"
+            loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+            require_task(loaded, True, source)
+            if style is not None:
+                raise LoraCliError(f"{source} was trained with prompt style {loaded.prompt_style.name}, which it "
+                                   "keeps: drop the style", param="style")
+            base = base_for(loaded, model, model_config)
+            net = model_with_adapter(base, loaded, dev, force=force)
+            chosen = loaded.prompt_style
+        recorded = loaded.training_config.get("tokenizer") if loaded is not None else None
+        tok = tokenizer_for(base.family, base.config.vocab_size, bpe_dir, tokenizer, base.path, recorded=recorded)
+        configure_matmuls(dev)
+        return cls(net, tok, chosen, base, loaded)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.cfg.context_length)
+
+    def prompt(self, instruction: str, input_text: str = "") -> tuple[Piece, ...]:
+        """The prompt the model reads for an instruction (and its input), as training formatted it."""
+        if self.style.name == "plain":
+            return (instruction + (f"\n\n{input_text}" if input_text else ""),)
+        return self.style.prompt(instruction, input_text)
+
+    def prompt_ids(self, instruction: str, input_text: str = "") -> list[int]:
+        return encode_prompt(self.prompt(instruction, input_text), self.tokenizer)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 256, *,
+                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                     seed: int | None = None, on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """New token ids for each prompt (ids), until the end token, `max_new_tokens` or the context."""
+        return generate(self.model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed, stop_ids=self.stop_ids, on_token=on_token)
+
+    def answer(self, instructions: Sequence[str], inputs: Sequence[str] | None = None, max_new_tokens: int = 256, *,
+               batch_size: int = 8, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None, on_token: Callable[[int, int], None] | None = None) -> list[Answer]:
+        """An `Answer` to each instruction (with its input, if any), in order, `batch_size` prompts at a time.
+
+        `on_token(i, token_id)` sees each new token of prompt i as it is chosen (to stream).
+        """
+        if isinstance(instructions, str):
+            raise TypeError("instructions must be a sequence of strings, not one string: pass [instruction]")
+        inputs = list(inputs) if inputs is not None else [""] * len(instructions)
+        if len(inputs) != len(instructions):
+            raise LoraCliError(f"{len(instructions)} instructions and {len(inputs)} inputs; give one input each")
+        prompts = [self.prompt_ids(i, x) for i, x in zip(instructions, inputs)]
+        out: list[Answer] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            seen = (lambda row, tok, start=start: on_token(start + row, tok)) if on_token is not None else None
+            ids = self.generate_ids(chunk, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=None if seed is None else seed + start, on_token=seen)
+            for row, new in enumerate(ids):
+                i = start + row
+                out.append(Answer(instructions[i], self.decode(new), new,
+                                  self._why_stopped(len(prompts[i]), len(new), max_new_tokens)))
+        return out
+
+    def _why_stopped(self, prompt_len: int, new: int, max_new_tokens: int) -> str:
+        if new >= max_new_tokens:
+            return "length"
+        if prompt_len + new >= self.context_length:
+            return "context"
+        return "end"
