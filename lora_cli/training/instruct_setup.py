@@ -30,6 +30,7 @@ from lora_cli.tasks.instruct import build_language_model, selection, token_loss
 from lora_cli.training import distributed
 from lora_cli.training.recipe import TrainConfig
 from lora_cli.training.run_setup import Setup
+from lora_cli.training.schedule import total_steps, warmup_steps
 from lora_cli.util.errors import LoraCliError
 
 BOOK_CONTEXT = 1024  # the book's allowed_max_length
@@ -106,8 +107,6 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
     if len(train) < global_batch:
         raise LoraCliError(f"{train_data.path} has {len(train)} training records, fewer than one global batch of "
                            f"{global_batch}; lower --batch-size (or the accumulation steps)")
-    from lora_cli.training.loop import total_steps, warmup_steps
-
     warmup_steps(cfg, total_steps(cfg, len(train), global_batch))
     spec = LoraSpec(cfg.rank, cfg.alpha, cfg.scaling, list(cfg.targets), [], cfg.lora_dropout, cfg.head_bias)
     model = build_language_model(base, spec, cfg.seed, device)

@@ -13,14 +13,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
-import math
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +43,9 @@ from lora_cli.formats.metadata import INSTRUCT
 from lora_cli.training import distributed, instruct_setup, rank_failures
 from lora_cli.training.recipe import TrainConfig, to_yaml
 from lora_cli.training.resume import Accumulator, Selection, TrainState
+from lora_cli.training.run_log import MetricsLog, StopFlag
 from lora_cli.training.run_setup import Setup
+from lora_cli.training.schedule import lr_multiplier, total_steps, warmup_steps
 from lora_cli.util.errors import LoraCliError
 from lora_cli.util.fileio import write_text
 
@@ -65,37 +63,6 @@ class RunResult:
     seen: int = 0  # training examples seen in all
     step: int = 0  # optimizer steps in all
     calibration: dict | None = None  # --calibrate: the temperature fitted for adapter_path (metadata.CALIBRATION)
-
-
-def total_steps(cfg: TrainConfig, train_rows: int, global_batch: int) -> int:
-    """Optimizer steps of the whole run: whole global batches per epoch (the last partial one is dropped), --max-steps."""
-    steps_per_epoch = train_rows // global_batch
-    return min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
-
-
-def warmup_steps(cfg: TrainConfig, total: int) -> int:
-    """--warmup-steps, or --warmup-ratio of `total`; longer than the run is refused (the decay would never start)."""
-    if cfg.warmup_ratio is not None:
-        return round(cfg.warmup_ratio * total)
-    warmup = cfg.warmup_steps or 0
-    if warmup > total:
-        raise LoraCliError(f"--warmup-steps {warmup} is longer than the run ({total} optimizer steps); "
-                           "lower it or use --warmup-ratio")
-    return warmup
-
-
-def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
-    """The lr factor of optimizer step `step` (1-based) of `total`.
-
-    Linear warmup over the first `warmup` steps (step / warmup), then constant (1), or a linear or
-    half-cosine decay that reaches 0 at step `total`.
-    """
-    if step <= warmup:
-        return step / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / (total - warmup)
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class TrainingInterrupted(Exception):
@@ -220,7 +187,7 @@ def train(s: Setup, run_dir: Path, echo: Echo, progress: bool = True, resume: bo
         write_text(run_dir / rd.CONFIG, to_yaml(cfg))
         write_text(run_dir / rd.METRICS, "")
     net = s.dist.wrap(model)
-    stop = _StopFlag()
+    stop = StopFlag()
     # two concurrent halves of each CPU batch (a one-row batch has nothing to split)
     split = halves.for_model(model, s.device, s.dist.world) if cfg.split_batches and cfg.batch_size > 1 else None
     try:
@@ -274,7 +241,7 @@ def _validation_logits(s: Setup, tensors: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def _loop(s: Setup, net: torch.nn.Module, run_dir: Path, optimizer: torch.optim.Optimizer, t: TrainState,
-          split: halves.Halves | None, stop: _StopFlag, log: MetricsLog | None, echo: Echo, progress: bool) -> RunResult:
+          split: halves.Halves | None, stop: StopFlag, log: MetricsLog | None, echo: Echo, progress: bool) -> RunResult:
     from tqdm import tqdm
 
     cfg, model, device, dist = s.cfg, s.model, s.device, s.dist
@@ -449,31 +416,6 @@ def rank_share(s: Setup, order: list[int], start: int, steps: int) -> list[int]:
     return [i for b in range(start, steps) for i in order[b * G + s.dist.rank * share:b * G + (s.dist.rank + 1) * share]]
 
 
-class _StopFlag:
-    """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step; a second one aborts."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> _StopFlag:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def training_order(s: Setup, epoch: int) -> list[int]:
     """The epoch's example order: shuffled, and length-bucketed (by global batch) with --bucket-by-length."""
     if s.cfg.bucket_by_length:
@@ -496,32 +438,3 @@ def make_adapter(s: Setup) -> Adapter:
     if s.class_weights is not None:  # the values too: a --class-weights FILE may change after the run
         recorded["class_weight_values"] = dict(zip(s.labels.names, s.class_weights.tolist()))
     return adapter_from_model(s.model, s.spec, s.labels, s.base, s.cfg.to_dict() | recorded, s.prompt_style)
-
-
-class MetricsLog:
-    """metrics.jsonl always; TensorBoard scalars too with --tensorboard (needs the tensorboard package)."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
-        self.path = run_dir / rd.METRICS
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise LoraCliError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("event", "epoch", "step", "examples_seen") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["examples_seen"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
