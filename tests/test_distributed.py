@@ -26,7 +26,7 @@ from lora_cli.training.recipe import TrainConfig
 from lora_cli.util.errors import LoraCliError
 from test_training import write_task
 
-TIMING = {"epoch_seconds", "examples_per_second"}
+TIMING = {"epoch_seconds", "examples_per_second", "target_tokens_per_second"}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # what torchrun gives each rank; a busy 2-core CI box stays fast
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
@@ -234,3 +234,19 @@ def test_workers_share_the_cores_unless_the_user_set_threads() -> None:
     assert worker_threads(16, 3, {"PATH": "/bin"}) == "5"
     assert worker_threads(2, 4, {}) == "1"
     assert worker_threads(16, 2, {"OMP_NUM_THREADS": "3"}) is None
+
+
+def test_instruct_two_processes_equal_one_with_accumulation(tmp_path: Path, micro_checkpoint: Path) -> None:
+    """--task instruct shares the loop's data parallelism: target-token sums and the two-halves split included."""
+    records = [{"instruction": "Repeat the word.", "input": w, "output": w} for w in ["cat", "dog", "sun", "tree"] * 10]
+    data = tmp_path / "repeat.json"
+    data.write_text(json.dumps(records))
+    common = ["train", "--task", "instruct", "--model", str(micro_checkpoint), "--data", str(data), "--rank", "4",
+              "--batch-size", "4", "--epochs", "1", "--lr", "3e-3", "--device", "cpu", "--quiet"]
+    single = lora_cli([*common, "--grad-accum-steps", "2", "--out", str(tmp_path / "single")], tmp_path)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([*TORCHRUN, "-m", "lora_cli", *common, "--global-batch-size", "8", "--out",
+                          str(tmp_path / "ddp")], capture_output=True, text=True, cwd=tmp_path,
+                         env=os.environ | ONE_THREAD, timeout=120)
+    assert ddp.returncode == 0, ddp.stderr
+    assert_close_runs(tmp_path / "single", tmp_path / "ddp")

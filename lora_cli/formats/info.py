@@ -137,7 +137,7 @@ def _safetensors(path: Path) -> dict[str, Any]:
         if "family" in checked:  # a GPT-2 adapter's description is as before
             out["family"] = checked["family"]
         out["base_fingerprint"] = checked["base_fingerprint"]
-        out |= {k: checked[k] for k in ("task", "thresholds", "calibration") if k in checked}
+        out |= {k: checked[k] for k in ("task", "thresholds", "calibration", "prompt_style") if k in checked}
     elif fmt == BASE_FORMAT:
         checked = read_base_metadata(meta, str(path))
         out["kind"] = "lora-cli checkpoint" + (" (merged classifier)" if "merged_lora" in checked else "")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_cli.adapters.adapter import Adapter, check_fits, load_adapter
+from lora_cli.adapters.adapter import Adapter, check_fits, load_adapter, require_task
 from lora_cli.api.classifier import inference_length
 from lora_cli.data.classification import encode_texts
 from lora_cli.data.hf_tokenizer import tokenizer_for
@@ -68,6 +68,7 @@ def read_adapter(path: Path, base: BaseCheckpoint) -> Adapter:
         adapter = import_peft(path, base)
     else:
         adapter = load_adapter(path)
+    require_task(adapter, False, str(path))  # the server classifies; an instruct adapter generates
     check_fits(base, adapter, fix="a server runs every adapter on its one base: serve this one with the base it was "
                                    "trained on")
     return adapter

@@ -281,8 +281,10 @@ def _checked(s: Setup, path: Path, optimizer: torch.optim.Optimizer) -> dict[str
             ("LoRA targets", adapter.spec.targets, s.spec.targets, config),
             ("LoRA dropout", adapter.spec.dropout, s.spec.dropout, config),
             ("head bias", adapter.spec.head_bias, s.spec.head_bias, config),
-            ("task", "multi-label" if adapter.multi_label else "single-label", s.cfg.task, config),
-            ("classes", adapter.labels.names, s.labels.names, f"this run ({rd.CONFIG} and data)"),
+            ("task", adapter.task, s.cfg.task, config),
+            ("classes", adapter.labels and adapter.labels.names, s.labels and s.labels.names,
+             f"this run ({rd.CONFIG} and data)"),
+            ("prompt style", adapter.prompt_style, s.prompt_style, f"this run ({rd.CONFIG} and data)"),
             *((f"model {k}", theirs_cfg.get(k), ours_cfg[k], base) for k in ours_cfg if k != "drop_rate"),
             ("base fingerprint", adapter.base_fingerprint[:12], s.base.fingerprint[:12], base)]
     for what, theirs, ours, where in fits:
@@ -316,7 +318,8 @@ def _checked(s: Setup, path: Path, optimizer: torch.optim.Optimizer) -> dict[str
     progress, steps_per_epoch = ckpt["progress"], len(s.train) // s.global_batch
     if progress["batch"] > steps_per_epoch:
         raise damaged(f"progress.batch: {progress['batch']} steps into an epoch of {steps_per_epoch}")
-    if ckpt["accumulator"]["count"] != progress["batch"] * s.global_batch:
+    # an instruct run counts target tokens, which the step count does not fix
+    if not s.instruct and ckpt["accumulator"]["count"] != progress["batch"] * s.global_batch:
         raise damaged(f"accumulator.count: expected {progress['batch'] * s.global_batch} (progress.batch x the global "
                       f"batch), got {ckpt['accumulator']['count']}")
     return ckpt
