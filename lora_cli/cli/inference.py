@@ -15,6 +15,10 @@ from lora_cli.cli.app import (
     LabelColumnOption, MaxLengthOption, ModelConfigOption, PrecisionOption, TextColumnOption, TokenizerOption,
     app, echo, handle_errors, print_json, written,
 )
+from lora_cli.cli.instruct_eval import (
+    AnswersOutOption, JudgeApiKeyOption, JudgeApiOption, JudgeModelOption, JudgeOption, JudgeTimeoutOption,
+    LimitOption, MaxNewTokensOption, SplitOption, evaluate_instruct, not_instruction_data, refuse_flags,
+)
 from lora_cli.util.errors import LoraCliError
 from lora_cli.util.fileio import check_output
 
@@ -57,7 +61,9 @@ CalibrationOption = Annotated[bool, typer.Option(
 @handle_errors
 def evaluate(
     adapter: Annotated[Path, typer.Option(help="Adapter file, training checkpoint or run directory.")],
-    data: Annotated[Path, typer.Option(help="Labelled CSV/TSV/JSONL file, or a directory with test.csv.")],
+    data: Annotated[Path, typer.Option(help=(
+        "Labelled CSV/TSV/JSONL file, or a directory with test.csv; for an instruct adapter, a JSON/JSONL file of "
+        "instruction records, or a directory with test.json."))],
     model: BaseOption = None,
     model_config: ModelConfigOption = None,
     text_column: TextColumnOption = None,
@@ -74,7 +80,16 @@ def evaluate(
     ece_bins: EceBinsOption = 15,
     max_length: MaxLengthOption = None,
     calibration: CalibrationOption = True,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --plot file.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --plot or --answers-out file.")] = False,
+    split: SplitOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    answers_out: AnswersOutOption = None,
+    limit: LimitOption = None,
+    judge: JudgeOption = None,
+    judge_model: JudgeModelOption = None,
+    judge_api: JudgeApiOption = None,
+    judge_api_key: JudgeApiKeyOption = None,
+    judge_timeout: JudgeTimeoutOption = None,
 ) -> None:
     """Loss, accuracy, per-class precision/recall/F1, ROC-AUC, PR-AUC, calibration and the confusion matrix.
 
@@ -91,11 +106,36 @@ def evaluate(
     F1, AUCs and support, with micro and macro averages. Its labels: the ';'-separated label column, or
     one 0/1 column per label named like the label.
 
+    An instruct adapter (train --task instruct) reports, on instruction records, the loss over the
+    response tokens (as training masks them) and its perplexity, then generates a greedy answer to each
+    record and reports the exact-match rate (equal, leading and trailing white space stripped) and the
+    contains-match rate (the reference response found in the answer, case and runs of white space
+    ignored). --answers-out writes the records with each model_response; --judge URL has a chat model
+    (Ollama, or an OpenAI-compatible server) score each answer from 0 to 100, a reply without a score
+    skipping that record with a warning.
+
     Example: lora-cli eval --adapter runs/tiny/adapter.safetensors --data data/sms/test.csv --plot eval.png
+
+    Example: lora-cli eval --adapter runs/instruct --data data/instruct --answers-out answers.json
     """
+    from lora_cli.adapters.adapter import load_adapter
     from lora_cli.data.classification import read_table
     from lora_cli.evaluation.classification import classification_report
 
+    ad = load_adapter(adapter)
+    if ad.instruct:
+        refuse_flags({"--plot": plot is not None, "--text-column": text_column is not None,
+                      "--label-column": label_column is not None, "--ece-bins": ece_bins != 15,
+                      "--no-calibration": not calibration}, adapter, "an instruct adapter", "classification adapters")
+        load = {"model": model, "model_config": model_config, "tokenizer": tokenizer, "bpe_dir": bpe_dir,
+                "device": device, "force": force}
+        evaluate_instruct(ad, adapter, data, split, limit, max_new_tokens, answers_out, overwrite, judge, judge_model,
+                          judge_api, judge_api_key, judge_timeout, load, batch_size, max_length, precision, as_json)
+        return
+    refuse_flags({"--max-new-tokens": max_new_tokens is not None, "--answers-out": answers_out is not None,
+                  "--limit": limit is not None, "--judge": judge is not None, "--judge-model": judge_model is not None,
+                  "--judge-api": judge_api is not None, "--judge-timeout": judge_timeout is not None},
+                 adapter, f"a {ad.task} classification adapter", "instruct adapters")
     if plot is not None:
         from lora_cli.cli.plots import HINT, have_matplotlib
 
@@ -105,19 +145,24 @@ def evaluate(
             raise LoraCliError(f"--plot {plot} is a directory; pass a PNG file name, e.g. {plot / 'eval.png'}")
         check_output(plot, overwrite)
     if data.is_dir():
-        data = data / "test.csv"
-    clf = _classifier(adapter, model, model_config, tokenizer, bpe_dir, device, precision, max_length, calibration,
-                      force)
-    ad = clf.adapter
+        data = data / f"{split or 'test'}.csv"
+    elif split is not None:
+        raise LoraCliError(f"--split picks a file of a prepared directory, and --data {data} is a file; drop --split")
+    clf = _classifier(ad, model, model_config, tokenizer, bpe_dir, device, precision, max_length, calibration,
+                      force, name=str(adapter))
     if ad.multi_label and plot is not None:
         raise LoraCliError("--plot draws a confusion matrix and a reliability diagram of single-label predictions, "
                            f"and {adapter} is a multi-label adapter; drop --plot")
-    if ad.multi_label:
-        from lora_cli.tasks.multilabel import read_multilabel
+    try:
+        if ad.multi_label:
+            from lora_cli.tasks.multilabel import read_multilabel
 
-        table = read_multilabel(data, text_column, label_column, names=ad.labels.names)
-    else:
-        table = read_table(data, text_column, label_column)
+            table = read_multilabel(data, text_column, label_column, names=ad.labels.names)
+        else:
+            table = read_table(data, text_column, label_column)
+    except LoraCliError:
+        not_instruction_data(adapter, data)
+        raise
     tokens = _encode(clf, table.texts)
     labels = ad.labels.encode(table.labels, str(data))
     temperature = clf.temperature

@@ -118,6 +118,15 @@ def detect_form(obj: dict[str, Any]) -> str | None:
     return None
 
 
+def split_file(directory: Path, stem: str) -> Path:
+    """A prepared directory's split `stem` (train, validation, test): `stem`.json, else `stem`.jsonl."""
+    for suffix in (".json", ".jsonl"):
+        if (directory / f"{stem}{suffix}").is_file():
+            return directory / f"{stem}{suffix}"
+    raise LoraCliError(f"{directory} has no {stem}.json (or .jsonl); prepare it with lora-cli data instruction "
+                       "--source FILE --out DIR, or pass the file itself as --data FILE")
+
+
 def split_instruction_data(records: list[Any], train: float = 0.85, test: float = 0.10) -> dict[str, list[Any]]:
     """The book's split, in file order: the first 85% train, the next 10% test, the rest (5%) validation.
 

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_cli.data.instruction_batches import IGNORE_INDEX
 from lora_cli.formats.checkpoint import BaseCheckpoint
 from lora_cli.lora.layers import apply_lora, resolve_targets, validate_lora_args
 from lora_cli.lora.spec import LoraSpec
@@ -64,8 +63,3 @@ def is_language_model(model: nn.Module) -> bool:
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of the selected positions' logits (M, vocab) against their targets (M,)."""
     return F.cross_entropy(logits.float(), targets)
-
-
-def selection(targets: torch.Tensor) -> torch.Tensor:
-    """(B, T) True where a position has a target: where its logits are computed."""
-    return targets != IGNORE_INDEX

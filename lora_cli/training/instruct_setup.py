@@ -9,7 +9,6 @@ and encoded with their targets), the model (the base language model with LoRA, `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,16 +16,15 @@ import torch
 
 from lora_cli.data.classification import Encoded
 from lora_cli.data.hf_tokenizer import tokenizer_for
-from lora_cli.data.instruction_batches import encode_examples, end_token_id, token_batches
-from lora_cli.data.instruction_data import InstructionData, read_instruction_data, split_instruction_data
+from lora_cli.data.instruction_data import InstructionData, read_instruction_data, split_file, split_instruction_data
 from lora_cli.data.paths import resolve_model
 from lora_cli.data.prompt_styles import PromptStyle, default_prompt_style, prompt_style
+from lora_cli.evaluation.instruction import encode_records, token_metrics, token_totals
 from lora_cli.formats.checkpoint import load_base
 from lora_cli.lora.spec import LoraSpec
-from lora_cli.models import families
 from lora_cli.runtime import halves
 from lora_cli.runtime.precision import autocast, cast_frozen_base, configure_matmuls, grad_scaler, resolve_precision
-from lora_cli.tasks.instruct import build_language_model, selection, token_loss
+from lora_cli.tasks.instruct import build_language_model, token_loss
 from lora_cli.training import distributed
 from lora_cli.training.recipe import TrainConfig
 from lora_cli.training.run_setup import Setup
@@ -51,7 +49,7 @@ def instruction_files(cfg: TrainConfig) -> tuple[InstructionData, InstructionDat
                            "(lora-cli data instruction) or --train FILE --val FILE")
     path = Path(source)
     if path.is_dir():
-        train, val = (_split_file(path, stem) for stem in ("train", "validation"))
+        train, val = (split_file(path, stem) for stem in ("train", "validation"))
         return read_instruction_data(train, cfg.data_form), read_instruction_data(val, cfg.data_form), str(val)
     if not path.exists():
         raise LoraCliError(f"instruction data not found: {path}")
@@ -61,25 +59,9 @@ def instruction_files(cfg: TrainConfig) -> tuple[InstructionData, InstructionDat
             f"the validation part (the last 5%) of {path}")
 
 
-def _split_file(directory: Path, stem: str) -> Path:
-    for suffix in (".json", ".jsonl"):
-        if (directory / f"{stem}{suffix}").is_file():
-            return directory / f"{stem}{suffix}"
-    raise LoraCliError(f"{directory} has no {stem}.json (or .jsonl); prepare it with lora-cli data instruction "
-                       "--source FILE --out DIR, or pass the file itself as --data FILE")
-
-
 def style_for(cfg: TrainConfig, form: str, family: str) -> PromptStyle:
     """--prompt-style, else the default of the data's form and the base's family."""
     return prompt_style(cfg.prompt_style or default_prompt_style(form, family), family)
-
-
-def encode(data: InstructionData, style: PromptStyle, tokenizer: object, max_length: int, mask_prompt: bool) -> Encoded:
-    """Each record's model inputs and targets (`Encoded.labels`: a target per input, IGNORE_INDEX where none)."""
-    examples = encode_examples([style.format(r) for r in data.records], tokenizer, end_token_id(tokenizer, style),
-                               max_length)
-    return Encoded([e.input_ids for e in examples], [e.targets(mask_prompt) for e in examples],
-                   sum(e.truncated for e in examples))
 
 
 def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.SINGLE) -> Setup:
@@ -98,7 +80,7 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
         raise LoraCliError(f"--max-length {cfg.max_length} is longer than the model's context ({context} tokens)")
     max_length = cfg.max_length or min(BOOK_CONTEXT, context)
     tokenizer = tokenizer_for(base.family, base.config.vocab_size, cfg.bpe_dir, cfg.tokenizer, base.path)
-    train, val = (encode(d, style, tokenizer, max_length, cfg.mask_prompt) for d in (train_data, val_data))
+    train, val = (encode_records(d, style, tokenizer, max_length, cfg.mask_prompt) for d in (train_data, val_data))
     for data, encoded in ((train_data, train), (val_data, val)):
         if encoded.truncated:
             echo(f"warning: {encoded.truncated} of {len(encoded)} records in {data.path} are longer than {max_length} "
@@ -132,26 +114,9 @@ def micro_step(s: Setup, net: torch.nn.Module, input_ids: torch.Tensor, last_ind
                                           lambda: autocast(s.device, s.precision))
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Encoded, batch_size: int, device: torch.device,
              dist: distributed.Context = distributed.SINGLE, precision: str = "fp32") -> dict:
     """Validation loss (mean over target tokens), perplexity and token accuracy; every rank gets the same."""
-    was_training = model.training
-    model.eval()
     shard = Encoded(data.tokens[dist.rank::dist.world], data.labels[dist.rank::dist.world])
-    order = sorted(range(len(shard)), key=lambda i: len(shard.tokens[i]))
-    total = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, right, tokens
-    for batch in token_batches(shard, batch_size, order, pad_id=families.of(model.cfg).pad_id):
-        targets = batch.labels.to(device)
-        select = selection(targets)
-        with autocast(device, precision):
-            logits = model(batch.input_ids.to(device), batch.last_index, select=select).float()
-        y = targets[select]
-        total += torch.stack([torch.nn.functional.cross_entropy(logits, y, reduction="sum").double(),
-                              (logits.argmax(-1) == y).sum().double(), torch.tensor(float(len(y)), device=device)])
-    model.train(was_training)
-    loss_sum, right, tokens = dist.all_reduce(total).tolist()
-    loss = loss_sum / tokens if tokens else math.nan
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": right / tokens if tokens else math.nan,
-            "macro_f1": None, "auroc": None, "tokens": int(tokens)}
-
+    loss_sum, right, tokens = dist.all_reduce(token_totals(model, shard, batch_size, device, precision)).tolist()
+    return token_metrics(loss_sum, right, tokens) | {"macro_f1": None, "auroc": None}
