@@ -21,7 +21,7 @@ from lora_cli.api.instruct_eval import evaluate_instructions, instruction_record
 from lora_cli.data.instruction_data import prepare_instruction_split, read_instruction_data, split_instruction_data
 from lora_cli.data.prompt_styles import alpaca_prompt
 from lora_cli.evaluation.instruction import (
-    JUDGE_KEY_ENV, Judge, contains_match, exact_match, judge_answers, match_rates, parse_score,
+    JUDGE_KEY_ENV, Judge, contains_match, exact_match, match_rates, parse_score,
 )
 from lora_cli.util.errors import LoraCliError
 
@@ -229,6 +229,9 @@ def test_judge_openai_through_the_cli(work: dict, tmp_path: Path) -> None:
     answer = json.loads(out.read_text())[0]["model_response"]
     assert "Repeat the word.\n\ncat" in prompt and f"Answer to grade:\n{answer}\n" in prompt
     assert "from 0" in prompt and "100" in prompt
+    with FakeJudge(["100", "I cannot grade this."]) as fake:  # the table; no score at all
+        table = eval_cli(work, "--data", work["data"], "--limit", 1, "--max-new-tokens", 1, "--judge", fake.base).stdout
+    assert "judge mean score (0-100, llama3)" in table and "n/a" in table and "0 / 1" in table
 
 
 def test_judge_ollama_through_the_library(gen: Generator, work: dict) -> None:

@@ -123,17 +123,19 @@ def _reads_as_table(data: Path) -> bool:
 
 
 def _print_report(result: dict[str, Any]) -> None:
-    from lora_cli.cli.output import new_table, number, print_tables, score
+    from lora_cli.cli.output import new_table, number, print_tables
 
     table = new_table(["metric", "value"], right=["value"])
     table.add_row("records", number(result["records"]))
     table.add_row("loss", f"{result['loss']:.4f}")
-    table.add_row("perplexity", f"{result['perplexity']:.4f}")
+    perplexity = result["perplexity"]
+    table.add_row("perplexity", f"{perplexity:.2f}" if perplexity < 1e9 else f"{perplexity:.3e}")
     table.add_row("exact match", f"{result['exact_match']:.2%}")
     table.add_row("contains match", f"{result['contains_match']:.2%}")
     table.add_row(f"answers cut at {result['max_new_tokens']} tokens", number(result["answers_cut"]))
     judged = result["judge"]
     if judged is not None:
-        table.add_row(f"judge mean score (0-100, {judged['model']})", score(judged["mean"]))
+        mean = judged["mean"]
+        table.add_row(f"judge mean score (0-100, {judged['model']})", "n/a" if mean is None else f"{mean:.2f}")
         table.add_row("judge scored / skipped", f"{judged['scored']} / {judged['skipped']}")
     print_tables((result["data"], table))
