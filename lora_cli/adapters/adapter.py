@@ -69,8 +69,7 @@ class Adapter:
             optional |= {"task": "multi-label", "thresholds": json.dumps(self.labels.decision)}
         if self.instruct:
             style = self.prompt_style or PromptStyle("plain")
-            optional |= {"task": INSTRUCT, "prompt_style": json.dumps(
-                {"name": style.name} | ({"template": style.template} if style.template is not None else {}))}
+            optional |= {"task": INSTRUCT, "prompt_style": json.dumps(style.to_dict())}
         else:
             optional["labels"] = json.dumps({"names": self.labels.names, "integer_ids": self.labels.integer_ids})
         return {

@@ -6,6 +6,7 @@ then rounds to the weight's dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 
 from lora_cli import __version__
 from lora_cli.adapters.adapter import DTYPES, Adapter, hf_problem_type, model_with_adapter
+from lora_cli.adapters.peft_format import hf_ties_head
 from lora_cli.formats.checkpoint import BASE_FORMAT, BaseCheckpoint
 from lora_cli.lora.layers import LinearWithLoRA, unfuse
 from lora_cli.models import families
@@ -84,12 +86,13 @@ def fold_lora(model: nn.Module) -> nn.Module:
 
 
 def merged_model(base: BaseCheckpoint, adapter: Adapter, force: bool = False) -> GPTModel:
-    """A plain GPTModel (float32, no LoRA modules) whose out_head is the adapter's task head."""
+    """A plain model (float32, no LoRA modules) whose out_head is the adapter's task head (an instruct adapter's:
+    the base's vocabulary head, its LoRA merged in)."""
     return fold_lora(model_with_adapter(base, adapter, force=force)).eval()
 
 
 def merged_state(base: BaseCheckpoint, adapter: Adapter, force: bool = False) -> dict[str, torch.Tensor]:
-    """The merged model's state_dict in the book's layout (float32; out_head = the task head)."""
+    """The merged model's state_dict in the book's layout (float32; out_head = the task head, or the LM head)."""
     return {k: v.detach().clone() for k, v in merged_model(base, adapter, force=force).state_dict().items()}
 
 
@@ -110,6 +113,12 @@ def hf_classifier_state(state: dict[str, torch.Tensor], n_layers: int) -> dict[s
     A missing q/k/v bias (qkv_bias False) becomes zeros (HF's c_attn always has one); the head
     becomes `score.weight`; a nonzero head bias is refused (HF's score has none).
     """
+    head = _head_without_bias(state, "GPT2ForSequenceClassification")
+    return _gpt2_backbone(state, n_layers) | {"score.weight": head}
+
+
+def _gpt2_backbone(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """GPT-2's `transformer.*` tensors; a missing q/k/v bias (qkv_bias False) becomes zeros (HF's c_attn has one)."""
     state = dict(state)
     for i in range(n_layers):
         for name in BLOCK_LINEARS["attn.c_attn"]:
@@ -117,10 +126,34 @@ def hf_classifier_state(state: dict[str, torch.Tensor], n_layers: int) -> dict[s
             if f"{key}.bias" not in state:
                 w = state[f"{key}.weight"]
                 state[f"{key}.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
-    head = _head_without_bias(state, "GPT2ForSequenceClassification")
-    out = {f"transformer.{k}": v for k, v in scratch_to_hf(state, n_layers).items()}
-    out["score.weight"] = head
-    return out
+    return {f"transformer.{k}": v for k, v in scratch_to_hf(state, n_layers).items()}
+
+
+def head_tied(state: dict[str, torch.Tensor], cfg: Any) -> bool:
+    """Whether a merged language model's head may stay tied to the token embedding: transformers ties them
+    (`peft_format.hf_ties_head`) and they are equal. A LoRA on a tied head makes them differ: the written model
+    then unties them (its config's tie_word_embeddings / tie_embeddings false, the head stored)."""
+    head, emb = state["out_head.weight"], state["tok_emb.weight"]
+    return hf_ties_head(cfg) and head.shape == emb.shape and torch.equal(head, emb)
+
+
+def hf_causal_lm(state: dict[str, torch.Tensor], cfg: Any, dtype: str = "float32",
+                 eos_id: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The family's *ForCausalLM tensors and config.json for a merged language model (a base's state in the book's
+    layout): `lm_head` is left out where it stays tied (`head_tied`), stored otherwise. `eos_id`: the token
+    lora-cli's generate stops at (`instruction_batches.end_token_id`), so that transformers' generate() stops there
+    too; else the family's own (GPT-2's <|endoftext|>; none for the others)."""
+    family, tied = families.of(cfg), head_tied(state, cfg)
+    if family.name == families.GPT2:
+        tensors = _gpt2_backbone(state, cfg.n_layers) | ({} if tied else {"lm_head.weight": state["out_head.weight"]})
+    else:
+        cfg = cfg if tied or not cfg.tie_embeddings else dataclasses.replace(cfg, tie_embeddings=False)
+        tensors = family.native_to_hf(state, cfg)
+    config = family.config_to_hf(cfg)
+    config.update(architectures=[family.hf_classifier.causal_lm], tie_word_embeddings=tied, dtype=dtype)
+    if eos_id is not None:
+        config["eos_token_id"] = eos_id
+    return tensors, config
 
 
 def decoder_classifier_state(state: dict[str, torch.Tensor], family: Family, cfg: Any) -> dict[str, torch.Tensor]:
@@ -156,9 +189,9 @@ def hf_classifier_config(adapter: Adapter, dtype: str = "float32", pad_id: int |
 
 def save_merged(
     path: str | Path, base: BaseCheckpoint, adapter: Adapter, format: str = "native",
-    dtype: str = "float32", force: bool = False, pad_id: int | None = None,
+    dtype: str = "float32", force: bool = False, pad_id: int | None = None, eos_id: int | None = None,
 ) -> None:
-    """Write the merged classifier.
+    """Write the merged classifier, or an instruct adapter's merged language model.
 
     native: one .safetensors file in the book's layout with lora-cli base metadata (model_config,
     labels; a multi-label adapter's task and thresholds, a calibrated one's calibration, as in the adapter),
@@ -166,6 +199,9 @@ def save_merged(
     hf: a directory with `model.safetensors` (the family's *ForSequenceClassification layout) and `config.json`,
     replaced as a whole (`fileio.atomic_dir`); `pad_id` is its pad_token_id (`hf_classifier_config`). Its config
     has no place for thresholds or a temperature: `adapter.hf_left_behind` says so.
+
+    An instruct adapter's merged model is a base language model: native, a base checkpoint (`_save_native_lm`) that
+    `lora-cli generate --model` uses; hf, the family's *ForCausalLM (`hf_causal_lm`, `eos_id` its eos_token_id).
     """
     if format not in FORMATS:
         raise LoraCliError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -174,26 +210,58 @@ def save_merged(
     path = Path(path)
     if format == "native" and path.is_dir():
         raise LoraCliError(f"{path} is a directory; native format writes one .safetensors file")
-    if format == "hf":
-        hf_config = hf_classifier_config(adapter, dtype, pad_id)  # a config HF cannot express is refused before the merge
+    if format == "hf":  # a config HF cannot express is refused before the merge
+        if adapter.instruct:
+            base.family.config_to_hf(base.config)
+        else:
+            hf_config = hf_classifier_config(adapter, dtype, pad_id)
         check_replaceable(path, HF_FILES)  # before the merge, which takes a while on a large model
     state = merged_state(base, adapter, force=force)
-    labels = json.dumps({"names": adapter.labels.names, "integer_ids": adapter.labels.integer_ids})
     if format == "native":
-        metadata = {
-            "format": BASE_FORMAT,
-            "model_config": base.config.to_json(),
-            "tool_version": __version__,
-            "labels": labels,
-            "merged_lora": json.dumps(adapter.spec.to_dict()),
-            "base_fingerprint": base.fingerprint,
-        } | ({} if base.family.name == families.GPT2 else {"family": base.family.name}) \
-            | {k: v for k, v in adapter.metadata().items() if k in MERGED_TASK}  # as checkpoint.save_base, + the task
-        save_safetensors(path, {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, metadata)
+        (_save_native_lm if adapter.instruct else _save_native_classifier)(path, base, adapter, state, dtype)
         return
-    hf_state = hf_classifier_state(state, base.config.n_layers) if base.family.name == families.GPT2 \
-        else decoder_classifier_state(state, base.family, base.config)
+    if adapter.instruct:
+        hf_state, hf_config = hf_causal_lm(state, base.config, dtype, eos_id)
+    else:
+        hf_state = hf_classifier_state(state, base.config.n_layers) if base.family.name == families.GPT2 \
+            else decoder_classifier_state(state, base.family, base.config)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in hf_state.items()}
     with atomic_dir(path, HF_FILES) as tmp:
         save_safetensors(tmp / HF_WEIGHTS, tensors, {"format": "pt"})
         write_text(tmp / "config.json", json.dumps(hf_config, indent=2) + "\n")
+
+
+def _save_native_classifier(path: Path, base: BaseCheckpoint, adapter: Adapter, state: dict[str, torch.Tensor],
+                            dtype: str) -> None:
+    """A merged classifier as a base checkpoint whose out_head is the task head, with its labels and task."""
+    metadata = {
+        "format": BASE_FORMAT,
+        "model_config": base.config.to_json(),
+        "tool_version": __version__,
+        "labels": json.dumps({"names": adapter.labels.names, "integer_ids": adapter.labels.integer_ids}),
+        "merged_lora": json.dumps(adapter.spec.to_dict()),
+        "base_fingerprint": base.fingerprint,
+    } | ({} if base.family.name == families.GPT2 else {"family": base.family.name}) \
+        | {k: v for k, v in adapter.metadata().items() if k in MERGED_TASK}  # as checkpoint.save_base, + the task
+    save_safetensors(path, {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}, metadata)
+
+
+def _save_native_lm(path: Path, base: BaseCheckpoint, adapter: Adapter, state: dict[str, torch.Tensor],
+                    dtype: str) -> None:
+    """A merged language model as a base checkpoint (as `checkpoint.save_base` writes one, with `merged_lora`,
+    `base_fingerprint` and the adapter's `prompt_style`): a tied head stored once; a LoRA on a tied head unties it
+    (tie_embeddings false in its config, or `load_base` would tie the embedding back in its place)."""
+    cfg = base.config
+    tied = getattr(cfg, "tie_embeddings", False)
+    if tied and not head_tied(state, cfg):
+        cfg, tied = dataclasses.replace(cfg, tie_embeddings=False), False
+    metadata = {
+        "format": BASE_FORMAT,
+        "model_config": cfg.to_json(),
+        "tool_version": __version__,
+        "merged_lora": json.dumps(adapter.spec.to_dict()),
+        "base_fingerprint": base.fingerprint,
+        "prompt_style": json.dumps(adapter.prompt_style.to_dict()),
+    } | ({} if base.family.name == families.GPT2 else {"family": base.family.name})
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items() if not (tied and k == "out_head.weight")}
+    save_safetensors(path, tensors, metadata)

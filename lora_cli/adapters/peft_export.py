@@ -11,8 +11,9 @@ import torch
 
 from lora_cli import __version__
 from lora_cli.adapters.adapter import DTYPES, Adapter, hf_problem_type
-from lora_cli.adapters.peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_FILES, EXPORT_FORMAT, HEAD,
-                                           METADATA_FILE, PREFIX, SCORE_KEY, Layout)
+from lora_cli.adapters.peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CAUSAL_LM, EXPORT_FILES, EXPORT_FORMAT,
+                                           HEAD, LM_HEAD, METADATA_FILE, PREFIX, SCORE_KEY, SEQ_CLS, Layout)
+from lora_cli.formats.metadata import INSTRUCT
 from lora_cli.lora.layers import lora_scale
 from lora_cli.models import families
 from lora_cli.util.errors import LoraCliError
@@ -41,11 +42,26 @@ def _head_weight(adapter: Adapter, architecture: str) -> torch.Tensor:
     return w
 
 
+def _lm_head_lora(adapter: Adapter, scale: float) -> dict[str, torch.Tensor]:
+    """An instruct adapter's LoRA on out_head as PEFT's on `lm_head` (scale folded into B), or nothing."""
+    t, cfg = adapter.tensors, adapter.model_config
+    if f"{HEAD}.lora.A" not in t:
+        return {}
+    a, b = t[f"{HEAD}.lora.A"].float(), t.get(f"{HEAD}.lora.B")  # (emb_dim, r), (r, vocab_size)
+    if b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != cfg.emb_dim or b.shape != (a.shape[1], cfg.vocab_size):
+        raise LoraCliError(f"adapter tensors {HEAD}.lora.A/B do not fit the model config (emb_dim {cfg.emb_dim}, "
+                           f"vocab_size {cfg.vocab_size})")
+    return {f"{PREFIX}{LM_HEAD}.lora_A.weight": a.T.contiguous(),
+            f"{PREFIX}{LM_HEAD}.lora_B.weight": (b.float() * scale).T.contiguous()}
+
+
 def peft_tensors(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """PEFT state dict (float32) and the rank of each targeted HF module path."""
+    """PEFT state dict (float32) and the rank of each targeted HF module path: a classifier's with its `score`
+    head, an instruct adapter's with its LoRA on `lm_head` if it has one."""
     cfg = adapter.model_config
     layout = Layout.of(families.of(cfg))
     scale = lora_scale(adapter.spec.alpha, adapter.spec.rank, adapter.spec.scaling)
+    head = _lm_head_lora(adapter, scale) if adapter.instruct else {}
     to_hf = {native: (hf, j) for hf, parts in layout.modules.items() for j, native in enumerate(parts)}
     shapes = layout.family.expected_shapes(cfg)  # (out, in) of every native Linear, from the meta device
     found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -59,7 +75,7 @@ def peft_tensors(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, i
         if value.ndim != 2 or out_in is None or value.shape[m.group(3) == "B"] != out_in[m.group(3) == "A"]:
             raise LoraCliError(f"adapter tensor {name} of shape {tuple(value.shape)} does not fit the model config")
         found.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value.float()
-    if not found:
+    if not found and not head:
         raise LoraCliError(
             "the adapter has no LoRA layers inside the transformer blocks; a PEFT LoRA adapter "
             "needs at least one (train with --targets blocks or all-linear)"
@@ -91,17 +107,22 @@ def peft_tensors(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, i
         tensors[f"{PREFIX}{path}.lora_A.weight"] = lora_a.contiguous()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = lora_b.contiguous()
         ranks[path] = rank
+    if adapter.instruct:
+        if head:
+            ranks[LM_HEAD] = head[f"{PREFIX}{LM_HEAD}.lora_A.weight"].shape[0]
+        return tensors | head, ranks
     tensors[SCORE_KEY] = _head_weight(adapter, layout.architecture).contiguous()
     return tensors, ranks
 
 
 def peft_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
-    """adapter_config.json: every module has lora_alpha == r, so PEFT's scaling is 1."""
+    """adapter_config.json: every module has lora_alpha == r, so PEFT's scaling is 1; a classifier's is for SEQ_CLS
+    with its `score` head to save, an instruct adapter's for CAUSAL_LM with nothing to save."""
     default = adapter.spec.rank
     pattern = {re.escape(path): r for path, r in ranks.items() if r != default}
     return {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS",
+        "task_type": CAUSAL_LM if adapter.instruct else SEQ_CLS,
         "base_model_name_or_path": None,
         "revision": None,
         "inference_mode": True,
@@ -117,7 +138,7 @@ def peft_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
         "use_rslora": False,
         "use_dora": False,
         "lora_bias": False,
-        "modules_to_save": ["score"],
+        "modules_to_save": None if adapter.instruct else ["score"],  # a causal LM keeps the base's lm_head
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -126,21 +147,34 @@ def peft_config(adapter: Adapter, ranks: dict[str, int]) -> dict[str, Any]:
 
 def _task_meta(adapter: Adapter) -> dict[str, Any]:
     """What lora_cli.json keeps of the adapter's task for `import_peft`: a multi-label adapter's task, thresholds
-    and the `problem_type` its transformers config needs; a calibrated adapter's calibration. (An uncalibrated
-    single-label adapter's lora_cli.json is as before.)"""
+    and the `problem_type` its transformers config needs; a calibrated adapter's calibration; an instruct adapter's
+    task and prompt style. (An uncalibrated single-label adapter's lora_cli.json is as before.)"""
+    if adapter.instruct:
+        return {"task": INSTRUCT, "prompt_style": adapter.prompt_style.to_dict()}
     out: dict[str, Any] = {"calibration": adapter.calibration} if adapter.calibration else {}
     if adapter.multi_label:
         out |= {"task": "multi-label", "thresholds": adapter.labels.decision} | hf_problem_type(adapter)
     return out
 
 
+def _labels_meta(adapter: Adapter) -> dict[str, Any]:
+    """A classifier's labels and id2label (an instruct adapter has none)."""
+    if adapter.instruct:
+        return {}
+    names = adapter.labels.names
+    return {"labels": {"names": names, "integer_ids": adapter.labels.integer_ids},
+            "id2label": {str(i): n for i, n in enumerate(names)}}
+
+
 def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32", pad_id: int | None = None) -> None:
     """Write `adapter_model.safetensors`, `adapter_config.json` and `lora_cli.json` as directory out_dir.
 
-    A Llama 3 / Qwen3 export's lora_cli.json records `pad_token_id`, the id the user's HF config needs
-    (`merge.hf_classifier_config`): `pad_id`, else the family's pad id. A multi-label adapter's records its task,
-    thresholds and `problem_type`, a calibrated adapter's its calibration (`_task_meta`): `import_peft` restores them;
-    transformers has no place for the thresholds and the temperature (`adapter.hf_left_behind`).
+    An instruct adapter's is a CAUSAL_LM adapter for the family's *ForCausalLM; its lora_cli.json keeps the task and
+    prompt style (`peft_format`). A Llama 3 / Qwen3 classifier export's lora_cli.json records `pad_token_id`, the id
+    the user's HF config needs (`merge.hf_classifier_config`): `pad_id`, else the family's pad id. A multi-label
+    adapter's records its task, thresholds and `problem_type`, a calibrated adapter's its calibration (`_task_meta`):
+    `import_peft` restores them; transformers has no place for the thresholds and the temperature
+    (`adapter.hf_left_behind`).
 
     The directory is replaced as a whole (`fileio.atomic_dir`): a reader never sees a mix of two exports.
     """
@@ -149,19 +183,18 @@ def export_peft(adapter: Adapter, out_dir: str | Path, dtype: str = "float32", p
     family = families.of(adapter.model_config)
     tensors, ranks = peft_tensors(adapter)
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in tensors.items()}
-    names = adapter.labels.names
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": 1,
-        "labels": {"names": names, "integer_ids": adapter.labels.integer_ids},
-        "id2label": {str(i): n for i, n in enumerate(names)},
+        **_labels_meta(adapter),
         "lora": adapter.spec.to_dict(),
         "model_config": adapter.model_config.to_dict(),
         "base_fingerprint": adapter.base_fingerprint,
         "training_config": adapter.training_config,
         "tool_version": __version__,
-    } | ({} if family.name == families.GPT2 else  # a GPT-2 export's is as before
-         {"family": family.name, "pad_token_id": family.pad_id if pad_id is None else pad_id}) | _task_meta(adapter)
+    } | ({} if family.name == families.GPT2 else {"family": family.name}) | (  # a GPT-2 export's is as before
+        {} if family.name == families.GPT2 or adapter.instruct else  # a causal LM pools nothing: no pad id needed
+        {"pad_token_id": family.pad_id if pad_id is None else pad_id}) | _task_meta(adapter)
     with atomic_dir(out_dir, EXPORT_FILES) as tmp:
         save_safetensors(tmp / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
         write_text(tmp / ADAPTER_CONFIG, json.dumps(peft_config(adapter, ranks), indent=2) + "\n")

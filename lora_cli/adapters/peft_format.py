@@ -33,6 +33,14 @@ lora_A/lora_B are nn.Linear, weight (out, in):
   (train with `--no-head-bias`); a zero bias is dropped. With all-linear targets the head's own
   LoRA is merged into the saved score weight (W + scale * (A @ B).T, float32): exact.
 
+An instruct adapter (`adapter.instruct`) exports for the family's *ForCausalLM (`HfClassifier.causal_lm`:
+GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM), `task_type: CAUSAL_LM`: the same block modules, no
+module to save (the base's vocabulary head stays), and a LoRA on `out_head` (`--targets all-linear`) is one
+on `lm_head` (`lora_A.weight = A.T`, `lora_B.weight = (scale * B).T`). Where transformers ties lm_head to
+the embedding (GPT-2; Llama / Qwen3 with tied embeddings), PeftModel's forward is still exact (the LoRA is
+a branch beside the shared weight), but PEFT's merge_and_unload would add the update to the embedding too:
+`tied_head_problem` says so. lora_cli.json keeps the task and the prompt style.
+
 `peft_export.export_peft` writes such a directory; `peft_import.import_peft` is the reverse where exact (see its
 docstring). peft itself is not needed.
 """
@@ -41,7 +49,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
+from lora_cli.models import families
 from lora_cli.models.families import Family
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -51,7 +61,9 @@ EXPORT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, METADATA_FILE)  # everything an
 EXPORT_FORMAT = "lora-cli-peft-export"
 PREFIX = "base_model.model."
 SCORE_KEY = PREFIX + "score.weight"
-HEAD = "out_head"  # the native head, which `Family.peft_names` maps to `score`
+HEAD = "out_head"  # the native head, which `Family.peft_names` maps to `score` (a causal LM's: LM_HEAD)
+LM_HEAD = "lm_head"  # a causal LM's vocabulary head, as PEFT's target_modules and keys name it
+CAUSAL_LM, SEQ_CLS = "CAUSAL_LM", "SEQ_CLS"  # adapter_config.json task_type: instruct, classification
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,10 @@ class Layout:
     def architecture(self) -> str:
         return self.family.hf_classifier.architecture
 
+    @property
+    def causal_lm(self) -> str:
+        return self.family.hf_classifier.causal_lm
+
     def path(self, layer: int, module: str) -> str:
         """The full module path PEFT's target_modules and state keys use."""
         return f"{self.family.hf_classifier.blocks}.{layer}.{module}"
@@ -87,3 +103,17 @@ class Layout:
         """Native module path -> its place in the model (block, then the family's order inside a block)."""
         natives = [n for parts in self.modules.values() for n in parts]
         return {f"trf_blocks.{i}.{n}": (i, k) for i in range(n_layers) for k, n in enumerate(natives)}
+
+
+def hf_ties_head(cfg: Any) -> bool:
+    """Whether transformers' causal LM of this config ties lm_head to the token embedding: GPT-2's always does
+    (GPT2LMHeadModel as published), Llama's and Qwen3's when the config says so."""
+    return families.of(cfg).name == families.GPT2 or bool(getattr(cfg, "tie_embeddings", False))
+
+
+def tied_head_problem(cfg: Any) -> str:
+    """Why a LoRA on a tied lm_head is only half usable outside lora-cli (a warning; `peft_format` docstring)."""
+    return (f"the LoRA on lm_head is exact in PeftModel, but {families.of(cfg).hf_classifier.causal_lm} ties lm_head "
+            "to the token embedding: PEFT's merge_and_unload would add the update to the embedding too, and vLLM "
+            "serves no LoRA on lm_head; use lora-cli merge --format hf (which unties them), or train with "
+            "--targets blocks")

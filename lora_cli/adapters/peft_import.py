@@ -1,19 +1,24 @@
-"""Import a Hugging Face PEFT LoRA adapter directory as a lora-cli adapter, where `peft_format`'s mapping is exact."""
+"""Import a Hugging Face PEFT LoRA adapter directory (SEQ_CLS or CAUSAL_LM) as a lora-cli adapter, where `peft_format`'s
+mapping is exact."""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lora_cli import __version__
 from lora_cli.adapters.adapter import MULTI_LABEL_PROBLEM, Adapter
-from lora_cli.adapters.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EXPORT_FORMAT, METADATA_FILE, Layout
+from lora_cli.adapters.peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CAUSAL_LM, EXPORT_FORMAT, HEAD, LM_HEAD,
+                                           METADATA_FILE, PREFIX, Layout)
 from lora_cli.data.classification import LabelSet
+from lora_cli.data.prompt_styles import PromptStyle, default_prompt_style, prompt_style
 from lora_cli.formats.checkpoint import BaseCheckpoint
-from lora_cli.formats.metadata import EXPORTED_TASK
+from lora_cli.formats.metadata import EXPORTED_TASK, INSTRUCT
 from lora_cli.lora.spec import LoraSpec
 from lora_cli.models import families
 from lora_cli.tasks.multilabel import MultiLabelSet
@@ -22,6 +27,8 @@ from lora_cli.util.fileio import read_json_object
 from lora_cli.util.schema import check
 
 _PEFT_SCORE = re.compile(r"^base_model\.model\.score(?:\.modules_to_save\.default)?\.weight$")
+_PEFT_LM_HEAD = re.compile(rf"^{re.escape(PREFIX + LM_HEAD)}\.lora_([AB])(?:\.default)?\.weight$")
+_PEFT_LM_HEAD_WEIGHT = f"{PREFIX}{LM_HEAD}.base_layer.weight"  # what PEFT saves beside a LoRA on lm_head
 # LoraConfig options whose effect lora-cli cannot reproduce: any truthy value is refused.
 _UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
@@ -68,7 +75,7 @@ def _read_weights(in_dir: Path) -> dict[str, torch.Tensor]:
     raise LoraCliError(f"{in_dir} has no {ADAPTER_WEIGHTS} (or adapter_model.bin)")
 
 
-def _check_config(cfg: dict, source: Path) -> None:
+def _check_config(cfg: dict, source: Path, causal: bool) -> None:
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         raise LoraCliError(f"{source}: peft_type is {cfg.get('peft_type')!r}; only LORA adapters can be imported")
     for option, what in _UNSUPPORTED_OPTIONS.items():
@@ -85,6 +92,11 @@ def _check_config(cfg: dict, source: Path) -> None:
             f"{source}: init_lora_weights={init!r} also changes the base model's weights, so the "
             "adapter is not relative to the original base; convert it to a plain LoRA first (PEFT's "
             "save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    if causal and cfg.get("modules_to_save"):
+        raise LoraCliError(
+            f"{source}: modules_to_save {cfg['modules_to_save']} trains whole modules of the language model; a "
+            "lora-cli instruct adapter holds LoRA factors only (the base's lm_head and embeddings stay as they are)"
         )
     extra = set(cfg.get("modules_to_save") or []) - {"score", "classifier"}
     if extra:
@@ -158,69 +170,54 @@ def _other_family(in_dir: Path, state: dict[str, torch.Tensor], base: BaseCheckp
     return None
 
 
-def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
-    """A lora-cli Adapter equivalent to a PEFT LoRA adapter directory for the base family's
-    *ForSequenceClassification (`Layout`: GPT-2's c_attn/c_proj/c_fc, Llama / Qwen3's q/k/v/o and
-    gate/up/down projections).
+def _instruct_meta(in_dir: Path, cfg: dict, family: str,
+                   echo: Callable[[str], None] | None) -> tuple[PromptStyle, dict[str, Any]]:
+    """The prompt style and training config of a CAUSAL_LM adapter: from our lora_cli.json, else the family's
+    default style (`default_prompt_style("alpaca", family)`), with a warning through `echo`."""
+    meta_path = in_dir / METADATA_FILE
+    meta = read_json_object(meta_path) if meta_path.is_file() else {}
+    if meta.get("format") == EXPORT_FORMAT and meta.get("task") != INSTRUCT:
+        raise LoraCliError(f"{meta_path} is the record of a {meta.get('task', 'single-label')} classifier's export, "
+                           f"but {ADAPTER_CONFIG} says task_type {cfg.get('task_type')!r}: the directory mixes two "
+                           "exports; export the adapter again")
+    training = meta.get("training_config") if isinstance(meta.get("training_config"), dict) else {}
+    if "prompt_style" in meta:
+        kept = check({k: meta[k] for k in ("task", "prompt_style") if k in meta}, EXPORTED_TASK, str(meta_path),
+                     "damaged task")
+        return PromptStyle(kept["prompt_style"]["name"], kept["prompt_style"].get("template")), dict(training)
+    style = prompt_style(default_prompt_style("alpaca", family), family)
+    if echo is not None:
+        echo(f"warning: {in_dir} records no prompt style (no lora-cli {METADATA_FILE}): generate formats prompts "
+             f"as {style.name}, the {family} default; if the adapter was trained on another format, its answers "
+             "will suffer")
+    return style, {}
 
-    Exact construction: PEFT's scaling (lora_alpha/r or lora_alpha/sqrt(r) with rslora, per
-    module through rank_pattern/alpha_pattern) is folded into B; a fused module's LoRA (GPT-2's
-    c_attn) is split into W_query/W_key/W_value adapters that share A's rows and each take its
-    slice of B, keeping only the rank columns that part uses (so our own export round-trips to
-    the same ranks, and a part whose B block is zero gets no adapter). Modules of smaller rank
-    are zero-padded to the largest rank; the spec is alpha-over-rank with alpha = rank (scale
-    exactly 1). Labels, task (multi-label: thresholds) and calibration come from lora_cli.json, else config.json's
-    id2label and problem_type, else labels "0", "1", ... (`_labels`).
-    Refused: anything but LoRA on the block projections + a `score` head (DoRA, bias!="none",
-    embeddings, norms, ...), an adapter of another family, shapes that do not fit the base, and
-    a directory without the head's weights.
-    """
-    in_dir = Path(in_dir)
-    if not in_dir.is_dir():
-        raise LoraCliError(f"{in_dir} is not a directory holding a PEFT adapter")
-    cfg_path = in_dir / ADAPTER_CONFIG
-    if not cfg_path.is_file():
-        raise LoraCliError(f"{in_dir} has no {ADAPTER_CONFIG}: not a PEFT adapter directory")
-    cfg = read_json_object(cfg_path)
-    _check_config(cfg, cfg_path)
-    state = _read_weights(in_dir)
-    other = _other_family(in_dir, state, base)
-    if other is not None:
-        arch = families.get(other).hf_classifier.architecture
-        raise LoraCliError(f"{in_dir} is a PEFT adapter of {arch} (a {other} model), but {base.path} is a "
-                           f"{base.family.name} base; import it onto the {other} base it was made for")
-    layout = Layout.of(base.family)
+
+def _task_type(cfg: dict, in_dir: Path) -> bool:
+    """Whether the adapter is a causal LM's (CAUSAL_LM: an instruct adapter); lora_cli.json must agree."""
+    causal = str(cfg.get("task_type") or "").upper() == CAUSAL_LM
+    meta_path = in_dir / METADATA_FILE
+    if not causal and meta_path.is_file() and read_json_object(meta_path).get("task") == INSTRUCT:
+        raise LoraCliError(f"{meta_path} records an instruct adapter, but {ADAPTER_CONFIG} says task_type "
+                           f"{cfg.get('task_type')!r}, not {CAUSAL_LM!r}: the directory mixes two exports")
+    return causal
+
+
+def _base_head_matches(value: torch.Tensor, base: BaseCheckpoint, key: str, in_dir: Path) -> None:
+    """PEFT saves lm_head's own weight beside a LoRA on it (`save_embedding_layers`): it must be the base's."""
+    head = base.state.get("out_head.weight", base.state.get("tok_emb.weight"))
+    if head is None or value.shape != head.shape or not torch.equal(value, head.to(value.dtype)):
+        raise LoraCliError(f"{in_dir}: {key} is not the base's vocabulary head ({base.path}): the adapter was made on "
+                           "another base, or trains lm_head itself, which a lora-cli instruct adapter cannot hold")
+
+
+def _block_pieces(in_dir: Path, cfg: dict, factors: dict[tuple[int, str], dict[str, torch.Tensor]], layout: Layout,
+                  base: BaseCheckpoint) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Our module path -> (A (in, r), B (r, out)) of every block LoRA, PEFT's scale folded into B; a fused module's
+    split into its parts (`import_peft`)."""
     mc = base.config
-    d = mc.emb_dim
-
-    factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    score = None
-    unknown = []
-    for key, value in state.items():
-        if m := layout.lora_key.match(key):
-            factors.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value.float()
-        elif _PEFT_SCORE.match(key):
-            score = value.float()
-        else:
-            unknown.append(key)
-    if unknown:
-        raise LoraCliError(
-            f"{in_dir}: tensors lora-cli cannot map exactly: {', '.join(sorted(unknown)[:5])}"
-            + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            + f" (only LoRA on {', '.join(layout.modules)} and the score head are supported)"
-        )
-    if score is None:
-        raise LoraCliError(
-            f"{in_dir}: the adapter does not hold the classification head (score.weight); without it "
-            "the head is random. Save it with modules_to_save=[\"score\"] (task_type SEQ_CLS does that)"
-        )
-    if score.ndim != 2 or score.shape[1] != d or score.shape[0] < 2:
-        raise LoraCliError(f"{in_dir}: score.weight has shape {tuple(score.shape)}, expected (num_labels>=2, {d})")
-    if not factors:
-        raise LoraCliError(f"{in_dir}: the adapter has no LoRA factors")
-
     use_rslora = bool(cfg.get("use_rslora"))
-    pieces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # our module path -> (A (in, r), B (r, out)), scale folded
+    pieces: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for (layer, hf), ab in sorted(factors.items()):
         path = layout.path(layer, hf)
         if set(ab) != {"A", "B"}:
@@ -251,8 +248,104 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
             if len(ours) == 1:
                 keep = torch.ones(rank, dtype=torch.bool)
             pieces[f"trf_blocks.{layer}.{name}"] = (a_full[:, keep].contiguous(), b[keep].contiguous())
+    return pieces
 
-    order = layout.native_order(mc.n_layers)
+
+def _head_piece(in_dir: Path, cfg: dict, ab: dict[str, torch.Tensor],
+                base: BaseCheckpoint) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (emb_dim, r), B (r, vocab_size)) of a LoRA on lm_head, PEFT's scale folded into B."""
+    if set(ab) != {"A", "B"}:
+        raise LoraCliError(f"{in_dir}: {LM_HEAD} lacks lora_A or lora_B")
+    lora_a, lora_b = ab["A"], ab["B"]
+    rank = lora_a.shape[0] if lora_a.ndim == 2 else -1
+    d, vocab = base.config.emb_dim, base.config.vocab_size
+    if lora_a.shape != (rank, d) or lora_b.shape != (vocab, rank):
+        raise LoraCliError(f"{in_dir}: {LM_HEAD} LoRA shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit "
+                           f"the base (in {d}, out {vocab})")
+    alpha = float(_pattern_value(cfg.get("alpha_pattern"), LM_HEAD, cfg.get("lora_alpha", 8)))
+    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    return lora_a.T.contiguous(), (lora_b.T * scale).contiguous()
+
+
+def import_peft(in_dir: str | Path, base: BaseCheckpoint, echo: Callable[[str], None] | None = None) -> Adapter:
+    """A lora-cli Adapter equivalent to a PEFT LoRA adapter directory for the base family's
+    *ForSequenceClassification (`Layout`: GPT-2's c_attn/c_proj/c_fc, Llama / Qwen3's q/k/v/o and
+    gate/up/down projections), or, with task_type CAUSAL_LM, for its *ForCausalLM: an instruct adapter.
+
+    Exact construction: PEFT's scaling (lora_alpha/r or lora_alpha/sqrt(r) with rslora, per
+    module through rank_pattern/alpha_pattern) is folded into B; a fused module's LoRA (GPT-2's
+    c_attn) is split into W_query/W_key/W_value adapters that share A's rows and each take its
+    slice of B, keeping only the rank columns that part uses (so our own export round-trips to
+    the same ranks, and a part whose B block is zero gets no adapter). Modules of smaller rank
+    are zero-padded to the largest rank; the spec is alpha-over-rank with alpha = rank (scale
+    exactly 1). Labels, task (multi-label: thresholds) and calibration come from lora_cli.json, else config.json's
+    id2label and problem_type, else labels "0", "1", ... (`_labels`). A CAUSAL_LM adapter's LoRA on lm_head is
+    one on out_head; its prompt style comes from lora_cli.json, else is the family's default, with a warning
+    through `echo` (`_instruct_meta`).
+    Refused: anything but LoRA on the block projections + a `score` head (a causal LM's: LoRA on lm_head at
+    most; DoRA, bias!="none", embeddings, norms, modules to save, ...), an adapter of another family, shapes
+    that do not fit the base, and a classifier's directory without the head's weights.
+    """
+    in_dir = Path(in_dir)
+    if not in_dir.is_dir():
+        raise LoraCliError(f"{in_dir} is not a directory holding a PEFT adapter")
+    cfg_path = in_dir / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise LoraCliError(f"{in_dir} has no {ADAPTER_CONFIG}: not a PEFT adapter directory")
+    cfg = read_json_object(cfg_path)
+    causal = _task_type(cfg, in_dir)
+    _check_config(cfg, cfg_path, causal)
+    state = _read_weights(in_dir)
+    other = _other_family(in_dir, state, base)
+    if other is not None:
+        hf = families.get(other).hf_classifier
+        raise LoraCliError(f"{in_dir} is a PEFT adapter of {hf.causal_lm if causal else hf.architecture} (a {other} "
+                           f"model), but {base.path} is a {base.family.name} base; import it onto the {other} base "
+                           "it was made for")
+    if causal and base.task_head() is not None:
+        raise LoraCliError(f"{base.path} is a classifier (its head has {base.task_head()[0].shape[0]} classes): a "
+                           f"{CAUSAL_LM} adapter belongs on the base language model")
+    layout = Layout.of(base.family)
+    mc = base.config
+    d = mc.emb_dim
+
+    factors: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    head_ab: dict[str, torch.Tensor] = {}
+    score = None
+    unknown = []
+    for key, value in state.items():
+        if m := layout.lora_key.match(key):
+            factors.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = value.float()
+        elif not causal and _PEFT_SCORE.match(key):
+            score = value.float()
+        elif causal and (m := _PEFT_LM_HEAD.match(key)):
+            head_ab[m.group(1)] = value.float()
+        elif causal and key == _PEFT_LM_HEAD_WEIGHT:
+            _base_head_matches(value, base, key, in_dir)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise LoraCliError(
+            f"{in_dir}: tensors lora-cli cannot map exactly: {', '.join(sorted(unknown)[:5])}"
+            + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            + f" (only LoRA on {', '.join(layout.modules)} and "
+            + (f"LoRA on {LM_HEAD} are supported)" if causal else "the score head are supported)")
+        )
+    if not causal and score is None:
+        raise LoraCliError(
+            f"{in_dir}: the adapter does not hold the classification head (score.weight); without it "
+            "the head is random. Save it with modules_to_save=[\"score\"] (task_type SEQ_CLS does that); "
+            f"an instruct adapter's {ADAPTER_CONFIG} says task_type {CAUSAL_LM}"
+        )
+    if score is not None and (score.ndim != 2 or score.shape[1] != d or score.shape[0] < 2):
+        raise LoraCliError(f"{in_dir}: score.weight has shape {tuple(score.shape)}, expected (num_labels>=2, {d})")
+    if not factors and not head_ab:
+        raise LoraCliError(f"{in_dir}: the adapter has no LoRA factors")
+
+    pieces = _block_pieces(in_dir, cfg, factors, layout, base)
+    if head_ab:
+        pieces[HEAD] = _head_piece(in_dir, cfg, head_ab, base)
+    order = layout.native_order(mc.n_layers) | {HEAD: (mc.n_layers, 0)}  # the head after the blocks
     targets = sorted(pieces, key=order.__getitem__)
     rank = max(a.shape[1] for a, _ in pieces.values())
     for name in targets:
@@ -269,7 +362,6 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
         b_pad[:r] = b
         tensors[f"{name}.lora.A"] = a_pad
         tensors[f"{name}.lora.B"] = b_pad
-    tensors["out_head.weight"] = score.contiguous()
 
     dropout = float(cfg.get("lora_dropout") or 0.0)
     if not 0.0 <= dropout < 1.0:
@@ -278,6 +370,11 @@ def import_peft(in_dir: str | Path, base: BaseCheckpoint) -> Adapter:
         rank=rank, alpha=float(rank), scaling="alpha-over-rank", target_spec=list(targets),
         targets=list(targets), dropout=dropout, head_bias=False,
     )
+    if causal:
+        style, training = _instruct_meta(in_dir, cfg, base.family.name, echo)
+        training = training | {"imported_from_peft": str(in_dir)}
+        return Adapter(tensors, spec, None, mc, base.fingerprint, training, __version__, prompt_style=style)
+    tensors["out_head.weight"] = score.contiguous()
     labels, training, calibration = _labels(in_dir, score.shape[0])
     training = dict(training)
     training["imported_from_peft"] = str(in_dir)

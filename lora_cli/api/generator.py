@@ -50,7 +50,8 @@ class Generator:
 
     `load` takes an instruct adapter (a run directory, an adapter file or a checkpoint), or None and a base
     `model` to generate with the base alone. Prompts are formatted with the style the adapter records
-    (`style` for a base alone: alpaca for GPT-2, the chat format for Llama 3 and Qwen3).
+    (`style` for a base alone, else the style a merged instruct adapter's checkpoint records, else alpaca for
+    GPT-2, the chat format for Llama 3 and Qwen3).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, style: PromptStyle, base: BaseCheckpoint,
@@ -74,7 +75,8 @@ class Generator:
                                    param="model")
             base = load_base(resolve_model(model), model_config)
             net = frozen_language_model(base).eval().to(dev)
-            chosen = prompt_style(style or default_prompt_style("alpaca", base.family.name), base.family.name)
+            chosen = (base.prompt_style if style is None else None) or \
+                prompt_style(style or default_prompt_style("alpaca", base.family.name), base.family.name)
             loaded = None
         else:
             source = str(adapter) if not isinstance(adapter, Adapter) else "the adapter"

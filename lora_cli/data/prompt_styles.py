@@ -82,6 +82,10 @@ class PromptStyle:
             raise LoraCliError(f"prompt style {self.name!r}{' with a template' if self.template is not None else ''}: "
                                f"expected one of {', '.join(BUILT_IN)}, or custom with its template")
 
+    def to_dict(self) -> dict[str, str]:
+        """As adapter metadata and a PEFT export's lora_cli.json record it (`metadata.PROMPT_STYLE`)."""
+        return {"name": self.name} | ({"template": self.template} if self.template is not None else {})
+
     @property
     def end_token(self) -> str | None:
         """The control token a response ends with (chat formats); None: the tokenizer's end-of-text."""

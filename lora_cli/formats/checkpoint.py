@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lora_cli import __version__
+from lora_cli.data.prompt_styles import PromptStyle
 from lora_cli.formats.metadata import BASE_FORMAT, read_base_metadata
 from lora_cli.models import families
 from lora_cli.models.config import PRESETS, ModelConfig, model_config_from_arg
@@ -38,6 +39,7 @@ class BaseCheckpoint:
     config: Any
     config_source: str
     fingerprint: str
+    prompt_style: PromptStyle | None = None  # a merged instruct adapter's (`merge.save_merged`): how to prompt it
 
     @property
     def family(self) -> families.Family:
@@ -235,10 +237,13 @@ def load_base(path: str | Path, model_config: str | None = None) -> BaseCheckpoi
     path = Path(path)
     state, metadata = read_tensors(path)
     state = normalize_state(state)
+    style = None
     if model_config is not None:
         cfg, source = config_from_arg(model_config), f"--model-config {model_config}"
     elif "model_config" in metadata or metadata.get("format") == BASE_FORMAT:
         checked = read_base_metadata(metadata, str(path))
+        if "prompt_style" in checked:
+            style = PromptStyle(checked["prompt_style"]["name"], checked["prompt_style"].get("template"))
         family = families.get(checked.get("family", families.GPT2))
         cfg, source = family.config_from_dict(checked["model_config"], f"{path}: model_config"), "file metadata"
     else:
@@ -254,7 +259,7 @@ def load_base(path: str | Path, model_config: str | None = None) -> BaseCheckpoi
         state = normalize_state(read_tensors(path)[0])
     if getattr(cfg, "tie_embeddings", False) and "out_head.weight" not in state and "tok_emb.weight" in state:
         state["out_head.weight"] = state["tok_emb.weight"]
-    return BaseCheckpoint(path, state, cfg, source, digest)
+    return BaseCheckpoint(path, state, cfg, source, digest, style)
 
 
 def config_from_arg(arg: str) -> Any:

@@ -140,9 +140,11 @@ def _safetensors(path: Path) -> dict[str, Any]:
         out |= {k: checked[k] for k in ("task", "thresholds", "calibration", "prompt_style") if k in checked}
     elif fmt == BASE_FORMAT:
         checked = read_base_metadata(meta, str(path))
-        out["kind"] = "lora-cli checkpoint" + (" (merged classifier)" if "merged_lora" in checked else "")
+        merged = "" if "merged_lora" not in checked else \
+            " (merged language model)" if "prompt_style" in checked else " (merged classifier)"
+        out["kind"] = "lora-cli checkpoint" + merged
         out |= {k: checked[k] for k in ("family", "model_config", "labels", "merged_lora", "tool_version", "task",
-                                        "thresholds", "calibration") if k in checked}
+                                        "thresholds", "calibration", "prompt_style") if k in checked}
     else:
         out["kind"] = "safetensors file"
         out["metadata"] = meta
@@ -177,7 +179,7 @@ def _torch_file(path: Path) -> dict[str, Any]:
 def _peft_dir(path: Path) -> dict[str, Any]:
     config = read_json_object(path / "adapter_config.json")
     out = {"kind": "PEFT adapter directory", "path": str(path), "peft_type": config.get("peft_type"),
-           "r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
+           "task_type": config.get("task_type"), "r": config.get("r"), "lora_alpha": config.get("lora_alpha"),
            "target_modules": config.get("target_modules"), "modules_to_save": config.get("modules_to_save")}
     weights = path / "adapter_model.safetensors"
     if weights.is_file():

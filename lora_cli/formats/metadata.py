@@ -141,13 +141,14 @@ def _base_metadata(model_config: Schema) -> Obj:
     return Obj({"format": Str(), "model_config": Json(model_config)}, optional={
         "family": Str(), "tool_version": Str(), "labels": Json(LABELS), "merged_lora": Json(LORA),
         "base_fingerprint": Str(nonempty=True), "task": Str(choices=TASKS), "thresholds": Json(THRESHOLDS),
-        "calibration": Json(CALIBRATION),
+        "calibration": Json(CALIBRATION), "prompt_style": Json(PROMPT_STYLE),
     }, extra=True)
 
 
 # checkpoint.save_base writes format, model_config, tool_version and (for any family but GPT-2, so
 # GPT-2 files are as they always were) family; merge.save_merged (a merged classifier, loadable as a
-# base) adds labels, merged_lora and base_fingerprint, and the adapter's task, thresholds and calibration if it has them.
+# base) adds labels, merged_lora and base_fingerprint, and the adapter's task, thresholds and calibration if it has
+# them; a merged instruct adapter (a language model) adds merged_lora, base_fingerprint and its prompt style.
 BASE_METADATA = _ByFamily(_base_metadata)
 # another tool's file with a lora-cli style config in its metadata: only that key is read
 FOREIGN_METADATA = Obj({}, optional={"model_config": Json(MODEL_CONFIG)}, extra=True)

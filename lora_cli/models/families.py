@@ -32,14 +32,16 @@ TOKENIZER_JSON = "tokenizer.json"  # a Hugging Face tokenizer.json (lora_cli.dat
 
 @dataclass(frozen=True)
 class HfClassifier:
-    """A family's transformers *ForSequenceClassification as PEFT adapters and `merge --format hf` name it.
+    """A family's transformers *ForSequenceClassification (and *ForCausalLM, whose blocks are named alike) as PEFT
+    adapters and `merge --format hf` name them.
 
     Its block modules are `Family.peft_names` (several native Linears on one module: fused, in that
-    order along the output); the head is `score`, a Linear without bias.
+    order along the output); the head is `score`, a Linear without bias (the causal LM's: `lm_head`).
     """
 
     architecture: str  # config.json `architectures`, e.g. "LlamaForSequenceClassification"
     blocks: str  # module path of the block list: block i is f"{blocks}.{i}"
+    causal_lm: str  # the language model's architecture, e.g. "LlamaForCausalLM": an instruct adapter's
     conv1d: bool = False  # the block modules are Conv1D, weight (in, out): PEFT's fan_in_fan_out
 
 
@@ -118,7 +120,8 @@ GPT2_FAMILY = Family(
     hf_model_types=("gpt2",), hf_to_native=_gpt2_hf_to_native, native_to_hf=_gpt2_native_to_hf,
     config_from_hf=_gpt2_config_from_hf, config_to_hf=_gpt2_config_to_hf,
     lora_targets=("W_query", "W_key", "W_value", "out_proj", "*.ff.layers.0", "*.ff.layers.2", "out_head"),
-    peft_names=_GPT2_PEFT, hf_classifier=HfClassifier("GPT2ForSequenceClassification", "transformer.h", conv1d=True),
+    peft_names=_GPT2_PEFT,
+    hf_classifier=HfClassifier("GPT2ForSequenceClassification", "transformer.h", "GPT2LMHeadModel", conv1d=True),
     tokenizer=TIKTOKEN_GPT2, pad_id=50256, learned_positions=True,
 )
 

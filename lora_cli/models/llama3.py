@@ -149,6 +149,7 @@ FAMILY = Family(
     name="llama3", config_class=Llama3Config, config_schema=LLAMA3_CONFIG, presets=PRESETS, model=Llama3Model,
     hf_model_types=("llama",), hf_to_native=hf_to_native, native_to_hf=native_to_hf,
     config_from_hf=config_from_hf, config_to_hf=config_to_hf, lora_targets=LORA_TARGETS,
-    peft_names=hf_decoder.PEFT_MODULES, hf_classifier=HfClassifier("LlamaForSequenceClassification", "model.layers"),
+    peft_names=hf_decoder.PEFT_MODULES, hf_classifier=HfClassifier(
+        "LlamaForSequenceClassification", "model.layers", "LlamaForCausalLM"),
     tokenizer=TOKENIZER_JSON, pad_id=0,
 )

@@ -110,6 +110,7 @@ FAMILY = Family(
     name="qwen3", config_class=Qwen3Config, config_schema=QWEN3_CONFIG, presets=PRESETS, model=Qwen3Model,
     hf_model_types=("qwen3",), hf_to_native=hf_to_native, native_to_hf=native_to_hf,
     config_from_hf=config_from_hf, config_to_hf=config_to_hf, lora_targets=LORA_TARGETS,
-    peft_names=hf_decoder.PEFT_MODULES, hf_classifier=HfClassifier("Qwen3ForSequenceClassification", "model.layers"),
+    peft_names=hf_decoder.PEFT_MODULES, hf_classifier=HfClassifier(
+        "Qwen3ForSequenceClassification", "model.layers", "Qwen3ForCausalLM"),
     tokenizer=TOKENIZER_JSON, pad_id=0,
 )
