@@ -14,7 +14,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import EXIT_CODES
-from lora_cli.cli.commands import app
+from lora_cli.cli.commands import app, data_app
 
 runner = CliRunner()
 
@@ -222,7 +222,8 @@ def test_eval_json_names_the_plot(run: Path, sms_dir: Path, tmp_path: Path) -> N
 
 
 def test_every_help_shows_the_exit_codes() -> None:
-    commands = [[c.name or c.callback.__name__.replace("_", "-")] for c in app.registered_commands] + [["data", "sms-spam"]]
+    commands = ([[c.name or c.callback.__name__.replace("_", "-")] for c in app.registered_commands]
+                + [["data", c.name] for c in data_app.registered_commands])
     assert len(commands) >= 12
     for command in [[], *commands]:
         r = runner.invoke(app, [*command, "--help"], terminal_width=200)

@@ -240,11 +240,12 @@ def test_skipped_blocks_are_few_and_say_why() -> None:
 
 def test_readme_links_every_command_to_its_reference() -> None:
     """The README's command table names every command, and each link lands on a heading of docs/commands.md."""
-    from lora_cli.cli.commands import app
+    from lora_cli.cli.commands import app, data_app
 
     readme = README_PATH.read_text(encoding="utf-8")
     rows = re.findall(r"^\| `([a-z -]+)` \| .+ \| \[[^]]+\]\(docs/commands\.md#([a-z0-9-]+)\) \|$", readme, re.M)
-    commands = {c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands} | {"data sms-spam"}
+    commands = ({c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+                | {f"data {c.name}" for c in data_app.registered_commands})
     assert {name for name, _ in rows} == commands
     reference = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8")
     anchors = {_anchor(h) for h in re.findall(r"^#+ (.+)$", reference, re.M)}

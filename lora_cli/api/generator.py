@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import time
+
 import torch
 
 from lora_cli.adapters.adapter import Adapter, load_adapter, model_with_adapter, require_task
@@ -21,7 +23,7 @@ from lora_cli.data.hf_tokenizer import tokenizer_for
 from lora_cli.data.instruction_batches import encode_prompt, end_token_id
 from lora_cli.data.paths import resolve_model
 from lora_cli.data.prompt_styles import Piece, PromptStyle, default_prompt_style, prompt_style
-from lora_cli.evaluation.generation import generate
+from lora_cli.evaluation.generation import check_sampling, generate
 from lora_cli.formats.checkpoint import BaseCheckpoint, load_base
 from lora_cli.runtime.device import resolve_device
 from lora_cli.runtime.precision import configure_matmuls
@@ -37,9 +39,43 @@ class Answer:
     text: str
     token_ids: list[int]
     stopped: str  # "end" (the end token), "length" (--max-new-tokens) or "context" (the model's context is full)
+    seconds: float = 0.0  # the wall time of the batch it was generated in (its prompt's pass and every new token)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """This answer's new tokens over its batch's time."""
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "text": self.text, "tokens": len(self.token_ids), "stopped": self.stopped}
+        return {"prompt": self.prompt, "text": self.text, "tokens": len(self.token_ids), "stopped": self.stopped,
+                "seconds": self.seconds, "tokens_per_second": self.tokens_per_second}
+
+
+class TextStream:
+    """The text of a growing list of token ids, handed out piece by piece as it becomes final, to stream.
+
+    A byte-level BPE token may hold part of a character's UTF-8 bytes, which decodes to U+FFFD until the
+    rest arrives: `push` holds such an unfinished end back, so that the pieces put together are exactly
+    `decode(ids)` (`finish` hands out what is left).
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode, self.ids, self.shown = decode, [], ""
+
+    def push(self, token_id: int) -> str:
+        """The new text that `token_id` completes ("" while a character is unfinished)."""
+        self.ids.append(token_id)
+        text = self._decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+    def finish(self) -> str:
+        """The rest of the text: what `push` held back."""
+        text = self._decode(self.ids)
+        new, self.shown = text[len(self.shown):] if text.startswith(self.shown) else "", text
+        return new
 
 
 class Generator:
@@ -118,28 +154,53 @@ class Generator:
 
     def answer(self, instructions: Sequence[str], inputs: Sequence[str] | None = None, max_new_tokens: int = 256, *,
                batch_size: int = 8, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None, on_token: Callable[[int, int], None] | None = None) -> list[Answer]:
+               seed: int | None = None, on_token: Callable[[int, int], None] | None = None,
+               on_answer: Callable[[int, Answer], None] | None = None,
+               names: Sequence[str] | None = None) -> list[Answer]:
         """An `Answer` to each instruction (with its input, if any), in order, `batch_size` prompts at a time.
 
-        `on_token(i, token_id)` sees each new token of prompt i as it is chosen (to stream).
+        `on_token(i, token_id)` sees each new token of prompt i as it is chosen (to stream), `on_answer(i,
+        answer)` each answer as its batch ends (progress). `names` says what each instruction is in errors (a
+        file's "FILE, record N (line L)"; else "instruction N"). Every instruction and every sampling value is
+        checked before the first token is generated: an empty instruction, or a prompt that leaves no room in
+        the model's context, is a LoraCliError naming it.
         """
         if isinstance(instructions, str):
             raise TypeError("instructions must be a sequence of strings, not one string: pass [instruction]")
         inputs = list(inputs) if inputs is not None else [""] * len(instructions)
         if len(inputs) != len(instructions):
             raise LoraCliError(f"{len(instructions)} instructions and {len(inputs)} inputs; give one input each")
-        prompts = [self.prompt_ids(i, x) for i, x in zip(instructions, inputs)]
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise LoraCliError(f"`batch_size` must be a whole number of 1 or more, got {batch_size!r}", "batch_size")
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        names = list(names) if names is not None else [f"instruction {i + 1}" for i in range(len(instructions))]
+        prompts = [self._checked_prompt(name, i, x) for name, i, x in zip(names, instructions, inputs)]
         out: list[Answer] = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             seen = (lambda row, tok, start=start: on_token(start + row, tok)) if on_token is not None else None
+            began = time.perf_counter()
             ids = self.generate_ids(chunk, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                     seed=None if seed is None else seed + start, on_token=seen)
+            seconds = time.perf_counter() - began
             for row, new in enumerate(ids):
                 i = start + row
                 out.append(Answer(instructions[i], self.decode(new), new,
-                                  self._why_stopped(len(prompts[i]), len(new), max_new_tokens)))
+                                  self._why_stopped(len(prompts[i]), len(new), max_new_tokens), seconds))
+                if on_answer is not None:
+                    on_answer(i, out[-1])
         return out
+
+    def _checked_prompt(self, name: str, instruction: str, input_text: str) -> list[int]:
+        """The prompt's ids, if the instruction says something and the prompt leaves room for an answer."""
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise LoraCliError(f"{name} is empty: there is nothing to answer")
+        ids = self.prompt_ids(instruction, input_text)
+        if len(ids) >= self.context_length:
+            raise LoraCliError(f"{name}: its prompt is {len(ids)} tokens, and the model's context is "
+                               f"{self.context_length}: shorten the instruction or its input to leave room for an "
+                               "answer")
+        return ids
 
     def _why_stopped(self, prompt_len: int, new: int, max_new_tokens: int) -> str:
         if new >= max_new_tokens:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 # Importing a command module registers its commands on `app`, in this order (the order `lora-cli --help` lists).
-from lora_cli.cli import prepare, train, inference, adapters, reports, serve  # noqa: F401, I001
+from lora_cli.cli import prepare, train, inference, generate, adapters, reports, serve  # noqa: F401, I001
 from lora_cli.cli.app import EXIT_CODES, TRAIN_EXIT, app, data_app
 
 

@@ -72,8 +72,11 @@ class InstructionData:
         return len(self.records)
 
 
-def read_instruction_data(path: str | Path, form: str | None = None) -> InstructionData:
+def read_instruction_data(path: str | Path, form: str | None = None, *, require_output: bool = True) -> InstructionData:
     """Every record of `path`, checked; `form` (alpaca, chat, completion) overrides detection from the first record.
+
+    `require_output=False` reads prompts to answer (`lora-cli generate --file`): an alpaca record's `output` may
+    be missing, and is ignored (read as "") where it is there.
 
     A record that does not fit is one LoraCliError naming the file, the record and its line.
     """
@@ -102,7 +105,7 @@ def read_instruction_data(path: str | Path, form: str | None = None) -> Instruct
             form = found
         elif found is not None and found != form:
             raise LoraCliError(f"{where}: a record in {found} form, but {named} is {form}; one file holds one form")
-        records.append(_READERS[form](obj, where))
+        records.append(_alpaca(obj, where, require_output) if form == "alpaca" else _READERS[form](obj, where))
     assert form is not None  # rows is not empty
     return InstructionData(path, form, records)
 
@@ -243,9 +246,10 @@ def _text(obj: dict[str, Any], key: str, where: str, required: bool = True, nonb
     return value
 
 
-def _alpaca(obj: dict[str, Any], where: str) -> AlpacaRecord:
+def _alpaca(obj: dict[str, Any], where: str, require_output: bool = True) -> AlpacaRecord:
     return AlpacaRecord(raw=obj, where=where, instruction=_text(obj, "instruction", where),
-                        input=_text(obj, "input", where, required=False, nonblank=False), output=_text(obj, "output", where))
+                        input=_text(obj, "input", where, required=False, nonblank=False),
+                        output=_text(obj, "output", where) if require_output else "")
 
 
 def _completion(obj: dict[str, Any], where: str) -> CompletionRecord:

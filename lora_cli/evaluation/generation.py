@@ -44,7 +44,7 @@ def generate(
     """
     vocab, context = _check_model(model)
     rows = _check_prompts(prompts, vocab, context)
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     out: list[list[int]] = [[] for _ in rows]
     budget = [min(max_new_tokens, context - len(p)) for p in rows]  # each row's tokens, the context respected
     if max_new_tokens == 0:
@@ -143,7 +143,8 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab: int, context: int) -
     return rows
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """A LoraCliError naming the argument (`param`) for a budget or sampling value `generate` cannot use."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise LoraCliError(f"`max_new_tokens` must be a whole number of 0 or more, got {max_new_tokens!r}", "max_new_tokens")
     if not math.isfinite(temperature) or temperature < 0:
