@@ -42,6 +42,11 @@ for preset in qwen3-tiny llama3-tiny; do
   step 0 "lora-cli train --rank 4 --alpha 8 --model $preset.safetensors --tokenizer tokenizer.json --data data/sms --epochs 1 --max-steps 4 --out runs/$preset"
   step 0 "lora-cli eval --adapter runs/$preset --data data/sms/test.csv"
 done
+# Instruction fine-tuning: the book's split, a few steps, generation and evaluation (the judge speaks urllib).
+step 0 "lora-cli data instruction --source ../shared/data/instruction/instruction-data.json --out data/instruct"
+step 0 "lora-cli train --task instruct --model gpt2-tiny.safetensors --data data/instruct --epochs 1 --max-steps 4 --out runs/instruct --quiet"
+step 0 "lora-cli generate --adapter runs/instruct 'Name a primary color.' --max-new-tokens 5"
+step 0 "lora-cli eval --adapter runs/instruct --data data/instruct --limit 4 --max-new-tokens 5"
 # An optional package that is not installed: one error line naming the extra, exit 1.
 step 1 "lora-cli plot runs/tiny --out curves.png"
 if ! grep -q "^error: .*lora-cli\[plot\]" "$work/.out"; then echo "FAILED: no error line naming the plot extra" >&2; failed=1; fi
