@@ -304,6 +304,11 @@ def training(ctx: dict, ctx_file: Path, args) -> dict:
     targets = sum(sum(y != -100 for y in t) for t in ctx["labels"][timed])
     print(f"training: {args.warmup} warm-up steps, then {args.rounds} round(s) of the same {args.steps} steps of {bs}: "
           f"{examples} examples, {tokens:,} tokens ({targets:,} of them targets)", flush=True)
+    work = step_flops(ctx, args)
+    print(f"  matrix-product work of the timed steps: lora-cli {work['lora-cli'] / 1e9:,.0f} GFLOP (real tokens, the head at "
+          f"the targets), peft {work['peft'] / 1e9:,.0f} GFLOP (each batch padded to its longest row, the head at every "
+          f"position): {work['peft'] / work['lora-cli']:.2f}x; float32 torch.mm 2048^3: {work['mm_rate'] / 1e9:,.0f} "
+          "GFLOP/s", flush=True)
     workers = {s: Worker(s, ctx_file) for s in SYSTEMS}
     runs: dict[str, dict] = {}
     for s, w in workers.items():
@@ -319,13 +324,38 @@ def training(ctx: dict, ctx_file: Path, args) -> dict:
             res = workers[s].ask(steps)
             res["examples_per_s"] = examples / sum(res["seconds"])
             res["tokens_per_s"] = tokens / sum(res["seconds"])
+            res["flops_per_s"] = work[s] / sum(res["seconds"])
             runs[s]["rounds"].append(res)
-            line.append(f"{s} {res['examples_per_s']:.2f} ex/s {res['tokens_per_s']:.1f} tok/s")
+            line.append(f"{s} {res['examples_per_s']:.2f} ex/s {res['tokens_per_s']:.1f} tok/s "
+                        f"{res['flops_per_s'] / 1e9:.0f} GFLOP/s")
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(line), flush=True)
     for s, w in workers.items():
         runs[s]["build"] |= w.ask("stop")
         w.proc.wait(60)
+    runs["work"] = work
     return runs
+
+
+def step_flops(ctx: dict, args) -> dict[str, float]:
+    """The matrix products of the timed steps, as scripts/bench.py counts a step (the blocks' frozen Linears
+    forward and input-gradient, LoRA, causal attention), plus the vocabulary head (forward and input gradient) at
+    the positions where each system computes logits; and this machine's float32 torch.mm rate now."""
+    import torch
+
+    from lora_cli.formats.checkpoint import load_base
+
+    base = load_base(ctx["checkpoint"])
+    shape = bench.block_shape(base.family, base.config)
+    head = 4 * base.config.vocab_size * base.config.emb_dim
+    timed = range(args.warmup * args.batch_size, len(ctx["tokens"]))
+    ours = bench.useful_flops([len(ctx["tokens"][i]) for i in timed], shape, RANK) + head * sum(
+        sum(y != -100 for y in ctx["labels"][i]) for i in timed)
+    padded = []
+    for start in range(timed.start, timed.stop, args.batch_size):
+        rows = [len(t) + 1 for t in ctx["tokens"][start:start + args.batch_size]]
+        padded += [max(rows)] * len(rows)
+    theirs = bench.useful_flops(padded, shape, RANK) + head * sum(padded)
+    return {"lora-cli": ours, "peft": theirs, "mm_rate": bench.matmul_rate(torch.device("cpu"), torch.float32, 2048)}
 
 
 # ---------------------------------------------------------------- generation, in this process
@@ -419,8 +449,11 @@ def generation(ctx: dict, args) -> dict:
                 assert all(len(o) == args.new_tokens for o in outputs[name]), name
                 rates[b][name].append(b * args.new_tokens / seconds)
             agree[b] = _agreement(outputs)
+            last = {name: rates[b][name][-1] for name in GENERATORS}
             print(f"  round {r + 1}/{args.gen_rounds} batch {b}: " + "  ".join(
-                f"{name} {rates[b][name][-1]:.1f}" for name in GENERATORS) + f" new tok/s; {agree[b]}", flush=True)
+                f"{name} {last[name]:.1f}" for name in GENERATORS) + f" new tok/s (lora-cli/peft "
+                f"{last['lora-cli'] / last['peft']:.2f}x, merged {last['lora-cli merged'] / last['peft merged']:.2f}x); "
+                f"{agree[b]}", flush=True)
     return {"logit_diff": diff, "rates": rates, "agreement": agree}
 
 
@@ -485,17 +518,19 @@ def summary(runs: dict, gen: dict | None, args) -> dict:
         med = {}
         for s in SYSTEMS:
             build = runs[s]["build"]
-            med[s] = {k: statistics.median(r[k] for r in runs[s]["rounds"]) for k in ("examples_per_s", "tokens_per_s")}
+            med[s] = {k: statistics.median(r[k] for r in runs[s]["rounds"])
+                      for k in ("examples_per_s", "tokens_per_s", "flops_per_s")}
             med[s] |= {k: build[k] for k in ("trainable", "rss_imports_mb", "train_peak_mb", "process_peak_mb")}
         per_round = [a["examples_per_s"] / b["examples_per_s"]
                      for a, b in zip(runs["lora-cli"]["rounds"], runs["peft"]["rounds"])]
         print(f"\ntraining ({args.preset}, batch {args.batch_size}, medians of {args.rounds} round(s))")
-        print(f"  {'system':10s} {'trainable':>10s} {'ex/s':>7s} {'tok/s':>8s} {'imports MB':>11s} "
+        print(f"  {'system':10s} {'trainable':>10s} {'ex/s':>7s} {'tok/s':>8s} {'GFLOP/s':>8s} {'imports MB':>11s} "
               f"{'train peak MB':>14s} {'process peak MB':>16s}")
         for s in SYSTEMS:
             m = med[s]
             print(f"  {s:10s} {m['trainable']:10,d} {m['examples_per_s']:7.2f} {m['tokens_per_s']:8.1f} "
-                  f"{m['rss_imports_mb']:11,.0f} {m['train_peak_mb']:14,.0f} {m['process_peak_mb']:16,.0f}")
+                  f"{m['flops_per_s'] / 1e9:8.0f} {m['rss_imports_mb']:11,.0f} {m['train_peak_mb']:14,.0f} "
+                  f"{m['process_peak_mb']:16,.0f}")
         a, b = med["lora-cli"], med["peft"]
         ratios = {k: a[k] / b[k] for k in ("examples_per_s", "tokens_per_s", "train_peak_mb", "process_peak_mb")}
         ratios["round_median"] = statistics.median(per_round)
@@ -506,6 +541,8 @@ def summary(runs: dict, gen: dict | None, args) -> dict:
               f"peak {ratios['process_peak_mb']:.2f}x, train peak above the imports "
               f"{ratios['train_peak_over_imports']:.2f}x  (targets: >= 2x, <= 0.5x)")
         out["training"] = {"median": med, "ratios": ratios, "round_ratios": per_round, "runs": runs}
+        print(f"  (float32 torch.mm 2048^3 ran at {runs['work']['mm_rate'] / 1e9:,.0f} GFLOP/s before the rounds; at "
+              f"equal GFLOP/s, lora-cli / peft would be {runs['work']['peft'] / runs['work']['lora-cli']:.2f}x)")
     if gen:
         print(f"\ngeneration ({args.preset}, {args.new_tokens} new tokens, new tokens/s, medians of {args.gen_rounds} "
               "round(s))")
