@@ -9,7 +9,7 @@ float32, LoRA r = 16, alpha = 16 on every Linear of the blocks.
 1. Training: the first --warmup + --steps batches of 8 of the book's training split, in file order, the
    prompt masked (lora-cli's default); the warm-up steps are untimed. Each system trains in a fresh process
    (`--worker`), the systems alternate round by round, and each sees the same examples:
-     lora-cli  `instruct_setup.encode`'s examples, `build_language_model`, `token_batches`, and the step of
+     lora-cli  `evaluation.instruction.encode_records`'s examples, `build_language_model`, `token_batches`, and the step of
                `lora-cli train`: `instruct_setup.micro_step` (logits only where there is a target; on a
                CPU with 2+ threads the two halves of each batch on two threads, `halves.serial_caller`
                around the loop), fused AdamW (`training.loop.adamw`), lr 5e-5, weight decay 0.1.
@@ -26,8 +26,10 @@ float32, LoRA r = 16, alpha = 16 on every Linear of the blocks.
 2. Generation (in this process): --new-tokens new tokens for batch 1 and batch 8 (prompts of the book's
    test split), greedy, the length forced (no stop ids; transformers' min_new_tokens), with the same
    adapter (PEFT's, random B, copied into lora-cli's layers and checked on the logits): lora-cli's
-   `generate` with LoRA unmerged and merged (`merge_lora`), transformers' `generate(do_sample=False,
-   use_cache=True)` of the PEFT model and of `merge_and_unload()`, left-padded with an attention mask.
+   `generate` on the model `Generator` runs (the adapter folded into the weights, `fold_lora`), on the LoRA
+   model unmerged, and folded in bfloat16 (`generate --precision bf16`); transformers'
+   `generate(do_sample=False, use_cache=True)` of the PEFT model (unmerged: PEFT's default), of
+   `merge_and_unload()`, and of the PEFT model in bfloat16, left-padded with an attention mask.
 3. --book-run: `lora-cli train --task instruct` of a gpt2-tiny checkpoint on the shared data for 2 epochs
    (the book's defaults otherwise), with the validation loss of the untrained model before it and the
    run's own after each epoch, and its wall time.
@@ -65,7 +67,7 @@ import bench  # noqa: E402 (scripts/bench.py: presets, memory readings, PEFT's t
 
 RANK, ALPHA, SEED = 16, 16.0, 123
 SYSTEMS = ("lora-cli", "peft")
-GENERATORS = ("lora-cli", "lora-cli merged", "peft", "peft merged")
+GENERATORS = ("lora-cli", "lora-cli unmerged", "peft", "peft merged", "lora-cli bf16", "peft bf16")
 CAUSAL_LM = {"gpt2": "GPT2LMHeadModel", "llama3": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
@@ -80,7 +82,8 @@ def make_inputs(args, family, cfg, tmp: Path) -> dict:
     from lora_cli.data.prompt_styles import prompt_style
     from lora_cli.data.tokenizer import get_tokenizer
     from lora_cli.formats.checkpoint import init_checkpoint, save_base
-    from lora_cli.training.instruct_setup import BOOK_CONTEXT, encode
+    from lora_cli.evaluation.instruction import encode_records
+    from lora_cli.training.instruct_setup import BOOK_CONTEXT
 
     state = init_checkpoint(cfg, SEED)
     if family.name == "gpt2":  # GPT-2's head is its embedding (a downloaded base stores both), drawn at its init scale
@@ -96,7 +99,7 @@ def make_inputs(args, family, cfg, tmp: Path) -> dict:
         raise SystemExit(f"--steps/--warmup: the training split has {len(parts['train'])} records, fewer than {n}")
     style, tokenizer = prompt_style("alpaca"), get_tokenizer(Path(args.shared) / "gpt2_bpe")
     max_length = min(BOOK_CONTEXT, cfg.context_length)
-    train = encode(InstructionData(data.path, data.form, parts["train"][:n]), style, tokenizer, max_length, True)
+    train = encode_records(InstructionData(data.path, data.form, parts["train"][:n]), style, tokenizer, max_length, True)
     prompts = [encode_prompt(style.prompt(r.instruction, r.input), tokenizer) for r in parts["test"][:max(args.gen_batch)]]
 
     def fold(ids: list[int]) -> list[int]:
@@ -390,7 +393,7 @@ def generation(ctx: dict, args) -> dict:
     import torch
     import transformers
 
-    from lora_cli.adapters.merge import merge_lora
+    from lora_cli.adapters.merge import fold_lora
     from lora_cli.evaluation.generation import generate
     from lora_cli.formats.checkpoint import load_base
     from lora_cli.lora.spec import LoraSpec
@@ -410,9 +413,10 @@ def generation(ctx: dict, args) -> dict:
     copy_peft_into(ours, peft_model, family)
     probe = torch.tensor([ctx["prompts"][0]])
     diff = (ours(probe) - peft_model(input_ids=probe).logits).abs().max().item()
-    merged = copy.deepcopy(ours)
-    merge_lora(merged)
+    folded = fold_lora(copy.deepcopy(ours))  # what `Generator` runs: the adapter merged into the weights
     hf_merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    folded_bf16 = copy.deepcopy(folded).to(torch.bfloat16)  # `generate --precision bf16`
+    peft_bf16 = copy.deepcopy(peft_model).to(torch.bfloat16)
     pad = family.pad_id
     print(f"\ngeneration: {args.new_tokens} new tokens, greedy, batch {', '.join(map(str, args.gen_batch))}; the same "
           f"adapter: lora-cli's logits vs PEFT's, max abs difference {diff:.2e}", flush=True)
@@ -432,8 +436,8 @@ def generation(ctx: dict, args) -> dict:
             return out[:, width:].tolist()
         return run
 
-    systems = {"lora-cli": ours_fn(ours), "lora-cli merged": ours_fn(merged), "peft": hf_fn(peft_model),
-               "peft merged": hf_fn(hf_merged)}
+    systems = {"lora-cli": ours_fn(folded), "lora-cli unmerged": ours_fn(ours), "peft": hf_fn(peft_model),
+               "peft merged": hf_fn(hf_merged), "lora-cli bf16": ours_fn(folded_bf16), "peft bf16": hf_fn(peft_bf16)}
     rates: dict[int, dict[str, list[float]]] = {b: {s: [] for s in systems} for b in args.gen_batch}
     agree: dict[int, str] = {}
     for r in range(args.gen_rounds):
@@ -452,7 +456,8 @@ def generation(ctx: dict, args) -> dict:
             last = {name: rates[b][name][-1] for name in GENERATORS}
             print(f"  round {r + 1}/{args.gen_rounds} batch {b}: " + "  ".join(
                 f"{name} {last[name]:.1f}" for name in GENERATORS) + f" new tok/s (lora-cli/peft "
-                f"{last['lora-cli'] / last['peft']:.2f}x, merged {last['lora-cli merged'] / last['peft merged']:.2f}x); "
+                f"{last['lora-cli'] / last['peft']:.2f}x, /peft merged {last['lora-cli'] / last['peft merged']:.2f}x, bf16 "
+                f"{last['lora-cli bf16'] / last['peft bf16']:.2f}x); "
                 f"{agree[b]}", flush=True)
     return {"logit_diff": diff, "rates": rates, "agreement": agree}
 
@@ -546,16 +551,17 @@ def summary(runs: dict, gen: dict | None, args) -> dict:
     if gen:
         print(f"\ngeneration ({args.preset}, {args.new_tokens} new tokens, new tokens/s, medians of {args.gen_rounds} "
               "round(s))")
-        print(f"  {'batch':>5s} " + " ".join(f"{s:>16s}" for s in GENERATORS)
-              + "  lora-cli/peft  merged/peft merged")
+        print(f"  {'batch':>5s} " + " ".join(f"{s:>17s}" for s in GENERATORS)
+              + "  lora-cli/peft  lora-cli/peft merged  bf16/peft bf16")
         table = {}
         for b, rates in gen["rates"].items():
             m = {s: statistics.median(v) for s, v in rates.items()}
             table[b] = m | {  # medians of each round's ratio
                 "ratio": statistics.median(x / y for x, y in zip(rates["lora-cli"], rates["peft"])),
-                "merged_ratio": statistics.median(x / y for x, y in zip(rates["lora-cli merged"], rates["peft merged"]))}
-            print(f"  {b:5d} " + " ".join(f"{m[s]:16.1f}" for s in GENERATORS)
-                  + f"  {table[b]['ratio']:12.2f}x  {table[b]['merged_ratio']:16.2f}x")
+                "merged_ratio": statistics.median(x / y for x, y in zip(rates["lora-cli"], rates["peft merged"])),
+                "bf16_ratio": statistics.median(x / y for x, y in zip(rates["lora-cli bf16"], rates["peft bf16"]))}
+            print(f"  {b:5d} " + " ".join(f"{m[s]:17.1f}" for s in GENERATORS)
+                  + f"  {table[b]['ratio']:12.2f}x  {table[b]['merged_ratio']:19.2f}x  {table[b]['bf16_ratio']:13.2f}x")
         print("  (target: >= 1.5x)")
         out["generation"] = gen | {"median": table}
     return out

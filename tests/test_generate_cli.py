@@ -111,6 +111,46 @@ def test_base_model_alone_is_plain_greedy_decoding(ws: Path, micro_checkpoint: P
     assert styled.returncode == 0, styled.stderr
 
 
+def test_the_generator_folds_the_adapter_into_the_weights(ws: Path) -> None:
+    """No LoRA module is left to run each step, and the logits are the LoRA model's."""
+    import torch
+
+    from lora_cli.adapters.adapter import load_adapter, model_with_adapter
+    from lora_cli.api.generator import Generator
+    from lora_cli.formats.checkpoint import load_base
+    from lora_cli.lora.layers import LinearWithLoRA
+
+    g = Generator.load(ws / "runs" / "instruct", device="cpu")
+    assert not any(isinstance(m, LinearWithLoRA) for m in g.model.modules())
+    adapter = load_adapter(ws / "runs" / "instruct")
+    with_lora = model_with_adapter(load_base(adapter.training_config["model"]), adapter)
+    assert any(isinstance(m, LinearWithLoRA) for m in with_lora.modules())
+    ids = torch.tensor([g.prompt_ids("Name a color.")])
+    with torch.no_grad():
+        torch.testing.assert_close(g.model(ids), with_lora(ids), rtol=0, atol=1e-5)
+
+
+def test_bf16_generation_stores_the_model_in_bfloat16(ws: Path) -> None:
+    """bf16: every weight in bfloat16, logits near fp32's; the CLI answers, and fp16 needs a GPU."""
+    import torch
+
+    from lora_cli.api.generator import Generator
+
+    fp32 = Generator.load(ws / "runs" / "instruct", device="cpu", precision="auto")
+    bf16 = Generator.load(ws / "runs" / "instruct", device="cpu", precision="bf16")
+    assert fp32.precision == "fp32" and bf16.precision == "bf16"
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([fp32.prompt_ids("Name a color.")])
+    with torch.no_grad():
+        exact, rounded = fp32.model(ids)[0, -1], bf16.model(ids)[0, -1].float()
+    assert (exact - rounded).abs().max() <= 0.05 * exact.abs().max()
+    r = gen(ws, "--adapter", "runs/instruct", "Name a color.", "--max-new-tokens", "8", "--precision", "bf16", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens"] > 0, r.stderr
+    assert bf16.answer(["Name a color."], max_new_tokens=8)[0].text == json.loads(r.stdout)["text"]
+    r = gen(ws, "--adapter", "runs/instruct", "Name a color.", "--precision", "fp16", "--device", "cpu")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: --precision fp16 needs a CUDA")
+
+
 def test_sampling_repeats_with_a_seed(ws: Path) -> None:
     args = ("--adapter", "runs/instruct", "Name a color.", "--max-new-tokens", "10", "--temperature", "1.5",
             "--top-k", "50", "--top-p", "0.95", "--json")

@@ -116,7 +116,7 @@ def assert_same(ours, theirs) -> None:
         assert abs(loss - book_loss) <= 1e-5, (loss, book_loss)
         assert grads.keys() == book_grads.keys()
         for name, g in grads.items():  # float32 roundings of sums in other orders, at the gradient's own scale
-            assert (g - book_grads[name]).abs().max() <= 1e-4 * book_grads[name].abs().max(), name
+            assert (g - book_grads[name]).abs().max() <= 5e-4 * book_grads[name].abs().max(), name
 
 
 @pytest.mark.parametrize("mask_prompt", [False, True], ids=["no-mask-prompt", "mask-prompt"])

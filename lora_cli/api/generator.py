@@ -4,6 +4,11 @@ The one way into generation that `lora-cli generate`, instruction `eval` (and a 
 base as the adapter recorded it, rebuild the language model, pick the tokenizer, format each instruction with
 the prompt style training used, and decode (`evaluation.generation.generate`) until the end-of-text or
 end-of-turn token.
+
+The generator's model is its own and never trains, so the adapter is folded into the base weights at load
+(`adapters.merge.fold_lora`, as litgpt's generation does): each step then reads one weight per layer instead of
+a weight and two LoRA factors. In bf16 the whole model is stored in bfloat16 (RMSNorm and RoPE still compute in
+float32), which halves the bytes every step reads.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 import torch
 
 from lora_cli.adapters.adapter import Adapter, load_adapter, model_with_adapter, require_task
+from lora_cli.adapters.merge import fold_lora
 from lora_cli.api.classifier import base_for
 from lora_cli.data.hf_tokenizer import tokenizer_for
 from lora_cli.data.instruction_batches import encode_prompt, end_token_id
@@ -26,7 +32,7 @@ from lora_cli.data.prompt_styles import Piece, PromptStyle, default_prompt_style
 from lora_cli.evaluation.generation import check_sampling, generate
 from lora_cli.formats.checkpoint import BaseCheckpoint, load_base
 from lora_cli.runtime.device import resolve_device
-from lora_cli.runtime.precision import configure_matmuls
+from lora_cli.runtime.precision import configure_matmuls, resolve_precision
 from lora_cli.tasks.instruct import frozen_language_model
 from lora_cli.util.errors import LoraCliError
 
@@ -91,20 +97,24 @@ class Generator:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, style: PromptStyle, base: BaseCheckpoint,
-                 adapter: Adapter | None = None) -> None:
+                 adapter: Adapter | None = None, precision: str = "fp32") -> None:
         self.model, self.tokenizer, self.style, self.base, self.adapter = model, tokenizer, style, base, adapter
+        self.precision = precision
         self.stop_ids = [end_token_id(tokenizer, style)]
 
     @classmethod
     def load(cls, adapter: str | Path | Adapter | None = None, *, model: str | None = None,
              model_config: str | None = None, tokenizer: str | None = None, bpe_dir: str | None = None,
-             device: str = "auto", style: str | None = None, force: bool = False) -> Generator:
+             device: str = "auto", style: str | None = None, force: bool = False,
+             precision: str = "auto") -> Generator:
         """Load an instruct adapter onto its base (or `model`), or the base `model` alone when `adapter` is None.
 
         `style`: a prompt style (`data.prompt_styles.prompt_style`) for a base alone; an adapter's own style is
-        what training used, and another one is refused.
+        what training used, and another one is refused. `precision`: fp32, bf16 (the model stored in bfloat16;
+        fp16 on CUDA likewise), or auto (bf16 on a GPU that has it, fp32 elsewhere: `runtime.precision`).
         """
         dev = resolve_device(device)
+        precision = resolve_precision(precision, dev)
         if adapter is None:
             if model is None:
                 raise LoraCliError("no model to generate with: pass an instruct adapter, or a base `model`",
@@ -122,12 +132,14 @@ class Generator:
                 raise LoraCliError(f"{source} was trained with prompt style {loaded.prompt_style.name}, which it "
                                    "keeps: drop the style", param="style")
             base = base_for(loaded, model, model_config)
-            net = model_with_adapter(base, loaded, dev, force=force)
+            net = fold_lora(model_with_adapter(base, loaded, dev, force=force))
             chosen = loaded.prompt_style
         recorded = loaded.training_config.get("tokenizer") if loaded is not None else None
         tok = tokenizer_for(base.family, base.config.vocab_size, bpe_dir, tokenizer, base.path, recorded=recorded)
         configure_matmuls(dev)
-        return cls(net, tok, chosen, base, loaded)
+        if precision != "fp32":
+            net = net.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+        return cls(net, tok, chosen, base, loaded, precision)
 
     @property
     def context_length(self) -> int:

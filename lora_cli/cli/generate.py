@@ -11,7 +11,7 @@ import typer
 
 from lora_cli.cli.app import (
     BatchSizeOption, BpeDirOption, DeviceOption, ForceOption, JsonOption, ModelConfigOption, OverwriteOption,
-    TokenizerOption, app, echo, handle_errors, print_json,
+    PrecisionOption, TokenizerOption, app, echo, handle_errors, print_json,
 )
 from lora_cli.cli.inference import _utf8_argument
 from lora_cli.util.errors import LoraCliError
@@ -46,6 +46,7 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Sampling: the random seed, to repeat a run.")] = None,
     batch_size: BatchSizeOption = 8,
     device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     bpe_dir: BpeDirOption = None,
     tokenizer: TokenizerOption = None,
     force: ForceOption = False,
@@ -58,7 +59,9 @@ def generate(
     default; --temperature above 0 samples (with --top-k, --top-p, --seed). One instruction streams its
     answer to stdout as it is generated; --file answers in batches of --batch-size and prints each answer
     (or, with --out, writes them to a JSON file). --json prints one object (a list for --file) with the
-    text, its token count, why it stopped (end, length or context) and the time.
+    text, its token count, why it stopped (end, length or context) and the time. The adapter is merged into
+the weights for generation; --precision bf16 stores the model in bfloat16, twice as fast in batches on a
+CPU with bf16 units (AVX512-BF16, AMX), with answers that may differ from fp32's in a few tokens.
 
     Examples:
       lora-cli generate --adapter runs/instruct "Rewrite the sentence in passive voice." --input "The cat chased the mouse."
@@ -103,7 +106,7 @@ def generate(
     from lora_cli.api.generator import Generator
 
     gen = Generator.load(adapter, model=model, model_config=model_config, tokenizer=tokenizer, bpe_dir=bpe_dir,
-                         device=device, style=prompt_style, force=force)
+                         device=device, style=prompt_style, force=force, precision=precision)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     if file is None:
         answer = _one(gen, instructions[0], inputs[0], max_new_tokens, sampling, names, stream=not as_json)

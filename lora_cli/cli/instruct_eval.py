@@ -84,7 +84,7 @@ def evaluate_instruct(ad: Any, adapter: Path, data: Path, split: Optional[str], 
     records = _records(adapter, data, split, limit)
     client = None if judge is None else Judge.at(judge, judge_api, judge_model or DEFAULT_JUDGE_MODEL, judge_api_key,
                                                  JUDGE_TIMEOUT if judge_timeout is None else judge_timeout)
-    gen = Generator.load(ad, **load)
+    gen = Generator.load(ad, precision=precision, **load)
     report = evaluate_instructions(gen, records, max_new_tokens=max_new_tokens or 256, batch_size=batch_size,
                                    max_length=max_length, precision=precision, judge=client, echo=echo)
     if answers_out is not None:
