@@ -174,3 +174,29 @@ def test_the_least_recently_used_adapter_goes_first() -> None:
     order, engine, s = run(go())
     assert order == ["c", "a"]  # b was the least recently used when a came back
     assert s.metrics.adapter_evictions == 2 and sorted(engine.installed.values()) == ["a", "c"]
+
+
+def test_a_loaded_adapters_file_tensors_are_freed_before_the_heap_is_trimmed(monkeypatch) -> None:
+    """Once installed, the tensors read from the file are garbage: nothing holds them when the memory is returned."""
+    import weakref
+
+    from lora_cli.serve import scheduler
+
+    class Read:  # what registry.read returns, weak-referenceable
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    reads: list[weakref.ref] = []
+    alive_at_trim: list[bool] = []
+    registry = FakeRegistry()
+    registry.read = lambda name: (reads.append(weakref.ref(r := Read(name))), r)[1]
+    monkeypatch.setattr(scheduler, "return_freed_memory", lambda: alive_at_trim.append(reads[-1]() is not None))
+
+    async def go():
+        s = make(registry=registry)
+        s.start()
+        await submit(s, "x", 1).future
+        await s.stop()
+
+    run(go())
+    assert alive_at_trim == [False]

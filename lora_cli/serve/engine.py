@@ -57,7 +57,7 @@ class MultiAdapterModel:
             head_weight = head_weight + (weight("out_head.lora.A") @ weight("out_head.lora.B")).T * scale
         bias = tensors.get(f"{head_name}.bias")
         factors = {
-            target: (weight(f"{target}.lora.A") * scale, weight(f"{target}.lora.B"))
+            target: (weight(f"{target}.lora.A").mul_(scale), weight(f"{target}.lora.B"))
             for target in spec.targets if target != "out_head"
         }
         unknown = sorted(set(factors) - set(self.layers))

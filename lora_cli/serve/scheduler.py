@@ -169,7 +169,8 @@ class Scheduler:
     async def _load_task(self, name: str) -> None:
         loop = asyncio.get_running_loop()
         try:
-            adapter = await loop.run_in_executor(self._loader, self.registry.read, name)
+            # In a list that `_install` empties: the executor's future keeps its result, the file's tensors with it.
+            handed = await loop.run_in_executor(self._loader, lambda: [self.registry.read(name)])
             # The bookkeeping changes now, the model on the worker after the batches already sent to it (its one
             # thread runs in order): a batch formed from here on sees the new adapter and none of the evicted.
             victims = self._victims({j.name for j in self.pending})
@@ -177,7 +178,7 @@ class Scheduler:
                 del self.loaded[victim]
             slot = self.loaded[name] = self._slot()
             try:
-                await loop.run_in_executor(self._worker, self._install, slot, adapter, [s for _, s in victims])
+                await loop.run_in_executor(self._worker, self._install, slot, handed, [s for _, s in victims])
             except BaseException:
                 self.loaded.pop(name, None)
                 raise
@@ -209,16 +210,21 @@ class Scheduler:
         order = sorted(self.loaded.items(), key=lambda kv: kv[0] in busy)  # stable: LRU order within each group
         return order[:excess]
 
-    def _install(self, slot: int, adapter: Any, victims: list[int]) -> None:
+    def _install(self, slot: int, handed: list[Any], victims: list[int]) -> None:
+        """Free the victims' slots and install the adapter in `handed` (its only reference) in `slot`."""
         for victim in victims:
             self._free(victim)
-        if victims:
-            return_freed_memory()
+        adapter = handed.pop()
         try:
             self.engine.install(slot, adapter)
         except BaseException:
             self._free(slot)
             raise
+        finally:
+            # The file's tensors, read on the loader thread, are garbage once copied into the slot, and glibc keeps
+            # a thread's freed blocks in that thread's arena: without the trim each load leaves its file's size behind.
+            del adapter
+            return_freed_memory()
 
     def _free(self, slot: int) -> None:
         self.engine.remove(slot)
