@@ -236,3 +236,23 @@ def test_the_scripts_refuse_a_shared_folder_without_the_data(tmp_path: Path) -> 
         assert run.returncode == 2, (script, run.stderr[-2000:])
         assert "--shared: " in run.stderr and "nowhere/sms_spam/SMSSpamCollection not found" in run.stderr, script
         assert "Traceback" not in run.stderr, script
+
+
+def test_bench_instruct_measures_training_and_every_generator(tmp_path: Path) -> None:
+    """scripts/bench_instruct.py end to end on gpt2-tiny: both trainers, the six generators, the JSON."""
+    out = tmp_path / "instruct.json"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_instruct.py"), "--preset", "gpt2-tiny", "--steps", "1",
+         "--warmup", "1", "--rounds", "1", "--new-tokens", "4", "--gen-batch", "1", "2", "--shared", str(SHARED_DATA),
+         "--json", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    training = result["training"]
+    assert set(training["median"]) == {"lora-cli", "peft"} and training["ratios"]["examples_per_s"] > 0
+    rates = result["generation"]["rates"]
+    assert set(rates) == {"1", "2"}
+    assert set(rates["2"]) == {"lora-cli", "lora-cli unmerged", "peft", "peft merged", "lora-cli bf16", "peft bf16"}
+    assert all(r > 0 for system in rates["2"].values() for r in system)
+    assert "rows equal to lora-cli's: lora-cli unmerged 2/2" in run.stdout  # folding changes no greedy token here
