@@ -60,8 +60,8 @@ def generate(
     answer to stdout as it is generated; --file answers in batches of --batch-size and prints each answer
     (or, with --out, writes them to a JSON file). --json prints one object (a list for --file) with the
     text, its token count, why it stopped (end, length or context) and the time. The adapter is merged into
-the weights for generation; --precision bf16 stores the model in bfloat16, twice as fast in batches on a
-CPU with bf16 units (AVX512-BF16, AMX), with answers that may differ from fp32's in a few tokens.
+    the weights for generation; --precision bf16 stores the model in bfloat16, 1.5-2x faster in batches on a
+    CPU with bf16 units (AVX512-BF16, AMX), with answers that may part from fp32's where tokens nearly tie.
 
     Examples:
       lora-cli generate --adapter runs/instruct "Rewrite the sentence in passive voice." --input "The cat chased the mouse."
