@@ -233,7 +233,8 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 def load_base(path: str | Path, model_config: str | None = None) -> BaseCheckpoint:
     """Read a base checkpoint and decide its config: `--model-config`, then file metadata (whose `family`,
-    GPT-2 when absent, says whose config it is), then shapes. A tied LM head stored once is re-tied."""
+    GPT-2 when absent, says whose config it is), then shapes. A tied LM head stored once is re-tied, and one
+    stored as a copy of the embedding (GPT-2's files hold both) is tied to it: one table in memory, not two."""
     path = Path(path)
     state, metadata = read_tensors(path)
     state = normalize_state(state)
@@ -251,15 +252,29 @@ def load_base(path: str | Path, model_config: str | None = None) -> BaseCheckpoi
     check_state(state, cfg, path)
     check(state, BASE_TENSORS, str(path), "weights that are not all finite numbers")  # NaN/inf: every output NaN
     digest = fingerprint(state)
+    copied_head = head_copies_embedding(state)
     if path.suffix == ".safetensors":
         # safetensors maps the file lazily: a page is in memory once read. Hashing read them
         # all, so the tensors come from a fresh mapping, and a frozen tensor the model reads only
         # in part stays on disk: of the embedding table, only the rows of tokens that occur
         # (151,936 x 1,024 float32 in Qwen3-0.6B: 622 MB, of which SMS spam reads a few percent).
         state = normalize_state(read_tensors(path)[0])
-    if getattr(cfg, "tie_embeddings", False) and "out_head.weight" not in state and "tok_emb.weight" in state:
+    if copied_head or (getattr(cfg, "tie_embeddings", False) and "out_head.weight" not in state
+                       and "tok_emb.weight" in state):
         state["out_head.weight"] = state["tok_emb.weight"]
     return BaseCheckpoint(path, state, cfg, source, digest, style)
+
+
+def head_copies_embedding(state: dict[str, torch.Tensor]) -> bool:
+    """Whether the LM head holds the same numbers as the token embedding (GPT-2 ties them; its files store both).
+
+    Called where both tables have just been read (the finiteness check), so comparing them reads no new pages;
+    one row first, so an untied head of the same shape is told apart without a full pass.
+    """
+    head, emb = state.get("out_head.weight"), state.get("tok_emb.weight")
+    if head is None or emb is None or head.shape != emb.shape or head.dtype != emb.dtype or head.ndim != 2:
+        return False
+    return bool(torch.equal(head[-1], emb[-1]) and torch.equal(head, emb))
 
 
 def config_from_arg(arg: str) -> Any:

@@ -308,6 +308,7 @@ class Decoder(nn.Module):
     def forward(
         self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True,
         attention: str = "auto", cache: KVCache | None = None, select: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """Logits for every position, or only at `last_index` or `select`: GPTModel.forward's contract.
 
@@ -323,7 +324,7 @@ class Decoder(nn.Module):
         with recompute.recomputed():
             if last_index is not None and packed and cache is None:
                 packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
-                return self._forward_packed(in_idx, packing, select)
+                return self._forward_packed(in_idx, packing, select, head)
             x = self.embed(in_idx)
             cos, sin = self.rope(seq_len if cache is None else cache.max_len, x.device)  # tables made once a generation
             if cache is None:
@@ -338,9 +339,10 @@ class Decoder(nn.Module):
                 x = x[select.to(x.device)]
             elif last_index is not None:
                 x = x[torch.arange(x.shape[0], device=x.device), last_index.to(x.device)]
-            return self.out_head(self.final_norm(x))
+            return self.out_head(self.final_norm(x)) if head else self.final_norm(x)
 
-    def _forward_packed(self, in_idx: torch.Tensor, packing: Packing, select: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward_packed(self, in_idx: torch.Tensor, packing: Packing, select: torch.Tensor | None = None,
+                        head: bool = True) -> torch.Tensor:
         x = self.embed(in_idx.flatten()[packing.token_index])
         pos = packing.token_index % packing.seq_len
         cos, sin = (t[pos] for t in self.rope(packing.seq_len, x.device))
@@ -351,7 +353,7 @@ class Decoder(nn.Module):
             x = last.forward_packed(x, packing, cos, sin)[packing.selected(select)]
         else:
             x = last.forward_packed(x, packing, cos, sin, last_only=True)
-        return self.out_head(self.final_norm(x))
+        return self.out_head(self.final_norm(x)) if head else self.final_norm(x)
 
 
 def attention_problem(n_heads: int, n_kv_groups: int, head_dim: int) -> str | None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_cli.models import recompute
 from lora_cli.models.config import ModelConfig
 from lora_cli.models.gelu import GELU
 from lora_cli.models.kv_cache import KVCache, LayerCache
@@ -31,7 +32,13 @@ class LayerNorm(nn.Module):
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
+        # The projection after the norm saves its output, the norm its input: the output is recomputed backward.
+        return recompute.derive(_layer_norm(x, self.scale, self.shift, self.eps), _layer_norm, x, self.scale,
+                                self.shift, self.eps)
+
+
+def _layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], scale, shift, eps)
 
 
 class FeedForward(nn.Module):
@@ -122,6 +129,7 @@ class GPTModel(nn.Module):
     def forward(
         self, in_idx: torch.Tensor, last_index: torch.Tensor | None = None, packed: bool = True,
         attention: str = "auto", cache: KVCache | None = None, select: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """Logits for every position, or only at `last_index` (one position per row), or at `select`.
 
@@ -134,29 +142,33 @@ class GPTModel(nn.Module):
         With `cache`, `in_idx` continues each row's cached tokens (the plain path, at the rows' positions).
         With `select` (a (B, T) bool mask of real tokens, and `last_index`), a language model's logits at those
         positions only, (M, vocab) in row-major order: the training loss needs no logits where it has no target.
+        `head=False` returns the final norm's output in the logits' place: a loss that applies the frozen head
+        itself (`tasks.instruct.head_loss`) never holds the vocabulary-wide logits whole.
         """
         seq_len = in_idx.shape[1]
         end = seq_len + (0 if cache is None else cache.longest)
         if end > self.cfg.context_length:
             raise ValueError(f"sequence length {end} exceeds the context length {self.cfg.context_length}")
-        if last_index is not None and packed and cache is None:
-            packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
-            return self._forward_packed(in_idx, packing, select)
-        pos = torch.arange(seq_len, device=in_idx.device) if cache is None else cache.begin(*in_idx.shape, in_idx.device)
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
-        if cache is None:
-            x = self.trf_blocks(x)
-        else:
-            for block, layer in zip(self.trf_blocks, cache.layers, strict=True):
-                x = block(x, layer)
-        if select is not None:
-            x = x[select.to(x.device)]
-        elif last_index is not None:
-            last_index = last_index.to(x.device)
-            x = x[torch.arange(x.shape[0], device=x.device), last_index]
-        return self.out_head(self.final_norm(x))
+        with recompute.recomputed():  # the saved activations `recompute.derive` registers
+            if last_index is not None and packed and cache is None:
+                packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
+                return self._forward_packed(in_idx, packing, select, head)
+            pos = torch.arange(seq_len, device=in_idx.device) if cache is None else cache.begin(*in_idx.shape, in_idx.device)
+            x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
+            if cache is None:
+                x = self.trf_blocks(x)
+            else:
+                for block, layer in zip(self.trf_blocks, cache.layers, strict=True):
+                    x = block(x, layer)
+            if select is not None:
+                x = x[select.to(x.device)]
+            elif last_index is not None:
+                last_index = last_index.to(x.device)
+                x = x[torch.arange(x.shape[0], device=x.device), last_index]
+            return self.out_head(self.final_norm(x)) if head else self.final_norm(x)
 
-    def _forward_packed(self, in_idx: torch.Tensor, packing: Packing, select: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward_packed(self, in_idx: torch.Tensor, packing: Packing, select: torch.Tensor | None = None,
+                        head: bool = True) -> torch.Tensor:
         ids = in_idx.flatten()[packing.token_index]
         # A table stored narrower than pos_emb (a frozen bf16 one) is widened by the sum's type promotion.
         x = self.drop_emb(self.tok_emb(ids) + self.pos_emb(packing.token_index % packing.seq_len))
@@ -167,4 +179,4 @@ class GPTModel(nn.Module):
             x = last.forward_packed(x, packing)[packing.selected(select)]
         else:
             x = last.forward_packed(x, packing, last_only=True)
-        return self.out_head(self.final_norm(x))
+        return self.out_head(self.final_norm(x)) if head else self.final_norm(x)

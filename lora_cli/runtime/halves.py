@@ -197,42 +197,52 @@ def forward_backward(
 
 
 def forward_backward_tokens(
-    net: torch.nn.Module, ids: torch.Tensor, last_index: torch.Tensor, targets: torch.Tensor,
-    objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    net: Callable[..., torch.Tensor], ids: torch.Tensor, last_index: torch.Tensor, targets: torch.Tensor,
+    objective: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     params: Sequence[torch.nn.Parameter], halves: Halves | None,
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, ignore_index: int = -100,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`forward_backward` for a language model: logits only where `targets` (B, T) has a target
-    (`net(ids, last_index, select=...)`), `objective(logits, their targets)`, then the backward pass.
+    """`forward_backward` for a language model: outputs only where `targets` (B, T) has a target
+    (`net(ids, last_index, select=...)`: logits, or hidden states for a loss that applies the head),
+    `objective(outputs, their targets)` -> (mean loss over the targets, the tensor to call backward on: that
+    loss times a constant, predicted ids), then the backward pass.
 
-    Returns (loss, predicted ids, target ids), detached. With `halves`, each half's logits come out in its
-    own row order and the targets are gathered in the same order: a mean over tokens needs no other.
+    Returns (loss, predicted ids, target ids), detached. A mean over tokens splits into the halves' own means,
+    each weighted by its share of the targets, so with `halves` each worker runs its half's forward pass, loss
+    and backward pass on its own, with no wait for the other; the predictions and targets come out half by half.
     """
     select = targets != ignore_index
     rows = None if halves is None else split_rows(last_index)
     if rows is None:
         with context():
-            logits = net(ids, last_index, select=select.to(ids.device)).float()
-        y = targets[select].to(logits.device)
-        loss, root = objective(logits, y)
+            out = net(ids, last_index, select=select.to(ids.device)).float()
+        y = targets[select].to(out.device)
+        loss, root, predicted = objective(out, y)
         root.backward()
-        return loss.detach(), logits.detach().argmax(-1), y
+        return loss.detach(), predicted.detach(), y
+    total = int(select.sum())
 
-    def forward(part: list[int]) -> torch.Tensor:
+    def half(part: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor | None, ...]]:
         index = torch.tensor(part)
         last = last_index[index]
         width = int(last.max()) + 1
+        chosen = select[index, :width]
+        y = targets[index, :width][chosen]
+        if not len(y):  # no target in this half: nothing to learn from it
+            return torch.zeros(()), torch.zeros(0, dtype=torch.long), y, (None,) * len(params)
         with context():
-            return net(ids[index, :width], last, select=select[index, :width].to(ids.device)).float()
+            out = net(ids[index, :width], last, select=chosen.to(ids.device)).float()
+        y = y.to(out.device)
+        loss, root, predicted = objective(out, y)
+        share = len(y) / total
+        grads = torch.autograd.grad(root * share, params, allow_unused=True)
+        return loss.detach() * share, predicted.detach(), y, grads
 
-    outs = halves.run(functools.partial(forward, rows[0]), functools.partial(forward, rows[1]))
-    leaves = [out.detach().requires_grad_() for out in outs]
-    y = torch.cat([targets[torch.tensor(part)][select[torch.tensor(part)]] for part in rows]).to(outs[0].device)
-    logits = torch.cat(leaves)
-    loss, root = objective(logits, y)
-    root.backward()
-    _add_half_gradients(params, outs, leaves, halves)
-    return loss.detach(), logits.detach().argmax(-1), y
+    parts = halves.run(functools.partial(half, rows[0]), functools.partial(half, rows[1]))
+    _sum_gradients(params, [p[3] for p in parts])
+    device = parts[0][2].device if len(parts[0][2]) else parts[1][2].device
+    loss = parts[0][0].to(device) + parts[1][0].to(device)
+    return loss, torch.cat([p[1].to(device) for p in parts]), torch.cat([p[2].to(device) for p in parts])
 
 
 def _add_half_gradients(params: Sequence[torch.nn.Parameter], outs: list[torch.Tensor], leaves: list[torch.Tensor],
@@ -242,7 +252,11 @@ def _add_half_gradients(params: Sequence[torch.nn.Parameter], outs: list[torch.T
     def backward(out: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return torch.autograd.grad(out, params, grad, allow_unused=True)
 
-    grads = halves.run(*(functools.partial(backward, o, leaf.grad) for o, leaf in zip(outs, leaves)))
+    _sum_gradients(params, halves.run(*(functools.partial(backward, o, leaf.grad) for o, leaf in zip(outs, leaves))))
+
+
+def _sum_gradients(params: Sequence[torch.nn.Parameter], grads: Sequence[Sequence[torch.Tensor | None]]) -> None:
+    """The two halves' gradients added into `.grad`, half 0 first: the same order, so the same bits, every run."""
     with torch.no_grad():
         for p, *parts in zip(params, *grads):
             present = [g for g in parts if g is not None]

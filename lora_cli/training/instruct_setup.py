@@ -9,6 +9,7 @@ and encoded with their targets), the model (the base language model with LoRA, `
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from lora_cli.formats.checkpoint import load_base
 from lora_cli.lora.spec import LoraSpec
 from lora_cli.runtime import halves
 from lora_cli.runtime.precision import autocast, cast_frozen_base, configure_matmuls, grad_scaler, resolve_precision
-from lora_cli.tasks.instruct import build_language_model, token_loss
+from lora_cli.tasks.instruct import build_language_model, frozen_head, head_loss, token_loss
 from lora_cli.training import distributed
 from lora_cli.training.recipe import TrainConfig
 from lora_cli.training.run_setup import Setup
@@ -103,14 +104,22 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
 def micro_step(s: Setup, net: torch.nn.Module, input_ids: torch.Tensor, last_index: torch.Tensor,
                targets: torch.Tensor, trainable: list[torch.nn.Parameter],
                split: halves.Halves | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward and backward of one micro-batch: (its mean token loss, predicted ids, target ids), detached."""
+    """Forward and backward of one micro-batch: (its mean token loss, predicted ids, target ids), detached.
 
-    def objective(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = token_loss(logits, y)
+    With a frozen vocabulary head the model returns its final hidden states and `head_loss` applies the head a
+    chunk at a time; a head with LoRA or trained weights gives logits, and `token_loss` takes them.
+    """
+    head = frozen_head(s.model)
+
+    def objective(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with autocast(s.device, s.precision):
+            loss, predicted = (head_loss(out, head, y) if head is not None
+                               else (token_loss(out, y), out.detach().argmax(-1)))
         scaled = loss / s.grad_accum if s.grad_accum > 1 else loss
-        return loss, s.scaler.scale(scaled) if s.scaler else scaled
+        return loss, s.scaler.scale(scaled) if s.scaler else scaled, predicted
 
-    return halves.forward_backward_tokens(net, input_ids, last_index, targets, objective, trainable, split,
+    forward = net if head is None else functools.partial(net, head=False)
+    return halves.forward_backward_tokens(forward, input_ids, last_index, targets, objective, trainable, split,
                                           lambda: autocast(s.device, s.precision))
 
 
