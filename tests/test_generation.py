@@ -10,6 +10,7 @@ import torch
 from decoders import hf_model, max_diff, randomize
 from torch import nn
 
+from lora_cli.evaluation import generation
 from lora_cli.evaluation.generation import generate
 from lora_cli.lora.layers import apply_lora, lora_modules, resolve_targets
 from lora_cli.models import hf_gpt2, llama3, qwen3
@@ -273,3 +274,17 @@ def test_lora_unmerged_generates_what_the_merged_model_does(family: str) -> None
         lora.merge()
     assert generate(model, PROMPTS, 12) == unmerged
     assert generate(model, PROMPTS, 12, temperature=0.8, seed=3) == sampled
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 15, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_decoding_heads_layout_gives_the_heads_logits(rows: int, bias: bool) -> None:
+    """`head_logits` computes a wide head as weight @ hidden.T for 7-15 rows: the same logits as the Linear."""
+    torch.manual_seed(0)
+    head = nn.Linear(32, generation.WIDE_HEAD, bias=bias).requires_grad_(False)
+    hidden = torch.randn(rows, 32)
+    logits = generation.head_logits(head, hidden)
+    assert logits.shape == (rows, generation.WIDE_HEAD)
+    torch.testing.assert_close(logits, head(hidden), rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits.argmax(-1), head(hidden).argmax(-1))
+    assert logits.is_contiguous() == (rows not in generation.SMALL_ROWS)  # the transposed product where it applies
