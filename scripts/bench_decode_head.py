@@ -45,7 +45,8 @@ def main() -> int:
 
     allocator.keep_freed_memory()  # as generation runs
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; head_logits uses W @ x.T for rows {SMALL_ROWS.start}-{SMALL_ROWS.stop - 1}")
+          f"{torch.get_num_threads()} threads; head_logits uses W @ x.T for rows "
+          f"{SMALL_ROWS.start}-{SMALL_ROWS.stop - 1}")
     print(f"{'head':>14s} {'rows':>4s} {'F.linear ms':>11s} {'W @ x.T ms':>10s} {'linear/W@xT':>11s} "
           f"{'F.linear GB/s':>13s} {'W @ x.T GB/s':>12s}")
     torch.manual_seed(0)

@@ -29,7 +29,8 @@ float32, LoRA r = 16, alpha = 16 on every Linear of the blocks.
    `generate` on the model `Generator` runs (the adapter folded into the weights, `fold_lora`), on the LoRA
    model unmerged, and folded in bfloat16 (`generate --precision bf16`); transformers'
    `generate(do_sample=False, use_cache=True)` of the PEFT model (unmerged: PEFT's default), of
-   `merge_and_unload()`, and of the PEFT model in bfloat16, left-padded with an attention mask.
+   `merge_and_unload()`, and of the PEFT model in bfloat16, left-padded with an attention mask. Then the floor of a
+   batch-1 step: every Linear's weight read once (`weight_floor`).
 3. --book-run: `lora-cli train --task instruct` of a gpt2-tiny checkpoint on the shared data for 2 epochs
    (the book's defaults otherwise), with the validation loss of the untrained model before it and the
    run's own after each epoch, and its wall time.
@@ -459,7 +460,29 @@ def generation(ctx: dict, args) -> dict:
                 f"{last['lora-cli'] / last['peft']:.2f}x, /peft merged {last['lora-cli'] / last['peft merged']:.2f}x, bf16 "
                 f"{last['lora-cli bf16'] / last['peft bf16']:.2f}x); "
                 f"{agree[b]}", flush=True)
-    return {"logit_diff": diff, "rates": rates, "agreement": agree}
+    floor = weight_floor(folded)
+    print(f"  reading every weight once (a batch-1 step's matrix products alone, `weight_floor`): {floor * 1e3:.1f} ms",
+          flush=True)
+    return {"logit_diff": diff, "rates": rates, "agreement": agree, "floor_seconds": floor}
+
+
+def weight_floor(model, repeats: int = 7) -> float:
+    """Seconds that a batch-1 decoding step's matrix products take alone: every Linear of the model, the head
+    included, on one row, in model order, so each weight is read once from memory. No float32 step of this model
+    is faster on this machine; a tool whose step takes t can be at most t / floor times faster than it."""
+    import torch
+    import torch.nn.functional as F
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, m.in_features) for m in linears]
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for m, x in zip(linears, inputs):
+                F.linear(x, m.weight, m.bias)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _agreement(outputs: dict[str, list[list[int]]]) -> str:
@@ -563,6 +586,10 @@ def summary(runs: dict, gen: dict | None, args) -> dict:
             print(f"  {b:5d} " + " ".join(f"{m[s]:17.1f}" for s in GENERATORS)
                   + f"  {table[b]['ratio']:12.2f}x  {table[b]['merged_ratio']:19.2f}x  {table[b]['bf16_ratio']:13.2f}x")
         print("  (target: >= 1.5x)")
+        if 1 in table:
+            floor, ms = gen["floor_seconds"] * 1e3, {s: 1e3 / table[1][s] for s in ("lora-cli", "peft")}
+            print(f"  batch 1, ms per new token: lora-cli {ms['lora-cli']:.1f}, peft {ms['peft']:.1f}; every weight read "
+                  f"once takes {floor:.1f}: at most {ms['peft'] / floor:.2f}x peft with no other work in a step")
         out["generation"] = gen | {"median": table}
     return out
 

@@ -153,7 +153,8 @@ class GPTModel(nn.Module):
             if last_index is not None and packed and cache is None:
                 packing = Packing.from_last_index(last_index, seq_len, in_idx.device, attention)
                 return self._forward_packed(in_idx, packing, select, head)
-            pos = torch.arange(seq_len, device=in_idx.device) if cache is None else cache.begin(*in_idx.shape, in_idx.device)
+            pos = (torch.arange(seq_len, device=in_idx.device) if cache is None
+                   else cache.begin(*in_idx.shape, in_idx.device))
             x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
             if cache is None:
                 x = self.trf_blocks(x)

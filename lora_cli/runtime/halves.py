@@ -9,8 +9,11 @@ counts, and two worker threads, each with half of the intra-op threads, run one 
 forward passes, then (once the loss of the whole batch has given each half's logits their gradient)
 both backward passes. Each core keeps busy with its own half.
 
-The loss is the whole batch's, computed once on the logits in the batch's order, so any loss and
-any scaling of it (class weights, accumulation, a loss scaler) applies unchanged. Each half's
+For a classifier the loss is the whole batch's, computed once on the logits in the batch's order, so
+any loss and any scaling of it (class weights, accumulation, a loss scaler) applies unchanged. A
+language model's loss is a mean over target tokens, which is each half's own mean weighted by its
+share of the targets: there each worker runs its half's forward pass, loss and backward pass with
+no wait for the other (`forward_backward_tokens`). Each half's
 parameter gradients are taken with `torch.autograd.grad` and added to `.grad` in a fixed order (half
 0, then half 1), so a run is repeatable bit for bit; they equal the whole batch's gradients up to
 float rounding (two partial sums instead of one).
