@@ -189,6 +189,22 @@ def test_import_refuses_unsupported_config(base, tmp_path, change, match):
         import_peft(tmp_path / "p", base)
 
 
+def test_import_takes_the_head_names_peft_lists_for_every_classifier(base, tmp_path):
+    """PEFT 0.22 writes modules_to_save ["classifier", "score", "pre_classifier"] whatever the model has."""
+    adapter = trained_adapter(base, "blocks")
+    export_peft(adapter, tmp_path / "p")
+    path = tmp_path / "p" / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"modules_to_save": ["classifier", "score",
+                                                                                   "pre_classifier"]}))
+    imported = import_peft(tmp_path / "p", base)
+    assert imported.tensors.keys() == adapter.tensors.keys()
+    tensors = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    tensors["base_model.model.pre_classifier.modules_to_save.default.weight"] = torch.zeros(768, 768)
+    save_file(tensors, str(tmp_path / "p" / "adapter_model.safetensors"))
+    with pytest.raises(LoraCliError, match="pre_classifier"):  # a head lora-cli cannot hold, once it has weights
+        import_peft(tmp_path / "p", base)
+
+
 def test_import_refuses_unmappable_tensors(base, tmp_path):
     export_peft(trained_adapter(base, "blocks"), tmp_path / "p")
     path = tmp_path / "p" / "adapter_model.safetensors"

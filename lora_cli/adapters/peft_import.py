@@ -26,6 +26,7 @@ from lora_cli.util.errors import LoraCliError
 from lora_cli.util.fileio import read_json_object
 from lora_cli.util.schema import check
 
+_PEFT_CLASSIFIER_HEADS = ("classifier", "score", "pre_classifier")  # peft_model.CLASSIFIER_MODULE_NAMES
 _PEFT_SCORE = re.compile(r"^base_model\.model\.score(?:\.modules_to_save\.default)?\.weight$")
 _PEFT_LM_HEAD = re.compile(rf"^{re.escape(PREFIX + LM_HEAD)}\.lora_([AB])(?:\.default)?\.weight$")
 _PEFT_LM_HEAD_WEIGHT = f"{PREFIX}{LM_HEAD}.base_layer.weight"  # what PEFT saves beside a LoRA on lm_head
@@ -98,7 +99,9 @@ def _check_config(cfg: dict, source: Path, causal: bool) -> None:
             f"{source}: modules_to_save {cfg['modules_to_save']} trains whole modules of the language model; a "
             "lora-cli instruct adapter holds LoRA factors only (the base's lm_head and embeddings stay as they are)"
         )
-    extra = set(cfg.get("modules_to_save") or []) - {"score", "classifier"}
+    # PEFT lists every name a classifier's head may have (`pre_classifier` too since PEFT 0.22), whether the model
+    # has it or not; a listed module with weights in the file that lora-cli cannot map is refused with the tensors.
+    extra = set(cfg.get("modules_to_save") or []) - set(_PEFT_CLASSIFIER_HEADS)
     if extra:
         raise LoraCliError(
             f"{source}: modules_to_save {sorted(extra)} are not the classification head; lora-cli "
