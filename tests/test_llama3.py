@@ -168,3 +168,20 @@ def test_native_tensors_without_hf_names_are_refused() -> None:
     state = Llama3Model(UNTIED).state_dict() | {"trf_blocks.0.att.W_query.lora.A": torch.zeros(1)}
     with pytest.raises(LoraCliError, match="no Hugging Face name for trf_blocks.0.att.W_query.lora.A"):
         native_to_hf(state, UNTIED)
+
+
+def test_decoding_skips_the_autograd_nodes_with_the_same_numbers() -> None:
+    """Without autograd the frozen RMSNorm and the rotation run their nodes' forward directly: bit for bit."""
+    from lora_cli.models.decoder import RMSNorm, apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    cos, sin = rope_tables(64, 10_000.0, 5)
+    with_grad = apply_rope(norm(x), cos, sin)
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        without = apply_rope(norm(x), cos, sin)
+    assert torch.equal(with_grad.detach(), without)

@@ -54,7 +54,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = getattr(self, self.weight_name)
         if x.dtype == weight.dtype == torch.float32:
-            if not (weight.requires_grad and torch.is_grad_enabled()):
+            if not torch.is_grad_enabled():  # decoding: the node's forward without the autograd call around it
+                return _normed(x, _inverse_rms(x, self.eps), weight)
+            if not weight.requires_grad:
                 y, r = _FrozenRMSNorm.apply(x, weight, self.eps)
                 return recompute.derive(y, _normed, x, r, weight)
             return F.rms_norm(x, weight.shape, weight, self.eps)
@@ -73,7 +75,7 @@ class _FrozenRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):  # noqa: ANN001, ANN205 (autograd signature)
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        r = _inverse_rms(x, eps)
         ctx.save_for_backward(x, weight, r)
         ctx.mark_non_differentiable(r)
         return _normed(x, r, weight), r
@@ -85,6 +87,10 @@ class _FrozenRMSNorm(torch.autograd.Function):
         gw = grad * weight
         c = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(r.pow(3) / x.shape[-1])
         return gw.mul_(r).addcmul_(x, c, value=-1), None, None
+
+
+def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
 
 
 def _normed(x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -119,6 +125,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     One autograd node that keeps only the tables: the backward pass is the inverse rotation of the
     gradient, so no rotated copy of q or k is stored, and each direction takes three passes.
     """
+    if not torch.is_grad_enabled():  # decoding: no node to record
+        return _rotate(x, cos, sin, 1.0)
     out = _Rotation.apply(x, cos, sin)
     # SDPA saves the rotated q and k; after QK-norm they are recomputed from the norm's input instead.
     return recompute.derive(out, _rotate, x, cos, sin, 1.0, only_if_derived=True)
