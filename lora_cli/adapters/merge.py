@@ -17,7 +17,7 @@ from torch import nn
 from lora_cli import __version__
 from lora_cli.adapters.adapter import DTYPES, Adapter, hf_problem_type, model_with_adapter
 from lora_cli.adapters.peft_format import hf_ties_head
-from lora_cli.formats.checkpoint import BASE_FORMAT, BaseCheckpoint
+from lora_cli.formats.checkpoint import BASE_FORMAT, BaseCheckpoint, head_copies_embedding
 from lora_cli.lora.layers import LinearWithLoRA, unfuse
 from lora_cli.models import families
 from lora_cli.models.families import Family
@@ -133,8 +133,7 @@ def head_tied(state: dict[str, torch.Tensor], cfg: Any) -> bool:
     """Whether a merged language model's head may stay tied to the token embedding: transformers ties them
     (`peft_format.hf_ties_head`) and they are equal. A LoRA on a tied head makes them differ: the written model
     then unties them (its config's tie_word_embeddings / tie_embeddings false, the head stored)."""
-    head, emb = state["out_head.weight"], state["tok_emb.weight"]
-    return hf_ties_head(cfg) and head.shape == emb.shape and torch.equal(head, emb)
+    return hf_ties_head(cfg) and head_copies_embedding(state)
 
 
 def hf_causal_lm(state: dict[str, torch.Tensor], cfg: Any, dtype: str = "float32",

@@ -268,8 +268,8 @@ def load_base(path: str | Path, model_config: str | None = None) -> BaseCheckpoi
 def head_copies_embedding(state: dict[str, torch.Tensor]) -> bool:
     """Whether the LM head holds the same numbers as the token embedding (GPT-2 ties them; its files store both).
 
-    Called where both tables have just been read (the finiteness check), so comparing them reads no new pages;
-    one row first, so an untied head of the same shape is told apart without a full pass.
+    One row first, so an untied head of the same shape is told apart without a full pass. `load_base` asks
+    where both tables have just been read (the finiteness check), so the comparison reads no new pages.
     """
     head, emb = state.get("out_head.weight"), state.get("tok_emb.weight")
     if head is None or emb is None or head.shape != emb.shape or head.dtype != emb.dtype or head.ndim != 2:
@@ -293,9 +293,7 @@ def save_base(path: str | Path, state: dict[str, torch.Tensor], cfg: Any) -> Non
     metadata = {"format": BASE_FORMAT, "model_config": cfg.to_json(), "tool_version": __version__}
     if family.name != families.GPT2:
         metadata["family"] = family.name
-    head, emb = state.get("out_head.weight"), state.get("tok_emb.weight")
-    tied = getattr(cfg, "tie_embeddings", False) and head is not None and emb is not None and (
-        head.shape == emb.shape and torch.equal(head, emb))
+    tied = getattr(cfg, "tie_embeddings", False) and head_copies_embedding(state)
     tensors = {k: v.detach().contiguous().clone() for k, v in state.items() if not (tied and k == "out_head.weight")}
     save_safetensors(path, tensors, metadata)
 
