@@ -183,11 +183,20 @@ def _native(cfg) -> Path:
     return path
 
 
-def test_qwen3_downloads_too(servers, tokenizer_json: Path) -> None:
+def test_qwen3_downloads_too_with_its_chat_template(servers, tokenizer_json: Path) -> None:
+    """tokenizer_config.json and a separate chat_template.jinja, where the repository has them, are kept beside
+    the base as one config (`--prompt-style chat` reads the template there)."""
     hub_server, cdn = servers
-    publish(hub_server, cdn, "qwen3-0.6b", hf_files("qwen3", "qwen3-tiny", tokenizer_json))
+    template = "{% for m in messages %}<|endoftext|>{{ m.content }}{% endfor %}"
+    files = hf_files("qwen3", "qwen3-tiny", tokenizer_json) | {
+        "tokenizer_config.json": json.dumps({"eos_token": "<|endoftext|>"}).encode(),
+        "chat_template.jinja": template.encode()}
+    publish(hub_server, cdn, "qwen3-0.6b", files)
     got = hub.download_hub("qwen3-0.6b", revision="main", progress=False)
     assert load_base(got.path).family.name == "qwen3" and got.tokenizer.is_file()
+    kept = json.loads(got.path.with_suffix(".tokenizer_config.json").read_text())
+    assert kept == {"eos_token": "<|endoftext|>", "chat_template": template}
+    assert set(got.source["files"]) >= {"tokenizer_config.json", "chat_template.jinja"}
 
 
 def test_the_pinned_hash_must_match_what_the_hub_reports(servers, llama_files: dict[str, bytes]) -> None:

@@ -340,7 +340,7 @@ def test_a_chat_style_needs_its_tokens(tokenizer, chat_record: ChatRecord) -> No
 
 def test_styles_and_forms_that_do_not_fit(chat_record: ChatRecord, tmp_path: Path) -> None:
     with pytest.raises(LoraCliError, match=r"record 1 \(line 1\): prompt style alpaca does not format chat records; "
-                                           r"use chat \(llama3 or qwen3\)"):
+                                           r"use chat \(llama3, qwen3 or the checkpoint's chat template\)"):
         prompt_style("alpaca").format(chat_record)
     done = read_instruction_data(write(tmp_path / "p.jsonl", [{"text": "abc"}])).records[0]
     with pytest.raises(LoraCliError, match="prompt style qwen3 does not format completion records; use plain"):
@@ -354,7 +354,7 @@ def test_styles_and_forms_that_do_not_fit(chat_record: ChatRecord, tmp_path: Pat
 
 
 @pytest.mark.parametrize("name,template,message", [
-    ("llama2", None, "prompt style 'llama2': expected one of alpaca, llama3, qwen3, plain, or custom"),
+    ("llama2", None, "prompt style 'llama2': expected one of alpaca, llama3, qwen3, plain, custom with its template, or chat_template"),
     ("alpaca", "{output}", "prompt style 'alpaca' with a template"),
     ("custom", None, "prompt style 'custom': expected"),
     ("custom", "{instruction}", r"the prompt template: the template needs \{output\}"),

@@ -172,7 +172,7 @@ def adapter_from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], s
         tensors, LoraSpec(**checked["lora"]), labels,
         families.get(checked.get("family", families.GPT2)).config_from_dict(checked["model_config"], source),
         checked["base_fingerprint"], checked.get("training_config", {}), checked.get("tool_version", "?"),
-        checked.get("calibration"), None if style is None else PromptStyle(style["name"], style.get("template")),
+        checked.get("calibration"), None if style is None else PromptStyle.from_dict(style, source),
     )
 
 

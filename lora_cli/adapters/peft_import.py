@@ -187,7 +187,7 @@ def _instruct_meta(in_dir: Path, cfg: dict, family: str,
     if "prompt_style" in meta:
         kept = check({k: meta[k] for k in ("task", "prompt_style") if k in meta}, EXPORTED_TASK, str(meta_path),
                      "damaged task")
-        return PromptStyle(kept["prompt_style"]["name"], kept["prompt_style"].get("template")), dict(training)
+        return PromptStyle.from_dict(kept["prompt_style"], str(meta_path)), dict(training)
     style = prompt_style(default_prompt_style("alpaca", family), family)
     if echo is not None:
         echo(f"warning: {in_dir} records no prompt style (no lora-cli {METADATA_FILE}): generate formats prompts "

@@ -121,8 +121,6 @@ class Generator:
                                    param="model")
             base = load_base(resolve_model(model), model_config)
             net = frozen_language_model(base).eval().to(dev)
-            chosen = (base.prompt_style if style is None else None) or \
-                prompt_style(style or default_prompt_style("alpaca", base.family.name), base.family.name)
             loaded = None
         else:
             source = str(adapter) if not isinstance(adapter, Adapter) else "the adapter"
@@ -136,6 +134,9 @@ class Generator:
             chosen = loaded.prompt_style
         recorded = loaded.training_config.get("tokenizer") if loaded is not None else None
         tok = tokenizer_for(base.family, base.config.vocab_size, bpe_dir, tokenizer, base.path, recorded=recorded)
+        if loaded is None:
+            chosen = (base.prompt_style if style is None else None) or prompt_style(
+                style or default_prompt_style("alpaca", base.family.name), base.family.name, tok)
         configure_matmuls(dev)
         if precision != "fp32":
             net = net.to(torch.bfloat16 if precision == "bf16" else torch.float16)

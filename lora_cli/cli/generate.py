@@ -36,7 +36,8 @@ def generate(
         "--model", help="Base checkpoint: alone, with no --adapter; with one, instead of the base it was trained on.")] = None,
     model_config: ModelConfigOption = None,
     prompt_style: Annotated[Optional[str], typer.Option(
-        help="For a base alone: alpaca, chat (llama3 or qwen3), llama3, qwen3, plain, or a template file. "
+        help="For a base alone: alpaca, chat (the checkpoint's chat template, else llama3 or qwen3), llama3, qwen3, "
+             "plain, or a template file (.jinja, tokenizer_config.json, or text with {instruction}...). "
              "[alpaca for GPT-2, chat for Llama 3 and Qwen3; an adapter uses the style it was trained with]")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="New tokens per answer, at most.")] = 256,
     temperature: Annotated[float, typer.Option(help="0: greedy (the most likely token); above 0: sampling.")] = 0.0,

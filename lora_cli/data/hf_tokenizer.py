@@ -29,9 +29,15 @@ class HFTokenizer:
     ordinary text, never as the control token, and no BOS/EOS is added.
     """
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+    def __init__(self, tokenizer: tokenizers.Tokenizer, path: Path | None = None) -> None:
         tokenizer.encode_special_tokens = True
         self._tok = tokenizer
+        self.path = path  # the tokenizer.json it was read from: a chat template may be kept beside it
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """The spelling of every added special token, in id order."""
+        return [t.content for _, t in sorted(self._tok.get_added_tokens_decoder().items()) if t.special]
 
     @property
     def n_vocab(self) -> int:
@@ -92,7 +98,7 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None) -> HFTokeniz
     if not path.is_file():
         raise LoraCliError(f"tokenizer file {path} does not exist (a Hugging Face tokenizer.json is needed)")
     try:
-        tokenizer = HFTokenizer(Tokenizer.from_file(str(path)))
+        tokenizer = HFTokenizer(Tokenizer.from_file(str(path)), path)
     except Exception as exc:  # tokenizers raises a plain Exception for any unreadable file
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise LoraCliError(f"{path} is not a valid tokenizer.json ({reason})") from None

@@ -9,12 +9,11 @@ loss; the end-of-text (or end-of-turn) token is appended when encoding (`instruc
   too), built in; `chat` picks the family's.
   Chat records, and alpaca records as one user turn (instruction, a blank line, the input).
   The response is the last assistant message; the earlier turns are part of the prompt.
-  Note: a checkpoint's own `chat_template` (tokenizer_config.json) is Jinja2, which lora-cli does not depend
-  on; these are its output for plain chats (Llama 3 as released; Qwen3 without the empty `<think>` block
-  that its template puts before the last answer). A checkpoint whose template differs needs a template
-  file or a new built-in here.
+  These are the released templates' output for plain chats (Qwen3's without the empty `<think>` block).
+- `chat_template`: the checkpoint's own Jinja2 template (`chat_template.ChatTemplate`), which `chat` picks
+  where the tokenizer in use has one beside it (tokenizer_config.json); chat and alpaca records.
 - `plain`: completion records as they are: the prompt, then the completion.
-- a template file: a Python format string over `{instruction}`, `{input}` and `{output}` (`{{`, `}}` for
+- a template file: a .jinja chat template, or a tokenizer_config.json (its `chat_template`); else a Python format string over `{instruction}`, `{input}` and `{output}` (`{{`, `}}` for
   literal braces), for alpaca records. `{output}` comes once and last: the prompt is the text before it;
   only white space may follow it, and is dropped. `{input}` is replaced by the record's input, "" if none.
 """
@@ -24,13 +23,15 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
+from lora_cli.data.chat_template import ChatTemplate, chat_template, find_beside, read_template_file
 from lora_cli.data.classification import read_text
 from lora_cli.data.instruction_data import AlpacaRecord, ChatRecord, CompletionRecord, Record
 from lora_cli.util.errors import LoraCliError
 
 CUSTOM = "custom"
+CHAT_TEMPLATE = "chat_template"
 BUILT_IN = ("alpaca", "llama3", "qwen3", "plain")
 CHAT_STYLES = {"llama3": "llama3", "qwen3": "qwen3"}  # family name -> its chat style
 ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
@@ -69,27 +70,45 @@ class Formatted:
 
 @dataclass(frozen=True)
 class PromptStyle:
-    """A built-in style (`BUILT_IN`), or `custom` with its template text: all an adapter needs to record."""
+    """A built-in style (`BUILT_IN`), `custom` with its template text, or `chat_template` with the checkpoint's
+    template: all an adapter needs to record."""
 
     name: str
     template: str | None = None  # custom only: the template as written
+    chat: ChatTemplate | None = None  # chat_template only
 
     def __post_init__(self) -> None:
         """So that a style recorded in an adapter file is checked as it is read back."""
-        if self.name == CUSTOM and self.template is not None:
+        if self.name == CUSTOM and self.template is not None and self.chat is None:
             _template_prompt(self.template, "the prompt template")
-        elif self.name not in BUILT_IN or self.template is not None:
+        elif (self.name == CHAT_TEMPLATE) != (self.chat is not None) or (self.name not in BUILT_IN + (CHAT_TEMPLATE,)
+                                                                        or self.template is not None):
             raise LoraCliError(f"prompt style {self.name!r}{' with a template' if self.template is not None else ''}: "
-                               f"expected one of {', '.join(BUILT_IN)}, or custom with its template")
+                               f"expected one of {', '.join(BUILT_IN)}, custom with its template, or chat_template "
+                               "with the checkpoint's")
 
-    def to_dict(self) -> dict[str, str]:
+    @classmethod
+    def from_dict(cls, recorded: dict[str, Any], source: str) -> PromptStyle:
+        """The style `to_dict` recorded (checked by `metadata.PROMPT_STYLE` first) in `source`, a file."""
+        try:
+            if recorded["name"] == CHAT_TEMPLATE:
+                chat = ChatTemplate(recorded["template"], tuple(recorded.get("special_tokens", ())),
+                                    recorded.get("bos_token"), recorded.get("eos_token"))
+                return cls(CHAT_TEMPLATE, chat=chat)
+            return cls(recorded["name"], recorded.get("template"))
+        except LoraCliError as exc:
+            raise LoraCliError(f"{source}: prompt_style: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
         """As adapter metadata and a PEFT export's lora_cli.json record it (`metadata.PROMPT_STYLE`)."""
+        if self.chat is not None:
+            return {"name": self.name} | self.chat.to_dict()
         return {"name": self.name} | ({"template": self.template} if self.template is not None else {})
 
     @property
     def end_token(self) -> str | None:
         """The control token a response ends with (chat formats); None: the tokenizer's end-of-text."""
-        return _END_TOKENS.get(self.name)
+        return self.chat.end_token if self.chat is not None else _END_TOKENS.get(self.name)
 
     def prompt(self, instruction: str, input_text: str = "") -> tuple[Piece, ...]:
         """The prompt for a new instruction, to generate from: what `format` makes of an alpaca record's."""
@@ -100,6 +119,9 @@ class PromptStyle:
         """The (prompt, response) of `record`; a record this style does not format is a LoraCliError naming it."""
         if self.name == "plain" and isinstance(record, CompletionRecord):
             return Formatted((record.prompt,) if record.prompt else (), (record.completion,), record.where)
+        if self.chat is not None and isinstance(record, (AlpacaRecord, ChatRecord)):
+            prompt, response = self.chat.split(_messages(record), record.where)
+            return Formatted(_specials(prompt), (response,), record.where)
         if self.name in _END_TOKENS and isinstance(record, (AlpacaRecord, ChatRecord)):
             return _chat(self.name, _messages(record), record.where)
         if isinstance(record, AlpacaRecord) and self.name == "alpaca":
@@ -108,7 +130,8 @@ class PromptStyle:
             prompt = _template_prompt(self.template, "the prompt template", record.instruction, record.input)
             return Formatted((prompt,), (record.output,), record.where)
         form = {AlpacaRecord: "alpaca", ChatRecord: "chat", CompletionRecord: "completion"}[type(record)]
-        fits = {"alpaca": "alpaca (or a template file)", "chat": "chat (llama3 or qwen3)", "completion": "plain"}[form]
+        fits = {"alpaca": "alpaca (or a template file)", "chat": "chat (llama3, qwen3 or the checkpoint's chat "
+                "template)", "completion": "plain"}[form]
         raise LoraCliError(f"{record.where}: prompt style {self.name} does not format {form} records; use {fits}")
 
 
@@ -120,10 +143,15 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
     return prompt + "\n\n### Response:\n"
 
 
-def prompt_style(spec: str, family: str | None = None) -> PromptStyle:
-    """The style `spec` names: alpaca, llama3, qwen3, plain, `chat` (the chat style of `family`, a model family
-    name), or else a template file's path."""
+def prompt_style(spec: str, family: str | None = None, tokenizer: Any = None) -> PromptStyle:
+    """The style `spec` names: alpaca, llama3, qwen3, plain, `chat` (the chat template kept beside `tokenizer`'s
+    file, else the built-in chat style of `family`, a model family name), or else a template file's path (a
+    .jinja file or a tokenizer_config.json: a chat template for `tokenizer`)."""
     if spec == "chat":
+        found = find_beside(getattr(tokenizer, "path", None))
+        if found is not None:
+            template, config = found
+            return PromptStyle(CHAT_TEMPLATE, chat=chat_template(template, tokenizer, config))
         if family not in CHAT_STYLES:
             raise LoraCliError(f"prompt style chat: a {family or 'model'} base has no built-in chat format (there is "
                                f"one for {', '.join(CHAT_STYLES)}); use alpaca or a template file")
@@ -136,6 +164,11 @@ def prompt_style(spec: str, family: str | None = None) -> PromptStyle:
     if not path.exists():
         raise LoraCliError(f"unknown prompt style {spec!r}: choose one of {', '.join((*BUILT_IN, 'chat'))}, "
                            "or give a template file")
+    if path.suffix in (".jinja", ".json"):
+        if tokenizer is None:
+            raise LoraCliError(f"prompt style {path}: a chat template needs the model's tokenizer")
+        template, config = read_template_file(path)
+        return PromptStyle(CHAT_TEMPLATE, chat=chat_template(template, tokenizer, config))
     return template_style(read_text(path, "a template file (text with {instruction}, {input}, {output})"), str(path))
 
 
@@ -200,6 +233,11 @@ def _chat(style: str, messages: tuple[tuple[str, str], ...], where: str) -> Form
         prompt += [Special("<|im_start|>"), f"{role}\n{content}", Special("<|im_end|>"), "\n"]
     prompt += [Special("<|im_start|>"), "assistant\n"]
     return Formatted(tuple(prompt), (messages[-1][1],), where)
+
+
+def _specials(pieces: list[str | tuple[str]]) -> tuple[Piece, ...]:
+    """`ChatTemplate` pieces as `Formatted` ones: a special token's 1-tuple as a `Special`."""
+    return tuple(Special(p[0]) if isinstance(p, tuple) else p for p in pieces)
 
 
 def _text(pieces: tuple[Piece, ...]) -> str:

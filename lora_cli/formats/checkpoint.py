@@ -244,7 +244,7 @@ def load_base(path: str | Path, model_config: str | None = None) -> BaseCheckpoi
     elif "model_config" in metadata or metadata.get("format") == BASE_FORMAT:
         checked = read_base_metadata(metadata, str(path))
         if "prompt_style" in checked:
-            style = PromptStyle(checked["prompt_style"]["name"], checked["prompt_style"].get("template"))
+            style = PromptStyle.from_dict(checked["prompt_style"], str(path))
         family = families.get(checked.get("family", families.GPT2))
         cfg, source = family.config_from_dict(checked["model_config"], f"{path}: model_config"), "file metadata"
     else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_cli import __version__
-from lora_cli.data.prompt_styles import BUILT_IN, CUSTOM
+from lora_cli.data.prompt_styles import BUILT_IN, CHAT_TEMPLATE, CUSTOM
 from lora_cli.lora.spec import SCALINGS, scale_problem
 from lora_cli.models import families
 from lora_cli.models.config import MODEL_CONFIG
@@ -69,8 +69,11 @@ CALIBRATION = Obj({"temperature": _Temperature()}, optional={
 
 # a multi-label adapter: "task" is "multi-label" and "thresholds" holds one decision threshold per label
 THRESHOLDS = ListOf(Float(min=0.0, max=1.0), min_len=2)
-# an instruct adapter's data.prompt_styles.PromptStyle: a built-in style's name, or custom with its template
-PROMPT_STYLE = Obj({"name": Str(choices=(*BUILT_IN, CUSTOM))}, optional={"template": Str(nonempty=True)})
+# an instruct adapter's data.prompt_styles.PromptStyle: a built-in style's name, custom with its template, or
+# chat_template with the checkpoint's Jinja2 template and the tokens it writes
+PROMPT_STYLE = Obj({"name": Str(choices=(*BUILT_IN, CUSTOM, CHAT_TEMPLATE))}, optional={
+    "template": Str(nonempty=True), "special_tokens": ListOf(Str(nonempty=True), unique=True),
+    "bos_token": Str(nonempty=True), "eos_token": Str(nonempty=True)})
 
 
 def _task_problem(meta: dict[str, Any]) -> str | None:
@@ -82,8 +85,11 @@ def _task_problem(meta: dict[str, Any]) -> str | None:
         if "prompt_style" not in meta:
             return "an instruct adapter needs its prompt_style"
         style = meta["prompt_style"]
-        if (style["name"] == CUSTOM) != ("template" in style):
-            return "prompt_style: a template goes with the name custom, and only with it"
+        if (style["name"] in (CUSTOM, CHAT_TEMPLATE)) != ("template" in style):
+            return "prompt_style: a template goes with the names custom and chat_template, and only with them"
+        chat_only = [key for key in ("special_tokens", "bos_token", "eos_token") if key in style]
+        if chat_only and style["name"] != CHAT_TEMPLATE:
+            return f"prompt_style: {chat_only[0]} goes with a chat_template only"
         return None
     if "prompt_style" in meta:
         return "prompt_style: only an instruct adapter has one"

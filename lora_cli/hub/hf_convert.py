@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lora_cli.data import chat_template
 from lora_cli.data.paths import tokenizer_path
 from lora_cli.formats.checkpoint import check_state, read_tensors, save_base
 from lora_cli.models import families
@@ -152,8 +153,9 @@ def convert_hf_checkpoint(source: str | Path, out: str | Path, preset: str | Non
     refused (`families.check_preset`; `where` names the source in that message, else its path). A directory's
     tokenizer.json (Llama 3 / Qwen3 families) must fit the vocabulary (`hf_tokenizer.load_tokenizer`). Every
     check is made before anything is written; then `before_save` runs (e.g. a provenance file beside `out`),
-    the tokenizer is copied to `paths.tokenizer_path(out)`, and the base is written last, so a base never
-    lands without the tokenizer it came with.
+    the tokenizer is copied to `paths.tokenizer_path(out)` (its tokenizer_config.json, which holds the chat
+    template, beside it: `chat_template.config_path`), and the base is written last, so a base never lands
+    without the tokenizer it came with.
     """
     from lora_cli.data.hf_tokenizer import load_tokenizer
 
@@ -178,10 +180,16 @@ def convert_hf_checkpoint(source: str | Path, out: str | Path, preset: str | Non
     kept = tokenizer.read_bytes() if tokenizer.is_file() else None
     if kept is not None:
         load_tokenizer(tokenizer, cfg.vocab_size)
+    chat = chat_template.kept_config(tokenizer.parent) if kept is not None else None  # for `--prompt-style chat`
     if before_save is not None:
         before_save()
     if kept is not None:
         write_bytes(tokenizer_path(out), kept)
+    beside = chat_template.config_path(tokenizer_path(out))
+    if chat is not None:
+        write_bytes(beside, chat)
+    else:
+        beside.unlink(missing_ok=True)  # a converted base's earlier template is not this one's
     save_base(out, state, cfg)
     return out, family, cfg
 

@@ -6,7 +6,8 @@ files, SHA-256), and every file is then fetched from that commit, so the files c
 versions. Each download resumes after an interruption (`download.download_file`) and is checked
 against its size and SHA-256 (LFS) or git blob id; a SHA-256 pinned in HUB_MODELS must equal the Hub's.
 The base is converted with the family's `hf_to_native` (`hf_convert`), its tokenizer.json kept beside it
-(`paths.tokenizer_path`) and where it came from recorded in `paths.source_path` (repo, commit, hashes).
+(`paths.tokenizer_path`, with the tokenizer_config.json that holds the chat template where the repository has
+one) and where it came from recorded in `paths.source_path` (repo, commit, hashes).
 
 HF_ENDPOINT (as huggingface_hub reads it) points at a mirror; HF_TOKEN or HUGGING_FACE_HUB_TOKEN is
 sent, as a bearer token, to that host only, never to the CDN the LFS files redirect to.
@@ -34,6 +35,7 @@ ENDPOINT_ENV = "HF_ENDPOINT"
 TOKEN_ENVS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 DEFAULT_ENDPOINT = "https://huggingface.co"
 WEIGHTS, INDEX, CONFIG, TOKENIZER = "model.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json"
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # where there are: the chat template
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def download_hub(name: str, out: str | Path | None = None, revision: str | None 
 
     fetched = [fetch(CONFIG)]
     _check_config(name, fetched[0], f"{model.repo}@{commit}", workdir)  # before gigabytes of another model
-    fetched += [fetch(f) for f in (TOKENIZER, *weights)]
+    fetched += [fetch(f) for f in (TOKENIZER, *(f for f in CHAT_FILES if f in files), *weights)]
     if weights == [INDEX]:
         from lora_cli.hub.hf_convert import shard_names
 

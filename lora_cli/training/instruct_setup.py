@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,9 +61,10 @@ def instruction_files(cfg: TrainConfig) -> tuple[InstructionData, InstructionDat
             f"the validation part (the last 5%) of {path}")
 
 
-def style_for(cfg: TrainConfig, form: str, family: str) -> PromptStyle:
-    """--prompt-style, else the default of the data's form and the base's family."""
-    return prompt_style(cfg.prompt_style or default_prompt_style(form, family), family)
+def style_for(cfg: TrainConfig, form: str, family: str, tokenizer: Any = None) -> PromptStyle:
+    """--prompt-style, else the default of the data's form and the base's family (`chat`: the checkpoint's chat
+    template kept beside `tokenizer`, else the built-in one)."""
+    return prompt_style(cfg.prompt_style or default_prompt_style(form, family), family, tokenizer)
 
 
 def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.SINGLE) -> Setup:
@@ -75,12 +77,12 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
     if train_data.form != val_data.form:
         raise LoraCliError(f"{train_data.path} holds {train_data.form} records and {val_data.path} {val_data.form} "
                            "ones; training and validation need one form")
-    style = style_for(cfg, train_data.form, base.family.name)
     context = base.config.context_length
     if cfg.max_length is not None and cfg.max_length > context:
         raise LoraCliError(f"--max-length {cfg.max_length} is longer than the model's context ({context} tokens)")
     max_length = cfg.max_length or min(BOOK_CONTEXT, context)
     tokenizer = tokenizer_for(base.family, base.config.vocab_size, cfg.bpe_dir, cfg.tokenizer, base.path)
+    style = style_for(cfg, train_data.form, base.family.name, tokenizer)
     train, val = (encode_records(d, style, tokenizer, max_length, cfg.mask_prompt) for d in (train_data, val_data))
     for data, encoded in ((train_data, train), (val_data, val)):
         if encoded.truncated:

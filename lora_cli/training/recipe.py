@@ -98,10 +98,12 @@ class TrainConfig:
                        "/ positives). Instruct data: a JSON or JSONL file of alpaca, chat or completion records "
                        "(--data FILE: the book's 85/10/5 split in file order), or a directory of train.json and "
                        "validation.json (lora-cli data instruction).", Str(choices=TASKS), "data")
-    prompt_style: str | None = option(None, "Instruct: alpaca (the book's prompt), chat (the model's chat format: "
-                                      "llama3 or qwen3), llama3, qwen3, plain (completion records), or a template "
-                                      "file with {instruction}, {input}, {output}. [alpaca for GPT-2, chat for Llama 3 "
-                                      "and Qwen3, plain for completions]", Nullable(Str(nonempty=True)), "data")
+    prompt_style: str | None = option(None, "Instruct: alpaca (the book's prompt), chat (the checkpoint's chat "
+                                      "template beside its tokenizer, else the built-in llama3 or qwen3), llama3, "
+                                      "qwen3, plain (completion records), or a template file: .jinja, a "
+                                      "tokenizer_config.json, or text with {instruction}, {input}, {output}. [alpaca "
+                                      "for GPT-2, chat for Llama 3 and Qwen3, plain for completions]",
+                                      Nullable(Str(nonempty=True)), "data")
     mask_prompt: bool = option(True, "Instruct: train on the response's tokens only; --no-mask-prompt trains on the "
                                "whole sequence, as the book's main chapter does (padding is never a target).",
                                Bool(), "data")
