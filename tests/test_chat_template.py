@@ -18,7 +18,7 @@ from lora_cli.data.chat_template import chat_template, kept_config
 from lora_cli.data.hf_tokenizer import load_tokenizer
 from lora_cli.data.instruction_batches import encode_examples, encode_prompt, end_token_id
 from lora_cli.data.instruction_data import ChatRecord, read_instruction_data
-from lora_cli.data.prompt_styles import PromptStyle, prompt_style
+from lora_cli.data.prompt_styles import PromptStyle, Special, prompt_style
 from lora_cli.formats.checkpoint import init_checkpoint, save_base
 from lora_cli.formats.metadata import EXPORTED_TASK
 from lora_cli.models import llama3
@@ -232,6 +232,24 @@ def test_the_adapter_records_the_template_and_generate_needs_no_files(tmp_path: 
     assert gen.prompt("Say cat.") == expected and gen.stop_ids == [gen.tokenizer.special_id("<|eot_id|>")]
     (answer,) = gen.answer(["Say cat."], max_new_tokens=2)
     assert len(answer.token_ids) <= 2
+    # generate --file with chats: up to a user message; a last assistant message is left out
+    chats = [[("user", "Say cat.")],
+             [("system", "Be kind."), ("user", "Hi"), ("assistant", "Hello"), ("user", "Name a color.")],
+             [("user", "Name a color."), ("assistant", "ignored")]]
+    _write(tmp_path / "ask.jsonl", [{"messages": [{"role": r, "content": c} for r, c in chat]} for chat in chats])
+    r = CliRunner().invoke(app, ["generate", "--adapter", str(tmp_path / "run"), "--file", str(tmp_path / "ask.jsonl"),
+                                 "--max-new-tokens", "3", "--json", "--batch-size", "2"])
+    assert r.exit_code == 0, r.output
+    answers = json.loads(r.stdout)
+    assert [a["messages"][-1]["content"] for a in answers] == ["Say cat.", "Name a color.", "ignored"]
+    expected_prompts = [style_of("header", tokenizer_file).chat.prompt(chat, "x") for chat in
+                        (chats[0], chats[1], chats[2][:1])]
+    records = read_instruction_data(tmp_path / "ask.jsonl", require_output=False).records
+    assert [list(gen.record_prompt(rec)) for rec in records] == [
+        [p if isinstance(p, str) else Special(p[0]) for p in prompt] for prompt in expected_prompts]
+    alone = [gen.generate_ids([encode_prompt(gen.record_prompt(rec), gen.tokenizer)], 3)[0] for rec in records]
+    assert [a["tokens"] for a in answers] == [len(ids) for ids in alone]
+    assert [a["text"] for a in answers] == [gen.decode(ids) for ids in alone]
     # recorded styles are checked as they are read back
     recorded = adapter.prompt_style.to_dict()
     assert PromptStyle.from_dict(recorded, "x") == adapter.prompt_style

@@ -24,6 +24,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, micro_checkpoint: Path) -> Path
     from lora_cli.formats.checkpoint import load_base
 
     ws = tmp_path_factory.mktemp("gen")
+    (ws / "micro.safetensors").symlink_to(micro_checkpoint)
     (ws / "data.json").write_text(json.dumps(RECORDS), encoding="utf-8")
     train(model=str(micro_checkpoint), data=str(ws / "data.json"), task="instruct", epochs=1, batch_size=4, lr=1e-3,
           out=ws / "runs" / "instruct", echo=lambda _: None)
@@ -82,6 +83,18 @@ def test_file_batched_equals_one_by_one(ws: Path) -> None:
     plain = gen(ws, "--adapter", "runs/instruct", "--file", "prompts.jsonl", "--max-new-tokens", "12")
     assert plain.returncode == 0 and plain.stdout.startswith("[1] Say hello.\n" + batched[0]["text"] + "\n\n[2] ")
     assert "5 answers" in plain.stderr
+
+
+def test_completion_records_are_answered_as_their_prompts(ws: Path) -> None:
+    rows = [{"prompt": "Once upon a time", "completion": "ignored"}, {"prompt": "The sea is"}]
+    (ws / "completions.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    base = ("--model", "micro.safetensors", "--prompt-style", "plain", "--max-new-tokens", "5", "--json")
+    r = gen(ws, *base, "--file", "completions.jsonl")
+    assert r.returncode == 0, r.stderr
+    answers = json.loads(r.stdout)
+    assert [a["prompt"] for a in answers] == ["Once upon a time", "The sea is"]
+    for row, answer in zip(rows, answers):
+        assert json.loads(gen(ws, *base, row["prompt"]).stdout)["text"] == answer["text"]
 
 
 def test_base_model_alone_is_plain_greedy_decoding(ws: Path, micro_checkpoint: Path) -> None:
@@ -188,7 +201,11 @@ ERRORS = {
     "file-missing-instruction": (("--adapter", "runs/instruct", "--file", "bad-missing.jsonl", "--out", "a.json"),
                                  "bad-missing.jsonl, record 2 (line 2): no 'instruction' field"),
     "file-chat": (("--adapter", "runs/instruct", "--file", "bad-chat.jsonl"),
-                  "record 1 (line 1): a record in chat form, but the form asked for is alpaca"),
+                  "bad-chat.jsonl, record 1 (line 1): prompt style alpaca does not format chat records"),
+    "file-text": (("--model", "micro.safetensors", "--prompt-style", "plain", "--file", "bad-text.jsonl"),
+                  "bad-text.jsonl, record 1 (line 1): a {\"text\"} record has no prompt to answer"),
+    "file-chat-no-user": (("--adapter", "runs/instruct", "--file", "bad-system.jsonl"),
+                          "bad-system.jsonl, record 1 (line 1): the chat has no user message to answer"),
     "file-long-record": (("--adapter", "runs/instruct", "--file", "bad-long.jsonl", "--out", "a.json"),
                          "bad-long.jsonl, record 2 (line 2): its prompt is"),
     "file-input-number": (("--adapter", "runs/instruct", "--file", "bad-input.jsonl"), "'input' must be a string"),
@@ -200,7 +217,8 @@ def test_bad_input_is_one_clear_error(ws: Path, case: str) -> None:
     bad = {"bad-missing.jsonl": [{"instruction": "Hi."}, {"input": "x"}],
            "bad-chat.jsonl": [{"messages": [{"role": "user", "content": "Hi."}]}],
            "bad-long.jsonl": [{"instruction": "Hi."}, {"instruction": "Summarize.", "input": LONG}],
-           "bad-input.jsonl": [{"instruction": "Hi.", "input": 3}]}
+           "bad-input.jsonl": [{"instruction": "Hi.", "input": 3}], "bad-text.jsonl": [{"text": "Hi."}],
+           "bad-system.jsonl": [{"messages": [{"role": "system", "content": "Be brief."}]}]}
     for name, rows in bad.items():
         (ws / name).write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     args, message = ERRORS[case]

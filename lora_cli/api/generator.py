@@ -27,6 +27,7 @@ from lora_cli.adapters.merge import fold_lora
 from lora_cli.api.classifier import base_for
 from lora_cli.data.hf_tokenizer import tokenizer_for
 from lora_cli.data.instruction_batches import encode_prompt, end_token_id
+from lora_cli.data.instruction_data import AlpacaRecord, ChatRecord, Record
 from lora_cli.data.paths import resolve_model
 from lora_cli.data.prompt_styles import Piece, PromptStyle, default_prompt_style, prompt_style
 from lora_cli.evaluation.generation import check_sampling, generate
@@ -155,6 +156,21 @@ class Generator:
     def prompt_ids(self, instruction: str, input_text: str = "") -> list[int]:
         return encode_prompt(self.prompt(instruction, input_text), self.tokenizer)
 
+    def record_prompt(self, record: Record) -> tuple[Piece, ...]:
+        """The prompt training built for `record` (an alpaca, chat or completion record), its response left out:
+        what an answer to it continues. A style that does not format the record's form is a LoraCliError."""
+        if isinstance(record, AlpacaRecord):
+            return self.prompt(record.instruction, record.input)
+        prompt = self.style.format(record).prompt
+        if not prompt:
+            raise LoraCliError(f"{record.where}: a {{\"text\"}} record has no prompt to answer; give "
+                               "{\"prompt\", \"completion\"} records")
+        return prompt
+
+    def record_prompt_ids(self, record: Record) -> list[int]:
+        """The ids of `record_prompt`, if they leave room in the model's context for an answer."""
+        return self._fitting(record.where, encode_prompt(self.record_prompt(record), self.tokenizer))
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
@@ -183,11 +199,33 @@ class Generator:
         inputs = list(inputs) if inputs is not None else [""] * len(instructions)
         if len(inputs) != len(instructions):
             raise LoraCliError(f"{len(instructions)} instructions and {len(inputs)} inputs; give one input each")
+        names = list(names) if names is not None else [f"instruction {i + 1}" for i in range(len(instructions))]
+        for name, instruction in zip(names, instructions):
+            if not isinstance(instruction, str) or not instruction.strip():
+                raise LoraCliError(f"{name} is empty: there is nothing to answer")
+        prompts = [self._fitting(name, self.prompt_ids(i, x)) for name, i, x in zip(names, instructions, inputs)]
+        return self._answer(prompts, list(instructions), max_new_tokens, batch_size, temperature, top_k, top_p, seed,
+                            on_token, on_answer)
+
+    def answer_records(self, records: Sequence[Record], max_new_tokens: int = 256, *, batch_size: int = 8,
+                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                       seed: int | None = None, on_token: Callable[[int, int], None] | None = None,
+                       on_answer: Callable[[int, Answer], None] | None = None) -> list[Answer]:
+        """`answer` for instruction records of any form (`data.instruction_data.read_instruction_data`): each
+        continues the prompt training built for it (`record_prompt`), a chat's earlier turns included."""
+        prompts = [self.record_prompt_ids(r) for r in records]
+        return self._answer(prompts, [_shown(r) for r in records], max_new_tokens, batch_size, temperature, top_k,
+                            top_p, seed, on_token, on_answer)
+
+    def _answer(self, prompts: list[list[int]], shown: list[str], max_new_tokens: int, batch_size: int,
+                temperature: float, top_k: int | None, top_p: float | None, seed: int | None,
+                on_token: Callable[[int, int], None] | None,
+                on_answer: Callable[[int, Answer], None] | None) -> list[Answer]:
+        """Answers to prompt ids that fit the context, `batch_size` at a time; `shown` is what each answers
+        (`Answer.prompt`). The batch size and sampling are checked before the first token."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise LoraCliError(f"`batch_size` must be a whole number of 1 or more, got {batch_size!r}", "batch_size")
         check_sampling(max_new_tokens, temperature, top_k, top_p)
-        names = list(names) if names is not None else [f"instruction {i + 1}" for i in range(len(instructions))]
-        prompts = [self._checked_prompt(name, i, x) for name, i, x in zip(names, instructions, inputs)]
         out: list[Answer] = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
@@ -198,21 +236,17 @@ class Generator:
             seconds = time.perf_counter() - began
             for row, new in enumerate(ids):
                 i = start + row
-                out.append(Answer(instructions[i], self.decode(new), new,
+                out.append(Answer(shown[i], self.decode(new), new,
                                   self._why_stopped(len(prompts[i]), len(new), max_new_tokens), seconds))
                 if on_answer is not None:
                     on_answer(i, out[-1])
         return out
 
-    def _checked_prompt(self, name: str, instruction: str, input_text: str) -> list[int]:
-        """The prompt's ids, if the instruction says something and the prompt leaves room for an answer."""
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise LoraCliError(f"{name} is empty: there is nothing to answer")
-        ids = self.prompt_ids(instruction, input_text)
+    def _fitting(self, name: str, ids: list[int]) -> list[int]:
+        """A prompt's ids, if they leave room in the context for an answer."""
         if len(ids) >= self.context_length:
             raise LoraCliError(f"{name}: its prompt is {len(ids)} tokens, and the model's context is "
-                               f"{self.context_length}: shorten the instruction or its input to leave room for an "
-                               "answer")
+                               f"{self.context_length}: shorten it to leave room for an answer")
         return ids
 
     def _why_stopped(self, prompt_len: int, new: int, max_new_tokens: int) -> str:
@@ -221,3 +255,12 @@ class Generator:
         if prompt_len + new >= self.context_length:
             return "context"
         return "end"
+
+
+def _shown(record: Record) -> str:
+    """What a record asks, as an `Answer` shows it: the instruction, the last user message, or the prompt."""
+    if isinstance(record, AlpacaRecord):
+        return record.instruction
+    if isinstance(record, ChatRecord):
+        return next(content for role, content in reversed(record.messages) if role == "user")
+    return record.prompt

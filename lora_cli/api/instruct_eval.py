@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from lora_cli.api.generator import Generator
-from lora_cli.data.instruction_batches import encode_prompt
 from lora_cli.data.instruction_data import SPLITS, InstructionData, Record, read_instruction_data, split_file
 from lora_cli.evaluation.instruction import (
     Judge, JudgeScores, encode_records, judge_answers, match_rates, reference, token_metrics, token_totals,
@@ -116,7 +115,7 @@ def evaluate_instructions(generator: Generator, records: InstructionData | Seque
     if encoded.truncated:
         say(f"warning: {encoded.truncated} of {len(items)} records are longer than {length} tokens; the loss reads "
             "the part that fits")
-    prompts = [_prompt_ids(generator, r) for r in items]
+    prompts = [generator.record_prompt_ids(r) for r in items]
     if judge is not None:
         judge.check()
     metrics = token_metrics(*token_totals(generator.model, encoded, batch_size, device, precision).tolist())
@@ -150,15 +149,3 @@ def _max_length(generator: Generator, requested: int | None) -> int:
     recorded = generator.adapter.training_config.get("max_length") if generator.adapter is not None else None
     return min(int(recorded or context), context)
 
-
-def _prompt_ids(generator: Generator, record: Record) -> list[int]:
-    """The ids of the prompt training built for `record` (`PromptStyle.format`), which the answer continues."""
-    prompt = generator.style.format(record).prompt
-    if not prompt:
-        raise LoraCliError(f"{record.where}: a {{\"text\"}} record has no prompt to answer; evaluate "
-                           "{\"prompt\", \"completion\"} records")
-    ids = encode_prompt(prompt, generator.tokenizer)
-    if len(ids) >= generator.context_length:
-        raise LoraCliError(f"{record.where}: the prompt is {len(ids)} tokens, and the model's context "
-                           f"{generator.context_length}: there is no room for an answer")
-    return ids

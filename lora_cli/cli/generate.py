@@ -26,8 +26,9 @@ def generate(
         help="Instruct adapter: a run directory, adapter file or training checkpoint. [none: --model alone]")] = None,
     input_text: Annotated[Optional[str], typer.Option("--input", help="The instruction's input, if it has one.")] = None,
     file: Annotated[Optional[Path], typer.Option(
-        help="Many prompts: a JSON list or JSONL of records with `instruction` and an optional `input` (an "
-             "`output` is ignored), answered in batches.")] = None,
+        help="Many prompts: a JSON list or JSONL of records, answered in batches: alpaca (`instruction`, an optional "
+             "`input`), chat (`messages` up to a user message) or completion (`prompt`) records; a response in "
+             "them (`output`, a last assistant message, `completion`) is ignored.")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="With --file: write the records with each answer as `model_response` (JSON), as the book's "
              "instruction-data-with-response.json.")] = None,
@@ -93,15 +94,12 @@ def generate(
     if file is not None:
         from lora_cli.data.instruction_data import read_instruction_data
 
-        records = read_instruction_data(file, "alpaca", require_output=False).records
-        instructions, inputs = [r.instruction for r in records], [r.input for r in records]
-        names = [r.where for r in records]
+        records = read_instruction_data(file, require_output=False).records
         if out is not None:
             check_output(out, overwrite)
     else:
-        instructions, inputs = [_utf8_argument(instruction)], [_utf8_argument(input_text or "")]
-        names = ["the instruction"]
-        if not instructions[0].strip():
+        instruction, input_text = _utf8_argument(instruction), _utf8_argument(input_text or "")
+        if not instruction.strip():
             raise LoraCliError("the instruction is empty: there is nothing to answer")
 
     from lora_cli.api.generator import Generator
@@ -110,13 +108,13 @@ def generate(
                          device=device, style=prompt_style, force=force, precision=precision)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     if file is None:
-        answer = _one(gen, instructions[0], inputs[0], max_new_tokens, sampling, names, stream=not as_json)
+        answer = _one(gen, instruction, input_text, max_new_tokens, sampling, stream=not as_json)
         if as_json:
-            print_json(_row(instructions[0], inputs[0], answer))
+            print_json({"instruction": instruction, "input": input_text} | _fields(answer))
         return
-    echo(f"answering {len(instructions)} instructions of {file}, {batch_size} at a time")
-    answers = gen.answer(instructions, inputs, max_new_tokens, batch_size=batch_size, names=names,
-                         on_answer=_progress(len(instructions), batch_size), **sampling)
+    echo(f"answering {len(records)} records of {file}, {batch_size} at a time")
+    answers = gen.answer_records(records, max_new_tokens, batch_size=batch_size,
+                                 on_answer=_progress(len(records), batch_size), **sampling)
     tokens = sum(len(a.token_ids) for a in answers)
     seconds = sum(answers[i].seconds for i in range(0, len(answers), batch_size))
     if out is not None:
@@ -127,15 +125,16 @@ def generate(
     echo(f"{len(answers)} answers, {tokens:,} new tokens in {seconds:.1f}s ({tokens / seconds if seconds else 0:.1f} "
          "new tokens/s)" + (f"; wrote {out}" if out is not None else ""))
     if as_json:
-        print_json([_row(i, x, a) for i, x, a in zip(instructions, inputs, answers)])
+        print_json([_asked(r) | _fields(a) for r, a in zip(records, answers)])
     elif out is None:
-        for number, (text, a) in enumerate(zip(instructions, answers), start=1):
-            typer.echo(f"[{number}] {text}\n{a.text}\n")
+        for number, a in enumerate(answers, start=1):
+            typer.echo(f"[{number}] {a.prompt}\n{a.text}\n")
 
 
 def _one(gen: Any, instruction: str, input_text: str, max_new_tokens: int, sampling: dict[str, Any],
-         names: list[str], stream: bool) -> Any:
+         stream: bool) -> Any:
     """One answer; streamed to stdout as its tokens come (the text decoded so far, its new end each time)."""
+    names = ["the instruction"]
     if not stream:
         return gen.answer([instruction], [input_text], max_new_tokens, names=names, **sampling)[0]
     from lora_cli.api.generator import TextStream
@@ -165,8 +164,17 @@ def _progress(total: int, batch_size: int) -> Callable[[int, Any], None]:
     return seen
 
 
-def _row(instruction: str, input_text: str, answer: Any) -> dict[str, Any]:
+def _asked(record: Any) -> dict[str, Any]:
+    """--json: what a --file record asks (its response left out)."""
+    from lora_cli.data.instruction_data import AlpacaRecord
+
+    if isinstance(record, AlpacaRecord):
+        return {"instruction": record.instruction, "input": record.input}
+    key = "messages" if "messages" in record.raw else "prompt"
+    return {key: record.raw[key]}
+
+
+def _fields(answer: Any) -> dict[str, Any]:
     """--json: one answer."""
-    return {"instruction": instruction, "input": input_text, "text": answer.text, "tokens": len(answer.token_ids),
-            "stopped": answer.stopped, "seconds": round(answer.seconds, 4),
-            "tokens_per_second": round(answer.tokens_per_second, 2)}
+    return {"text": answer.text, "tokens": len(answer.token_ids), "stopped": answer.stopped,
+            "seconds": round(answer.seconds, 4), "tokens_per_second": round(answer.tokens_per_second, 2)}

@@ -75,8 +75,9 @@ class InstructionData:
 def read_instruction_data(path: str | Path, form: str | None = None, *, require_output: bool = True) -> InstructionData:
     """Every record of `path`, checked; `form` (alpaca, chat, completion) overrides detection from the first record.
 
-    `require_output=False` reads prompts to answer (`lora-cli generate --file`): an alpaca record's `output` may
-    be missing, and is ignored (read as "") where it is there.
+    `require_output=False` reads prompts to answer (`lora-cli generate --file`): a response may be missing, and is
+    ignored (read as "") where it is there: an alpaca record's `output`, a completion's `completion`, a chat's last
+    assistant message (a chat may end with the user's).
 
     A record that does not fit is one LoraCliError naming the file, the record and its line.
     """
@@ -105,7 +106,7 @@ def read_instruction_data(path: str | Path, form: str | None = None, *, require_
             form = found
         elif found is not None and found != form:
             raise LoraCliError(f"{where}: a record in {found} form, but {named} is {form}; one file holds one form")
-        records.append(_alpaca(obj, where, require_output) if form == "alpaca" else _READERS[form](obj, where))
+        records.append(_READERS[form](obj, where, require_output))
     assert form is not None  # rows is not empty
     return InstructionData(path, form, records)
 
@@ -252,17 +253,19 @@ def _alpaca(obj: dict[str, Any], where: str, require_output: bool = True) -> Alp
                         output=_text(obj, "output", where) if require_output else "")
 
 
-def _completion(obj: dict[str, Any], where: str) -> CompletionRecord:
+def _completion(obj: dict[str, Any], where: str, require_output: bool = True) -> CompletionRecord:
     if "text" in obj and ("prompt" in obj or "completion" in obj):
         raise LoraCliError(f"{where}: both 'text' and 'prompt'/'completion'; give one: text (all of it trained on) "
                            "or prompt and completion (the completion trained on)")
     if "text" in obj:
+        if not require_output:
+            raise LoraCliError(f"{where}: a {{\"text\"}} record has no prompt to answer; give {{\"prompt\"}} records")
         return CompletionRecord(raw=obj, where=where, prompt="", completion=_text(obj, "text", where))
     return CompletionRecord(raw=obj, where=where, prompt=_text(obj, "prompt", where),
-                            completion=_text(obj, "completion", where))
+                            completion=_text(obj, "completion", where) if require_output else "")
 
 
-def _chat(obj: dict[str, Any], where: str) -> ChatRecord:
+def _chat(obj: dict[str, Any], where: str, require_output: bool = True) -> ChatRecord:
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         got = "nothing" if "messages" not in obj else "an empty list" if messages == [] else _json_type(messages)
@@ -284,6 +287,11 @@ def _chat(obj: dict[str, Any], where: str) -> ChatRecord:
         if not content.strip():
             raise LoraCliError(f"{at}: {'empty response' if role == 'assistant' else 'empty ' + role + ' message'}")
         out.append((role, content))
+    if not require_output:  # a prompt to answer: the chat up to its last user message, and an empty answer
+        out = out[:-1] if out[-1][0] == "assistant" else out
+        if out[-1][0] != "user":
+            raise LoraCliError(f"{where}: the chat has no user message to answer")
+        return ChatRecord(raw=obj, where=where, messages=(*out, ("assistant", "")))
     if out[-1][0] != "assistant":
         raise LoraCliError(f"{where}: the chat ends with a {out[-1][0]} message; it must end with the assistant's "
                            "response, which is what is trained on")
