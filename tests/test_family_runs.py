@@ -25,7 +25,7 @@ FAMILIES = {"llama3": "llama3-tiny", "qwen3": "qwen3-tiny"}
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory, sms_file: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("family-runs")
-    write_task(root / "train.csv", 640, seed=21)
+    write_task(root / "train.csv", 320, seed=21)
     write_task(root / "val.csv", 64, seed=22)
     paths = {"root": root, "tokenizer": make_tokenizer_json(root / "tokenizer.json", sms_file)}
     for family, preset in FAMILIES.items():
@@ -44,7 +44,7 @@ def train_args(setup: dict[str, Path], family: str, out: Path, *extra: str) -> l
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_sigkill_then_resume_is_bit_identical(setup: dict[str, Path], family: str, tmp_path: Path) -> None:
-    args = ("--epochs", "2", "--checkpoint-every", "5", "--keep-checkpoints", "2")  # 2 x 80 = 160 steps
+    args = ("--epochs", "2", "--checkpoint-every", "5", "--keep-checkpoints", "2")  # 2 x 40 = 80 steps
     reference = run_cli(*train_args(setup, family, tmp_path / "reference", *args))
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "run"

@@ -22,14 +22,14 @@ TIMING = {"epoch_seconds", "examples_per_second"}
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("resume-task")
-    write_task(root / "train.csv", 640, seed=11)
+    write_task(root / "train.csv", 320, seed=11)
     write_task(root / "val.csv", 64, seed=12)
     return root
 
 
 def train_args(task: Path, ckpt: Path, out: Path) -> list[str]:
     return ["train", "--model", str(ckpt), "--train", str(task / "train.csv"), "--val", str(task / "val.csv"),
-            "--rank", "4", "--epochs", "4", "--batch-size", "8", "--seed", "5", "--device", "cpu",
+            "--rank", "4", "--epochs", "2", "--batch-size", "8", "--seed", "5", "--device", "cpu",
             "--checkpoint-every", "7", "--keep-checkpoints", "2", "--grad-clip", "1.0", "--out", str(out), "--quiet"]
 
 
@@ -80,7 +80,7 @@ def reference(task: Path, micro_checkpoint: Path, tmp_path_factory: pytest.TempP
 
 
 def test_sigkill_then_resume_is_bit_identical(task: Path, micro_checkpoint: Path, reference: Path, tmp_path: Path) -> None:
-    kill_after = random.Random().randint(8, 250)  # any step past the first checkpoint (steps: 4 x 80 = 320)
+    kill_after = random.Random().randint(8, 50)  # past the first checkpoint, either epoch (steps: 2 x 40 = 80)
     out = tmp_path / "run"
     proc = start(train_args(task, micro_checkpoint, out))
     wait_for_step(proc, out, kill_after)
