@@ -29,7 +29,8 @@ from lora_cli.data.hf_tokenizer import tokenizer_for
 from lora_cli.data.instruction_batches import encode_prompt, end_token_id
 from lora_cli.data.instruction_data import AlpacaRecord, ChatRecord, Record
 from lora_cli.data.paths import resolve_model
-from lora_cli.data.prompt_styles import Piece, PromptStyle, default_prompt_style, prompt_style
+from lora_cli.data.prompt_pieces import Piece
+from lora_cli.data.prompt_styles import PromptStyle, default_prompt_style, prompt_style
 from lora_cli.evaluation.generation import check_sampling, generate
 from lora_cli.formats.checkpoint import BaseCheckpoint, load_base
 from lora_cli.runtime.device import resolve_device

@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from lora_cli.data.prompt_pieces import Piece, Special
 from lora_cli.util.errors import LoraCliError
 from lora_cli.util.fileio import read_json_object
 
@@ -54,9 +55,8 @@ class ChatTemplate:
         answer = full[len(prompt):].rstrip()
         return next((t for t in sorted(self.special_tokens, key=len, reverse=True) if answer.endswith(t)), None)
 
-    def split(self, messages: Sequence[tuple[str, str]], where: str) -> tuple[list[str | tuple[str]], str]:
-        """(the prompt's pieces, the response's text) of a chat whose last message is the assistant's; a special
-        token is a 1-tuple (`prompt_styles` makes it a `Special`)."""
+    def split(self, messages: Sequence[tuple[str, str]], where: str) -> tuple[list[Piece], str]:
+        """(the prompt's pieces, the response's text) of a chat whose last message is the assistant's."""
         prompt, full = self._halves(messages, where)
         response = full[len(prompt):].rstrip()
         if self.end_token is not None:
@@ -65,11 +65,11 @@ class ChatTemplate:
                                    "it does other answers")
             response = response[:-len(self.end_token)]
         pieces = self._pieces(response)
-        if any(isinstance(p, tuple) for p in pieces):
+        if any(isinstance(p, Special) for p in pieces):
             raise LoraCliError(f"{where}: the chat template writes a control token inside the answer")
         return self._pieces(prompt), "".join(p for p in pieces if isinstance(p, str))
 
-    def prompt(self, messages: Sequence[tuple[str, str]], where: str) -> list[str | tuple[str]]:
+    def prompt(self, messages: Sequence[tuple[str, str]], where: str) -> list[Piece]:
         """The pieces of a chat whose last message is the user's, with the generation prompt: to answer it."""
         return self._pieces(self.render(messages, True, where))
 
@@ -105,17 +105,17 @@ class ChatTemplate:
             text = text.replace(token, _PLACEHOLDER.format(number))
         return text
 
-    def _pieces(self, text: str) -> list[str | tuple[str]]:
+    def _pieces(self, text: str) -> list[Piece]:
         """`text` cut at the special tokens, placeholders turned back into the spelling they stood for."""
         if not self.special_tokens:
             parts: list[str] = [text]
         else:
             parts = re.split("(" + "|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))) + ")",
                              text)
-        out: list[str | tuple[str]] = []
+        out: list[Piece] = []
         for i, part in enumerate(parts):
             if i % 2:
-                out.append((part,))
+                out.append(Special(part))
             elif part:
                 out.append(_PLACEHOLDER_RE.sub(lambda m: self.special_tokens[int(m.group(1))], part))
         return out

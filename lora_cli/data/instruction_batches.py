@@ -13,7 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from lora_cli.data.prompt_styles import Formatted, Piece, PromptStyle, Special
+from lora_cli.data.prompt_pieces import Piece, Special
+from lora_cli.data.prompt_styles import Formatted, PromptStyle
 from lora_cli.data.tokenizer import PAD_TOKEN_ID
 from lora_cli.util.errors import LoraCliError
 

@@ -13,8 +13,8 @@ loss; the end-of-text (or end-of-turn) token is appended when encoding (`instruc
 - `chat_template`: the checkpoint's own Jinja2 template (`chat_template.ChatTemplate`), which `chat` picks
   where the tokenizer in use has one beside it (tokenizer_config.json); chat and alpaca records.
 - `plain`: completion records as they are: the prompt, then the completion.
-- a template file: a .jinja chat template, or a tokenizer_config.json (its `chat_template`); else a Python format string over `{instruction}`, `{input}` and `{output}` (`{{`, `}}` for
-  literal braces), for alpaca records. `{output}` comes once and last: the prompt is the text before it;
+- a template file: a .jinja chat template, or a tokenizer_config.json (its `chat_template`); else a Python
+  format string over `{instruction}`, `{input}` and `{output}` (`{{`, `}}` for literal braces), for alpaca records. `{output}` comes once and last: the prompt is the text before it;
   only white space may follow it, and is dropped. `{input}` is replaced by the record's input, "" if none.
 """
 
@@ -23,11 +23,12 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from lora_cli.data.chat_template import ChatTemplate, chat_template, find_beside, read_template_file
 from lora_cli.data.classification import read_text
 from lora_cli.data.instruction_data import AlpacaRecord, ChatRecord, CompletionRecord, Record
+from lora_cli.data.prompt_pieces import Piece, Special
 from lora_cli.util.errors import LoraCliError
 
 CUSTOM = "custom"
@@ -38,17 +39,6 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
 _END_TOKENS = {"llama3": "<|eot_id|>", "qwen3": "<|im_end|>"}
 _FIELDS = ("instruction", "input", "output")
-
-
-@dataclass(frozen=True)
-class Special:
-    """A chat format's control token (`<|eot_id|>`): encoded as its id, never as text, so a message that
-    spells one stays ordinary text."""
-
-    token: str
-
-
-Piece = Union[str, Special]
 
 
 @dataclass(frozen=True)
@@ -79,10 +69,12 @@ class PromptStyle:
 
     def __post_init__(self) -> None:
         """So that a style recorded in an adapter file is checked as it is read back."""
-        if self.name == CUSTOM and self.template is not None and self.chat is None:
-            _template_prompt(self.template, "the prompt template")
-        elif (self.name == CHAT_TEMPLATE) != (self.chat is not None) or (self.name not in BUILT_IN + (CHAT_TEMPLATE,)
-                                                                        or self.template is not None):
+        fits = {CUSTOM: (True, False), CHAT_TEMPLATE: (False, True)}.get(self.name, (False, False))
+        if (self.name in BUILT_IN or self.name in (CUSTOM, CHAT_TEMPLATE)) and \
+                fits == (self.template is not None, self.chat is not None):
+            if self.template is not None:
+                _template_prompt(self.template, "the prompt template")
+        else:
             raise LoraCliError(f"prompt style {self.name!r}{' with a template' if self.template is not None else ''}: "
                                f"expected one of {', '.join(BUILT_IN)}, custom with its template, or chat_template "
                                "with the checkpoint's")
@@ -121,7 +113,7 @@ class PromptStyle:
             return Formatted((record.prompt,) if record.prompt else (), (record.completion,), record.where)
         if self.chat is not None and isinstance(record, (AlpacaRecord, ChatRecord)):
             prompt, response = self.chat.split(_messages(record), record.where)
-            return Formatted(_specials(prompt), (response,), record.where)
+            return Formatted(tuple(prompt), (response,), record.where)
         if self.name in _END_TOKENS and isinstance(record, (AlpacaRecord, ChatRecord)):
             return _chat(self.name, _messages(record), record.where)
         if isinstance(record, AlpacaRecord) and self.name == "alpaca":
@@ -233,11 +225,6 @@ def _chat(style: str, messages: tuple[tuple[str, str], ...], where: str) -> Form
         prompt += [Special("<|im_start|>"), f"{role}\n{content}", Special("<|im_end|>"), "\n"]
     prompt += [Special("<|im_start|>"), "assistant\n"]
     return Formatted(tuple(prompt), (messages[-1][1],), where)
-
-
-def _specials(pieces: list[str | tuple[str]]) -> tuple[Piece, ...]:
-    """`ChatTemplate` pieces as `Formatted` ones: a special token's 1-tuple as a `Special`."""
-    return tuple(Special(p[0]) if isinstance(p, tuple) else p for p in pieces)
 
 
 def _text(pieces: tuple[Piece, ...]) -> str:
