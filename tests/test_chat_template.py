@@ -249,6 +249,17 @@ def test_the_adapter_records_the_template_and_generate_needs_no_files(tmp_path: 
     alone = [gen.generate_ids([encode_prompt(gen.record_prompt(rec), gen.tokenizer)], 3)[0] for rec in records]
     assert [a["tokens"] for a in answers] == [len(ids) for ids in alone]
     assert [a["text"] for a in answers] == [gen.decode(ids) for ids in alone]
+    # merged for transformers and vLLM: the directory's tokenizer renders the chat as training did
+    from transformers import AutoTokenizer
+
+    r = CliRunner().invoke(app, ["merge", "--adapter", str(tmp_path / "run"), "--format", "hf", "--out",
+                                 str(tmp_path / "hf")])
+    assert r.exit_code == 0, r.output
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    chat = [{"role": "user", "content": "Say cat."}]
+    assert hf_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        "".join(p if isinstance(p, str) else p.token for p in expected)
+    assert hf_tokenizer.eos_token == "<|eot_id|>" and hf_tokenizer.bos_token == "<|begin_of_text|>"
     # recorded styles are checked as they are read back
     recorded = adapter.prompt_style.to_dict()
     assert PromptStyle.from_dict(recorded, "x") == adapter.prompt_style

@@ -242,6 +242,17 @@ def test_cli_export_import_merge_generate(base: BaseCheckpoint, adapter_file: Pa
     hf = run_json("merge", "--adapter", adapter_file, "--format", "hf", "--out", tmp_path / "hf")
     eos = json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"]
     assert eos == hf.get("eos_token_id", 50256) == end_token_id(with_adapter.tokenizer, PromptStyle("alpaca"))
+    files = sorted(Path(f["path"]).name for f in hf["files"])
+    if base.family.tokenizer == families.TOKENIZER_JSON:  # the directory reads text as lora-cli did
+        from transformers import AutoTokenizer
+
+        assert files == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+        text = "Name a colour. Add 2 and 3!"
+        assert hf_tokenizer.eos_token_id == eos and hf_tokenizer.model_max_length == base.config.context_length
+        assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == with_adapter.tokenizer.encode(text)
+    else:  # GPT-2's is the Hub's gpt2 tokenizer
+        assert files == ["config.json", "model.safetensors"]
     run_json("merge", "--adapter", adapter_file, "--out", tmp_path / "merged.safetensors")
     described = describe(tmp_path / "merged.safetensors")
     assert described["kind"] == "lora-cli checkpoint (merged language model)"

@@ -17,6 +17,8 @@ from torch import nn
 from lora_cli import __version__
 from lora_cli.adapters.adapter import DTYPES, Adapter, hf_problem_type, model_with_adapter
 from lora_cli.adapters.peft_format import hf_ties_head
+from lora_cli.data import chat_template
+from lora_cli.data.prompt_styles import PromptStyle
 from lora_cli.formats.checkpoint import BASE_FORMAT, BaseCheckpoint, head_copies_embedding
 from lora_cli.lora.layers import LinearWithLoRA, unfuse
 from lora_cli.models import families
@@ -24,11 +26,12 @@ from lora_cli.models.families import Family
 from lora_cli.models.gpt import GPTModel
 from lora_cli.models.hf_gpt2 import BLOCK_LINEARS, scratch_to_hf
 from lora_cli.util.errors import LoraCliError
-from lora_cli.util.fileio import atomic_dir, check_replaceable, save_safetensors, write_text
+from lora_cli.util.fileio import atomic_dir, check_replaceable, save_safetensors, write_bytes, write_text
 
 FORMATS = ("native", "hf")
 HF_WEIGHTS = "model.safetensors"
-HF_FILES = (HF_WEIGHTS, "config.json")  # everything a `--format hf` directory holds
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a merged Llama 3 / Qwen3 causal LM's
+HF_FILES = (HF_WEIGHTS, "config.json", *HF_TOKENIZER_FILES)  # everything a `--format hf` directory holds
 MERGED_TASK = ("task", "thresholds", "calibration")  # the adapter's metadata a native merged checkpoint keeps
 
 
@@ -189,6 +192,7 @@ def hf_classifier_config(adapter: Adapter, dtype: str = "float32", pad_id: int |
 def save_merged(
     path: str | Path, base: BaseCheckpoint, adapter: Adapter, format: str = "native",
     dtype: str = "float32", force: bool = False, pad_id: int | None = None, eos_id: int | None = None,
+    tokenizer_files: dict[str, bytes] | None = None,
 ) -> None:
     """Write the merged classifier, or an instruct adapter's merged language model.
 
@@ -200,7 +204,8 @@ def save_merged(
     has no place for thresholds or a temperature: `adapter.hf_left_behind` says so.
 
     An instruct adapter's merged model is a base language model: native, a base checkpoint (`_save_native_lm`) that
-    `lora-cli generate --model` uses; hf, the family's *ForCausalLM (`hf_causal_lm`, `eos_id` its eos_token_id).
+    `lora-cli generate --model` uses; hf, the family's *ForCausalLM (`hf_causal_lm`, `eos_id` its eos_token_id),
+    with `tokenizer_files` (`hf_tokenizer_files`) beside it.
     """
     if format not in FORMATS:
         raise LoraCliError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -228,6 +233,26 @@ def save_merged(
     with atomic_dir(path, HF_FILES) as tmp:
         save_safetensors(tmp / HF_WEIGHTS, tensors, {"format": "pt"})
         write_text(tmp / "config.json", json.dumps(hf_config, indent=2) + "\n")
+        for name, data in (tokenizer_files or {}).items():
+            write_bytes(tmp / name, data)
+
+
+def hf_tokenizer_files(tokenizer: Any, style: PromptStyle, context_length: int) -> dict[str, bytes]:
+    """tokenizer.json and tokenizer_config.json for a merged causal LM's directory, so that transformers'
+    AutoTokenizer (and vLLM) read it as lora-cli did: `tokenizer` (an `HFTokenizer`), the tokenizer_config.json
+    kept beside it (if any), the token `generate` stops at as its eos_token, and the adapter's chat template where
+    training used one (else the kept config's)."""
+    from lora_cli.data.instruction_batches import end_token_id
+
+    found = chat_template.find_beside(tokenizer.path)
+    config = {} if found is None else found[1] | {"chat_template": found[0]}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"} | config | {
+        "eos_token": tokenizer.decode([end_token_id(tokenizer, style)]), "model_max_length": context_length}
+    if style.chat is not None:
+        config["chat_template"] = style.chat.template
+        config |= {"bos_token": style.chat.bos_token} if style.chat.bos_token is not None else {}
+    return {"tokenizer.json": Path(tokenizer.path).read_bytes(),
+            "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")}
 
 
 def _save_native_classifier(path: Path, base: BaseCheckpoint, adapter: Adapter, state: dict[str, torch.Tensor],

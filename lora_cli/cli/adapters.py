@@ -57,11 +57,14 @@ def _warn_hf_left_behind(adapter: Any, kept_in: Optional[str] = None) -> None:
         echo(f"warning: {message}")
 
 
-def _hf_eos_id(adapter: Any, base_path: Optional[Path], tokenizer: Optional[str]) -> Optional[int]:
-    """eos_token_id for an instruct adapter's merged causal LM: the token lora-cli's generate stops at (the prompt
-    style's end of turn, else the tokenizer's end of text), so that transformers' generate() stops there too.
-    GPT-2's config has its own (<|endoftext|>, what its BPE ends a text with); a Llama 3 / Qwen3 base's comes from
-    its tokenizer (--tokenizer, else as `_hf_pad_id` finds it), else none, with a warning."""
+def _hf_language_tokenizer(adapter: Any, base_path: Optional[Path], context_length: int,
+                           tokenizer: Optional[str]) -> tuple[Optional[int], dict[str, bytes]]:
+    """(eos_token_id, tokenizer files) for an instruct adapter's merged causal LM: the token lora-cli's generate
+    stops at (the prompt style's end of turn, else the tokenizer's end of text), so that transformers' generate()
+    stops there too, and the tokenizer with its config (`merge.hf_tokenizer_files`). GPT-2's config has its own
+    (<|endoftext|>, what its BPE ends a text with) and its tokenizer is the Hub's `gpt2`; a Llama 3 / Qwen3 base's
+    come from its tokenizer (--tokenizer, else as `_hf_pad_id` finds it), else none, with a warning."""
+    from lora_cli.adapters.merge import hf_tokenizer_files
     from lora_cli.data.hf_tokenizer import tokenizer_for
     from lora_cli.data.instruction_batches import end_token_id
     from lora_cli.models.families import TOKENIZER_JSON, of
@@ -71,17 +74,18 @@ def _hf_eos_id(adapter: Any, base_path: Optional[Path], tokenizer: Optional[str]
         if tokenizer is not None:
             raise LoraCliError("--tokenizer is for Llama 3 and Qwen3 bases; GPT-2's config.json ends texts with "
                                "<|endoftext|> as its BPE does")
-        return None
+        return None, {}
     try:
         tok = tokenizer_for(family, adapter.model_config.vocab_size, None, tokenizer, base_path,
                             recorded=adapter.training_config.get("tokenizer"))
-        return end_token_id(tok, adapter.prompt_style)
+        eos_id = end_token_id(tok, adapter.prompt_style)
     except LoraCliError as exc:
         if tokenizer is not None:
             raise
-        echo(f"warning: config.json gets no eos_token_id ({exc}); transformers' generate() will not stop at the end "
-             "of an answer: pass --tokenizer PATH (the base's tokenizer.json)")
-        return None
+        echo(f"warning: config.json gets no eos_token_id and the directory no tokenizer ({exc}); transformers' "
+             "generate() will not stop at the end of an answer: pass --tokenizer PATH (the base's tokenizer.json)")
+        return None, {}
+    return eos_id, hf_tokenizer_files(tok, adapter.prompt_style, context_length)
 
 
 def _task_fields(adapter: Any) -> dict[str, Any]:
@@ -240,14 +244,17 @@ def merge(
     base = base_for(ad, model, model_config)
     hf = output_format == "hf"
     pad_id = _hf_pad_id(ad, base.path, tokenizer) if hf and not ad.instruct else None
-    eos_id = _hf_eos_id(ad, base.path, tokenizer) if hf and ad.instruct else None
-    save_merged(out, base, ad, format=output_format, dtype=dtype, force=force, pad_id=pad_id, eos_id=eos_id)
+    eos_id, tokenizer_files = _hf_language_tokenizer(ad, base.path, base.config.context_length, tokenizer) \
+        if hf and ad.instruct else (None, {})
+    save_merged(out, base, ad, format=output_format, dtype=dtype, force=force, pad_id=pad_id, eos_id=eos_id,
+                tokenizer_files=tokenizer_files)
     if hf:
         _warn_hf_left_behind(ad)
     ids = {k: v for k, v in (("pad_token_id", pad_id), ("eos_token_id", eos_id)) if v is not None}
     if as_json:
         weights = out / HF_WEIGHTS if hf else out
-        files = written(weights, out / "config.json") if hf else written(out)
+        files = written(weights, out / "config.json", *(out / name for name in tokenizer_files)) if hf \
+            else written(out)
         print_json({"adapter": str(adapter), "model": str(base.path), "out": str(out), "format": output_format,
                     "dtype": dtype, "lora_layers": len(ad.spec.targets)} | _task_fields(ad)
                    | ids | weights_summary(weights) | {"files": files})
