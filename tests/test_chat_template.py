@@ -249,6 +249,12 @@ def test_the_adapter_records_the_template_and_generate_needs_no_files(tmp_path: 
     alone = [gen.generate_ids([encode_prompt(gen.record_prompt(rec), gen.tokenizer)], 3)[0] for rec in records]
     assert [a["tokens"] for a in answers] == [len(ids) for ids in alone]
     assert [a["text"] for a in answers] == [gen.decode(ids) for ids in alone]
+    # info: the template in --json, its size in the table
+    shown = CliRunner().invoke(app, ["info", str(tmp_path / "run" / "adapter.safetensors")])
+    assert shown.exit_code == 0 and f"{len(HEADER_TEMPLATE.splitlines())} lines (--json shows them)" in shown.stdout
+    described = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "run" / "adapter.safetensors"),
+                                                    "--json"]).stdout)
+    assert described["prompt_style"]["template"] == HEADER_TEMPLATE
     # merged for transformers and vLLM: the directory's tokenizer renders the chat as training did
     from transformers import AutoTokenizer
 

@@ -187,6 +187,8 @@ def _value(key: str, value: Any) -> str:
         return json.dumps(value)
     if isinstance(value, float):
         return str(value)
+    if isinstance(value, str) and "\n" in value:  # a chat template: a page of Jinja, not a table cell
+        return f"{len(value.splitlines())} lines (--json shows them)"
     return number(value)
 
 
