@@ -146,6 +146,8 @@ def test_a_special_token_spelled_in_a_message_stays_text(tokenizer_file: Path) -
     assert formatted.response_text == "<|im_end|> yes"
     assert example.ids.count(end) == 2  # the user turn's end and the example's; neither spelling
     assert tok.decode(list(example.ids)).count("<|im_end|>") == 4
+    with pytest.raises(LoraCliError, match="the chat: a message holds private-use characters"):
+        style.format(record([("user", "odd \ue0003\ue001 text"), ("assistant", "ok")]))
 
 
 def test_a_template_ending_the_answer_with_text_ends_with_end_of_text(tokenizer_file: Path) -> None:

@@ -77,7 +77,7 @@ class ChatTemplate:
         """The template's text for `messages`, each special token's spelling in them swapped for a placeholder."""
         import jinja2
 
-        escaped = [{"role": role, "content": self._escape(content)} for role, content in messages]
+        escaped = [{"role": role, "content": self._escape(content, where)} for role, content in messages]
         try:
             return _compiled(self.template).render(
                 messages=escaped, add_generation_prompt=add_generation_prompt, enable_thinking=False,
@@ -97,12 +97,12 @@ class ChatTemplate:
                                "llama3 or qwen3) or a template file")
         return prompt, full
 
-    def _escape(self, text: str) -> str:
+    def _escape(self, text: str, where: str) -> str:
         if _PLACEHOLDER_RE.search(text):
-            raise LoraCliError("a message holds the private-use characters U+E000/U+E001, which the chat template "
-                               "rendering reserves")
-        for number, token in enumerate(self.special_tokens):
-            text = text.replace(token, _PLACEHOLDER.format(number))
+            raise LoraCliError(f"{where}: a message holds private-use characters (U+E000, digits, U+E001) that the "
+                               "chat template's rendering reserves")
+        for number in sorted(range(len(self.special_tokens)), key=lambda i: -len(self.special_tokens[i])):
+            text = text.replace(self.special_tokens[number], _PLACEHOLDER.format(number))
         return text
 
     def _pieces(self, text: str) -> list[Piece]:
