@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lora_cli.adapters.adapter import load_adapter
 from lora_cli.api.generator import Generator
 from lora_cli.cli.commands import app
-from lora_cli.data.chat_template import chat_template, kept_config
+from lora_cli.data.chat_template import chat_template, config_beside
 from lora_cli.data.hf_tokenizer import load_tokenizer
 from lora_cli.data.instruction_batches import encode_examples, encode_prompt, end_token_id
 from lora_cli.data.instruction_data import ChatRecord, read_instruction_data
@@ -201,13 +201,27 @@ def test_chat_finds_the_template_beside_the_tokenizer(tmp_path: Path, tokenizer_
         prompt_style(str(tmp_path / "none.json"), "llama3", load_tokenizer(directory))
 
 
-def test_convert_keeps_the_config_with_a_separate_template(tmp_path: Path) -> None:
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "model_max_length": 8}))
-    assert json.loads(kept_config(tmp_path)) == {"bos_token": "<s>", "model_max_length": 8}
+def test_the_config_beside_a_tokenizer_and_what_a_merge_keeps_of_it(tmp_path: Path, tokenizer_file: Path) -> None:
+    """convert keeps `config_beside` (a separate chat_template.jinja put in); merge --format hf keeps the config
+    with or without a template, its eos_token the token generate stops at."""
+    from lora_cli.adapters.merge import hf_tokenizer_files
+
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    assert config_beside(tmp_path / "tokenizer.json") is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin_of_text|>",
+                                                                "clean_up_tokenization_spaces": False}))
+    files = hf_tokenizer_files(load_tokenizer(tmp_path), PromptStyle("alpaca"), 64)
+    assert files["tokenizer.json"] == tokenizer_file.read_bytes()
+    assert json.loads(files["tokenizer_config.json"]) == {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+        "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>", "model_max_length": 64}
     (tmp_path / "chat_template.jinja").write_text(CHATML_TEMPLATE)
-    assert json.loads(kept_config(tmp_path)) == {"bos_token": "<s>", "model_max_length": 8,
-                                                 "chat_template": CHATML_TEMPLATE}
-    assert kept_config(tmp_path / "empty") is None
+    assert config_beside(tmp_path / "tokenizer.json") == {"bos_token": "<|begin_of_text|>",
+                                                          "clean_up_tokenization_spaces": False,
+                                                          "chat_template": CHATML_TEMPLATE}
+    style = prompt_style("chat", "qwen3", load_tokenizer(tmp_path))
+    kept = json.loads(hf_tokenizer_files(load_tokenizer(tmp_path), style, 64)["tokenizer_config.json"])
+    assert kept["chat_template"] == CHATML_TEMPLATE and kept["eos_token"] == "<|im_end|>"
 
 
 def test_the_adapter_records_the_template_and_generate_needs_no_files(tmp_path: Path, tokenizer_file: Path) -> None:

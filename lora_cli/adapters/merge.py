@@ -244,9 +244,8 @@ def hf_tokenizer_files(tokenizer: Any, style: PromptStyle, context_length: int) 
     training used one (else the kept config's)."""
     from lora_cli.data.instruction_batches import end_token_id
 
-    found = chat_template.find_beside(tokenizer.path)
-    config = {} if found is None else found[1] | {"chat_template": found[0]}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast"} | config | {
+    kept = chat_template.config_beside(tokenizer.path) or {}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast"} | kept | {
         "eos_token": tokenizer.decode([end_token_id(tokenizer, style)]), "model_max_length": context_length}
     if style.chat is not None:
         config["chat_template"] = style.chat.template

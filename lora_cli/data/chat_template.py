@@ -148,18 +148,25 @@ def read_template_file(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 def find_beside(tokenizer_file: str | Path | None) -> tuple[str, dict[str, Any]] | None:
-    """(template, config) kept beside a tokenizer.json (`config_path`), or None where there is none."""
+    """(template, config) kept beside a tokenizer.json (`config_beside`), or None where there is no template."""
+    config = config_beside(tokenizer_file)
+    template = None if config is None else _template_of(config, config_path(tokenizer_file))
+    return None if template is None else (template, config)
+
+
+def config_beside(tokenizer_file: str | Path | None) -> dict[str, Any] | None:
+    """The tokenizer_config.json that goes with a tokenizer.json (`config_path`), the template of a separate
+    chat_template.jinja (newer transformers) put in its `chat_template`; None if neither file is there."""
     if tokenizer_file is None:
         return None
     config_file = config_path(tokenizer_file)
-    config = read_json_object(config_file) if config_file.is_file() else {}
+    config = read_json_object(config_file) if config_file.is_file() else None
     jinja = config_file.with_name(config_file.name.removesuffix(CONFIG) + JINJA)
     if jinja.is_file():
         from lora_cli.data.classification import read_text
 
-        return read_text(jinja, "a Jinja2 chat template"), config
-    template = _template_of(config, config_file) if config else None
-    return None if template is None else (template, config)
+        config = (config or {}) | {"chat_template": read_text(jinja, "a Jinja2 chat template")}
+    return config
 
 
 def config_path(tokenizer_file: str | Path) -> Path:
@@ -170,17 +177,6 @@ def config_path(tokenizer_file: str | Path) -> Path:
         return path / CONFIG
     stem = path.name.removesuffix("tokenizer.json")
     return path.with_name(stem + CONFIG)
-
-
-def kept_config(source_dir: Path) -> bytes | None:
-    """What to keep beside a converted base of a model directory: its tokenizer_config.json, with the template
-    of a separate chat_template.jinja put in; None if it has neither."""
-    config_file, jinja = source_dir / CONFIG, source_dir / JINJA
-    if not jinja.is_file():
-        return config_file.read_bytes() if config_file.is_file() else None
-    config = read_json_object(config_file) if config_file.is_file() else {}
-    config["chat_template"] = jinja.read_text(encoding="utf-8")
-    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _template_of(config: dict[str, Any], path: Path) -> str | None:

@@ -8,6 +8,7 @@ be sharded (`model.safetensors.index.json`), and its tokenizer.json is kept besi
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from lora_cli.models import families
 from lora_cli.models.config import PRESETS, ModelConfig
 from lora_cli.models.hf_gpt2 import config_from_hf, hf_to_scratch, strip_prefix
 from lora_cli.util.errors import LoraCliError
-from lora_cli.util.fileio import read_json_object, write_bytes
+from lora_cli.util.fileio import read_json_object, write_bytes, write_text
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a GPT-2 directory's weights, in the order tried
@@ -180,14 +181,14 @@ def convert_hf_checkpoint(source: str | Path, out: str | Path, preset: str | Non
     kept = tokenizer.read_bytes() if tokenizer.is_file() else None
     if kept is not None:
         load_tokenizer(tokenizer, cfg.vocab_size)
-    chat = chat_template.kept_config(tokenizer.parent) if kept is not None else None  # for `--prompt-style chat`
+    chat = chat_template.config_beside(tokenizer) if kept is not None else None  # for `--prompt-style chat`
     if before_save is not None:
         before_save()
     if kept is not None:
         write_bytes(tokenizer_path(out), kept)
     beside = chat_template.config_path(tokenizer_path(out))
     if chat is not None:
-        write_bytes(beside, chat)
+        write_text(beside, json.dumps(chat, indent=2, ensure_ascii=False) + "\n")
     else:
         beside.unlink(missing_ok=True)  # a converted base's earlier template is not this one's
     save_base(out, state, cfg)
