@@ -112,7 +112,7 @@ def generate(
         if as_json:
             print_json({"instruction": instruction, "input": input_text} | _fields(answer))
         return
-    echo(f"answering {len(records)} records of {file}, {batch_size} at a time")
+    echo(f"answering {len(records)} record{'' if len(records) == 1 else 's'} of {file}, {batch_size} at a time")
     answers = gen.answer_records(records, max_new_tokens, batch_size=batch_size,
                                  on_answer=_progress(len(records), batch_size), **sampling)
     tokens = sum(len(a.token_ids) for a in answers)
