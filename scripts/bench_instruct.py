@@ -110,7 +110,7 @@ def make_inputs(args, family, cfg, tmp: Path) -> dict:
                 for i in ids]
 
     return {"checkpoint": str(tmp / "base.safetensors"), "data": str(args.data), "batch_size": args.batch_size,
-            "warmup": args.warmup, "threads": args.threads, "max_length": max_length,
+            "warmup": args.warmup, "threads": args.threads, "max_length": max_length, "precision": args.precision,
             "tokens": [fold(t) for t in train.tokens], "labels": [fold(t) for t in train.labels],
             "prompts": [fold(p) for p in prompts],
             "folded": cfg.vocab_size < tokenizer.n_vocab}
@@ -157,7 +157,7 @@ def train_lora_cli(ctx: dict, info: dict):
     from lora_cli.formats.checkpoint import load_base
     from lora_cli.lora.spec import LoraSpec
     from lora_cli.runtime import allocator, halves
-    from lora_cli.runtime.precision import configure_matmuls
+    from lora_cli.runtime.precision import cast_frozen_base, configure_matmuls
     from lora_cli.tasks.instruct import build_language_model
     from lora_cli.training import instruct_setup, recipe
     from lora_cli.training.loop import adamw
@@ -166,15 +166,19 @@ def train_lora_cli(ctx: dict, info: dict):
 
     memory(info, "rss_imports_mb")
     device = torch.device("cpu")
+    bf16 = ctx["precision"] == "bf16"
     cfg = recipe.resolve(None, {"task": "instruct", "model": ctx["checkpoint"], "data": ctx["data"], "device": "cpu",
-                                "batch_size": ctx["batch_size"], "seed": SEED, "rank": RANK, "alpha": ALPHA})
+                                "batch_size": ctx["batch_size"], "seed": SEED, "rank": RANK, "alpha": ALPHA,
+                                "precision": ctx["precision"], "base_dtype": "bfloat16" if bf16 else "float32"})
     allocator.keep_freed_memory(device.type)  # as training.loop.train does
     base = load_base(ctx["checkpoint"])
     spec = LoraSpec(cfg.rank, cfg.alpha, cfg.scaling, list(cfg.targets), [], cfg.lora_dropout, cfg.head_bias)
     model = build_language_model(base, spec, cfg.seed, device)
     configure_matmuls(device)
+    cast_frozen_base(model, cfg.base_dtype, cfg.precision)  # as instruct_setup does
+    base.release_tensors()
     train = Encoded(ctx["tokens"], ctx["labels"])
-    s = Setup(cfg, device, base, None, train, train, spec, model, ctx["max_length"])
+    s = Setup(cfg, device, base, None, train, train, spec, model, ctx["max_length"], precision=cfg.precision)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(trainable, cfg.lr, cfg.weight_decay)
     split = halves.for_model(model, device) if cfg.split_batches else None
@@ -209,8 +213,12 @@ def train_peft(ctx: dict, info: dict):
     memory(info, "rss_imports_mb")
     base = load_base(ctx["checkpoint"])
     family = base.family
-    model = peft.get_peft_model(hf_language_model(base), peft_config(family))
-    del base
+    bf16 = ctx["precision"] == "bf16"
+    hf = hf_language_model(base)
+    # bf16: the base stored in bfloat16, PEFT's adapter in float32 (its autocast_adapter_dtype), the step under
+    # autocast, as transformers' Trainer runs with bf16=True
+    model = peft.get_peft_model(hf.to(torch.bfloat16) if bf16 else hf, peft_config(family))
+    del base, hf
     info["attn_implementation"] = model.config._attn_implementation
     trainable = [p for p in model.parameters() if p.requires_grad]
     info["trainable"] = sum(p.numel() for p in trainable)
@@ -232,7 +240,8 @@ def train_peft(ctx: dict, info: dict):
 
     def step(batch, n: int) -> torch.Tensor:
         ids, mask, target = batch
-        loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -604,6 +613,9 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--gen-batch", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
     p.add_argument("--gen-rounds", type=int, default=1)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="training's precision, for both systems: bf16 stores the frozen base in bfloat16 and runs "
+                        "under autocast (lora-cli's --precision bf16 --base-dtype bfloat16)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--book-run", action="store_true", help="only the book-scale training run (gpt2-tiny, the shared data)")

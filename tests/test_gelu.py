@@ -36,3 +36,14 @@ def test_gelu_leaves_its_input_alone() -> None:
     gelu_tanh(x)
     gelu_tanh_backward(torch.ones_like(x), x)
     assert torch.equal(x, before)
+
+
+def test_bfloat16_takes_atens_kernels() -> None:
+    """In bf16 the sigmoid form's passes each convert to float32 and back: ATen's fused kernels are used as they are."""
+    x = _inputs(torch.bfloat16)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    expected = F.gelu(x, approximate="tanh")
+    assert torch.equal(gelu_tanh(x), expected)
+    y, grad_x = gelu_tanh_backward(grad, x)
+    assert torch.equal(y, expected)
+    assert torch.equal(grad_x, torch.ops.aten.gelu_backward(grad, x, approximate="tanh"))

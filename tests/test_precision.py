@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,9 @@ from adapters import lora_classifier
 
 from lora_cli.models.config import ModelConfig
 from lora_cli.models.gpt import GPTModel
+from lora_cli.models.packing import Packing, packed_attention
 from lora_cli.runtime.precision import autocast, cast_frozen_base, grad_scaler, resolve_precision
+from lora_cli.training import instruct_setup, loop, recipe
 from lora_cli.util.errors import LoraCliError
 
 CPU = torch.device("cpu")
@@ -86,3 +90,41 @@ def test_16_bit_base_needs_16_bit_compute_and_a_known_dtype() -> None:
     model = classifier()
     cast_frozen_base(model, "float32", "fp32")
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("attention", ["per-sequence", "grid"])
+def test_bf16_training_attends_in_float32_on_the_cpu(attention: str) -> None:
+    """ATen's bf16 attention backward is slow on the CPU, so a bf16 step attends in float32: bf16 in and out, and
+    exactly float32 attention's numbers on the same inputs and output gradient, each rounded to bf16."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 17, 9]
+    packing = Packing.from_last_index(torch.tensor(lengths) - 1, max(lengths), CPU, attention)
+    q, k, v = (torch.randn(sum(lengths), 4, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with autocast(CPU, "bf16"):
+        out = packed_attention(q, k, v, packing)
+    assert out.dtype == torch.bfloat16
+    upstream = torch.randn(out.shape, generator=g).bfloat16()
+    grads = torch.autograd.grad(out, (q, k, v), upstream)
+    wide = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    expected = packed_attention(*wide, packing)
+    assert torch.equal(out, expected.bfloat16())
+    for got, want in zip(grads, torch.autograd.grad(expected, wide, upstream.float())):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+    with torch.no_grad():  # no backward to come: bf16's own kernel
+        assert packed_attention(q, k, v, packing).dtype == torch.bfloat16
+
+
+def test_a_16_bit_base_keeps_no_float32_copy(tmp_path, micro_checkpoint, sms_dir) -> None:
+    """--base-dtype bfloat16 halves the base in memory only if the float32 tensors read from the file go once the
+    model holds its 16-bit ones (they used to stay referenced by the run's setup); both tasks' setups."""
+    data = tmp_path / "repeat.json"
+    data.write_text(json.dumps([{"instruction": "Repeat.", "input": w, "output": w} for w in ["cat", "dog"] * 6]))
+    options = {"model": str(micro_checkpoint), "device": "cpu", "batch_size": 2, "precision": "bf16",
+               "base_dtype": "bfloat16"}
+    setups = [instruct_setup.setup(recipe.resolve(None, options | {"task": "instruct", "data": str(data)}), print),
+              loop.setup(recipe.resolve(None, options | {"data": str(sms_dir)}), print)]
+    for s in setups:
+        assert s.base.state == {}
+        frozen = [p for p in s.model.parameters() if not p.requires_grad and p.is_floating_point()]
+        assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+        assert all(p.dtype == torch.float32 for p in s.model.parameters() if p.requires_grad)

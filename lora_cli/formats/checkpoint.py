@@ -52,6 +52,11 @@ class BaseCheckpoint:
             return None
         return weight.float(), None if self.state.get("out_head.bias") is None else self.state["out_head.bias"].float()
 
+    def release_tensors(self) -> None:
+        """Forget the tensors read from disk once a model holds its own: after a `--base-dtype` cast or a move to a
+        GPU they are copies that would otherwise stay in memory for the whole run (float32 beside 16 bits)."""
+        self.state = {}
+
     def drop_lm_head(self) -> None:
         """Free the vocabulary-sized LM head (154 MB in GPT-2 small): a classifier never uses it."""
         if self.task_head() is None:

@@ -1,9 +1,10 @@
 """GPT-2's tanh GELU, computed through a sigmoid on the CPU.
 
 0.5 * x * (1 + tanh(z)) equals x * sigmoid(2z) exactly, and ATen's CPU sigmoid is about four
-times faster than its tanh, so a few cheap passes around one sigmoid beat `F.gelu(x, "tanh")`
+times faster than its tanh, so in float32 a few cheap passes around one sigmoid beat `F.gelu(x, "tanh")`
 (about 2x forward, 1.6x for the backward with its recomputed output, on gpt2-small's MLP).
-On other devices `F.gelu` is one fused kernel and is used as it is. These functions carry no
+In bfloat16 each of those passes converts to float32 and back, and ATen's fused kernels win (1.6x
+for the backward); on other devices `F.gelu` is one fused kernel. Both are used as they are there. These functions carry no
 autograd graph: `gelu` uses them where no graph is needed, and `lora_cli.lora.layers`'s hand-written
 backward calls them directly.
 """
@@ -34,16 +35,20 @@ class GELU(nn.Module):
         return gelu(x)
 
 
+def _float32_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """`F.gelu(x, approximate="tanh")`, within float rounding."""
-    if x.device.type != "cpu":
+    if not _float32_cpu(x):
         return F.gelu(x, approximate="tanh")
     return torch.addcmul(x, x * x, x, value=_C).mul_(_K).sigmoid_().mul_(x)
 
 
 def gelu_tanh_backward(grad: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(gelu(x), grad * gelu'(x))` from one sigmoid: the backward pass needs both."""
-    if x.device.type != "cpu":
+    if not _float32_cpu(x):
         return F.gelu(x, approximate="tanh"), torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
     x2 = x * x
     s = torch.addcmul(x, x2, x, value=_C).mul_(_K).sigmoid_()

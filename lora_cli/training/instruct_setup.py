@@ -96,6 +96,7 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
     spec = LoraSpec(cfg.rank, cfg.alpha, cfg.scaling, list(cfg.targets), [], cfg.lora_dropout, cfg.head_bias)
     model = build_language_model(base, spec, cfg.seed, device)
     cast_frozen_base(model, cfg.base_dtype, precision)
+    base.release_tensors()
     configure_matmuls(device)
     echo(f"instruction data: {len(train)} training and {len(val)} validation records ({train_data.form}, prompt "
          f"style {style.name}{'' if cfg.mask_prompt else ', the whole sequence trained on'})")

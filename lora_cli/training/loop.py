@@ -123,6 +123,7 @@ def setup(cfg: TrainConfig, echo: Echo, dist: distributed.Context = distributed.
     if base.task_head() is not None:
         echo(f"the base has a {base.task_head()[0].shape[0]}-class head; "
              + ("training starts from it" if base.task_head()[0].shape[0] == len(labels.names) else "a new head replaces it"))
+    base.release_tensors()
     return Setup(cfg, device, base, labels, train, val, spec, model, max_length, dist, grad_accum, precision,
                  grad_scaler(device, precision),
                  class_weights=None if weights is None else torch.tensor(weights, device=device),
