@@ -407,6 +407,7 @@ def generation(ctx: dict, args) -> dict:
     from lora_cli.evaluation.generation import generate
     from lora_cli.formats.checkpoint import load_base
     from lora_cli.lora.spec import LoraSpec
+    from lora_cli.models.vector_linear import vector_products
     from lora_cli.tasks.instruct import build_language_model
 
     transformers.logging.set_verbosity_error()
@@ -425,7 +426,7 @@ def generation(ctx: dict, args) -> dict:
     diff = (ours(probe) - peft_model(input_ids=probe).logits).abs().max().item()
     folded = fold_lora(copy.deepcopy(ours))  # what `Generator` runs: the adapter merged into the weights
     hf_merged = copy.deepcopy(peft_model).merge_and_unload().eval()
-    folded_bf16 = copy.deepcopy(folded).to(torch.bfloat16)  # `generate --precision bf16`
+    folded_bf16 = vector_products(copy.deepcopy(folded).to(torch.bfloat16))  # `generate --precision bf16` (`Generator`)
     peft_bf16 = copy.deepcopy(peft_model).to(torch.bfloat16)
     pad = family.pad_id
     print(f"\ngeneration: {args.new_tokens} new tokens, greedy, batch {', '.join(map(str, args.gen_batch))}; the same "

@@ -153,6 +153,8 @@ def test_bf16_generation_stores_the_model_in_bfloat16(ws: Path) -> None:
     bf16 = Generator.load(ws / "runs" / "instruct", device="cpu", precision="bf16")
     assert fp32.precision == "fp32" and bf16.precision == "bf16"
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {type(m).__name__ for m in bf16.model.modules()} >= {"VectorLinear"}  # batch-1 steps as matrix-vector
+    assert not any(type(m).__name__ == "VectorLinear" for m in fp32.model.modules())
     ids = torch.tensor([fp32.prompt_ids("Name a color.")])
     with torch.no_grad():
         exact, rounded = fp32.model(ids)[0, -1], bf16.model(ids)[0, -1].float()

@@ -17,6 +17,7 @@ from lora_cli.models import hf_gpt2, llama3, qwen3
 from lora_cli.models.config import ModelConfig
 from lora_cli.models.gpt import GPTModel
 from lora_cli.models.kv_cache import KVCache
+from lora_cli.models.vector_linear import VectorLinear, vector_products
 from lora_cli.util.errors import LoraCliError
 
 GPT2 = ModelConfig(vocab_size=300, context_length=48, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=True)
@@ -288,3 +289,36 @@ def test_the_decoding_heads_layout_gives_the_heads_logits(rows: int, bias: bool)
     torch.testing.assert_close(logits, head(hidden), rtol=1e-5, atol=1e-5)
     assert torch.equal(logits.argmax(-1), head(hidden).argmax(-1))
     assert logits.is_contiguous() == (rows not in generation.SMALL_ROWS)  # the transposed product where it applies
+
+
+def test_a_vector_linear_takes_one_bf16_row_as_a_matrix_vector_product() -> None:
+    """One bf16 row on the CPU: `addmv`'s numbers (near F.linear's); several rows or float32: F.linear's exactly."""
+    g = torch.Generator().manual_seed(0)
+    plain = nn.Linear(48, 80).bfloat16()
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(80, 48, generator=g))
+    vector = vector_products(nn.Sequential(plain))[0]
+    assert type(vector) is VectorLinear and vector.weight is plain.weight and vector.bias is plain.bias
+    row = torch.randn(1, 1, 48, generator=g).bfloat16()
+    with torch.no_grad():
+        got = vector(row)
+        assert got.shape == (1, 1, 80)
+        assert torch.equal(got[0, 0], torch.addmv(plain.bias, plain.weight, row.reshape(-1)))
+        torch.testing.assert_close(got, plain(row), rtol=0.02, atol=0.1)
+        rows = torch.randn(3, 48, generator=g).bfloat16()
+        assert torch.equal(vector(rows), plain(rows))
+        assert torch.equal(vector.float()(row.float()), plain.float()(row.float()))
+
+
+def test_vector_products_keep_a_tied_head_and_the_greedy_tokens() -> None:
+    """The whole model's Linears swapped (GPT-2's tied head stays tied): the same state_dict, and in bf16 on a
+    batch of one the same greedy tokens as the plain Linears here."""
+    model = build("gpt2", seed=5).bfloat16().eval()
+    before = model.state_dict()
+    plain = generate(model, [[5, 9, 2, 7]], 12)
+    vector_products(model)
+    assert model.out_head.weight is model.tok_emb.weight
+    assert any(type(m) is VectorLinear for m in model.modules())
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == before.keys()
+    assert generate(model, [[5, 9, 2, 7]], 12) == plain

@@ -8,7 +8,8 @@ end-of-turn token.
 The generator's model is its own and never trains, so the adapter is folded into the base weights at load
 (`adapters.merge.fold_lora`, as litgpt's generation does): each step then reads one weight per layer instead of
 a weight and two LoRA factors. In bf16 the whole model is stored in bfloat16 (RMSNorm and RoPE still compute in
-float32), which halves the bytes every step reads.
+float32), which halves the bytes every step reads; on the CPU a single row's products are matrix-vector ones
+(`models.vector_linear`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from lora_cli.data.prompt_pieces import Piece
 from lora_cli.data.prompt_styles import PromptStyle, default_prompt_style, prompt_style
 from lora_cli.evaluation.generation import check_sampling, generate
 from lora_cli.formats.checkpoint import BaseCheckpoint, load_base
+from lora_cli.models.vector_linear import vector_products
 from lora_cli.runtime.device import resolve_device
 from lora_cli.runtime.precision import configure_matmuls, resolve_precision
 from lora_cli.tasks.instruct import frozen_language_model
@@ -142,6 +144,8 @@ class Generator:
         configure_matmuls(dev)
         if precision != "fp32":
             net = net.to(torch.bfloat16 if precision == "bf16" else torch.float16)
+        if precision == "bf16" and dev.type == "cpu":
+            vector_products(net)  # a batch-1 decoding step's products as matrix-vector ones
         return cls(net, tok, chosen, base, loaded, precision)
 
     @property
