@@ -17,11 +17,10 @@ from lora_cli.adapters.adapter import load_adapter
 from lora_cli.api.generator import Generator
 from lora_cli.api.training import train
 from lora_cli.cli.commands import app
-from lora_cli.formats.checkpoint import init_checkpoint, load_base, save_base
+from lora_cli.formats.checkpoint import init_checkpoint, save_base
 from lora_cli.models import llama3, qwen3
 from lora_cli.runtime import halves
-from lora_cli.runtime.precision import cast_frozen_base
-from lora_cli.tasks.instruct import frozen_language_model, token_loss
+from lora_cli.tasks.instruct import token_loss
 
 WORDS = ["cat", "dog", "sun", "tree", "blue", "red", "moon", "fish"]
 CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
@@ -190,21 +189,3 @@ def test_an_instruct_adapter_is_not_a_classifier(tmp_path: Path, micro_checkpoin
     assert invoke(args(micro_checkpoint, data, run, "--max-steps", "1")).exit_code == 0
     r = invoke(["predict", "--adapter", run, "hello"])
     assert r.exit_code == 1 and "is an instruct adapter" in r.output and "lora-cli generate" in r.output, r.output
-
-
-def test_a_head_stored_equal_to_the_embedding_is_held_once(tmp_path: Path, micro_config) -> None:
-    """GPT-2's head is its embedding, which a downloaded base stores twice: the model holds one table (a bf16 cast
-    makes one copy); a head that differs in one value stays its own table."""
-    state = init_checkpoint(micro_config, seed=0)
-    state["out_head.weight"] = state["tok_emb.weight"].clone()
-    save_base(tmp_path / "tied.safetensors", state, micro_config)
-    model = frozen_language_model(load_base(tmp_path / "tied.safetensors"))
-    assert model.out_head.weight is model.tok_emb.weight
-    cast_frozen_base(model, "bfloat16", "bf16")
-    assert model.out_head.weight is model.tok_emb.weight and model.out_head.weight.dtype == torch.bfloat16
-    state["out_head.weight"][7, 3] += 1.0
-    save_base(tmp_path / "two.safetensors", state, micro_config)
-    model = frozen_language_model(load_base(tmp_path / "two.safetensors"))
-    assert model.out_head.weight is not model.tok_emb.weight
-    assert torch.equal(model.out_head.weight, state["out_head.weight"])
-    assert torch.equal(model.tok_emb.weight, state["tok_emb.weight"])

@@ -33,10 +33,6 @@ def frozen_language_model(base: BaseCheckpoint) -> nn.Module:
         if id(v) not in floats:
             floats[id(v)] = v.float()
         state[k] = floats[id(v)]
-    head, table = state.get("out_head.weight"), state.get("tok_emb.weight")
-    if head is not None and table is not None and head is not table and head.shape == table.shape \
-            and not head.is_meta and torch.equal(head, table):
-        state["out_head.weight"] = table  # GPT-2's head is its embedding, stored twice in a file: held once
     if "out_head.weight" not in state and not getattr(base.config, "tie_embeddings", False):
         if "tok_emb.weight" not in state:
             raise LoraCliError(f"{base.path} has no vocabulary head (out_head.weight)")
