@@ -4,7 +4,9 @@
 Random weights of a preset's shape (GPT-2's LM head equal to its embedding, drawn with std 0.02 as GPT-2's
 initialization, stored twice as a downloaded GPT-2 base is, and tied in transformers), the
 book's instruction data (/work/shared/data/instruction/instruction-data.json), the book's Alpaca prompt, CPU,
-float32, LoRA r = 16, alpha = 16 on every Linear of the blocks.
+float32, LoRA r = 16, alpha = 16 on every Linear of the blocks. `--precision bf16` trains both systems with the
+frozen base stored in bfloat16 under autocast (lora-cli's `--precision bf16 --base-dtype bfloat16`; PEFT's
+model cast to bfloat16, its adapter kept float32, as transformers' Trainer with bf16=True runs it).
 
 1. Training: the first --warmup + --steps batches of 8 of the book's training split, in file order, the
    prompt masked (lora-cli's default); the warm-up steps are untimed. Each system trains in a fresh process
@@ -42,6 +44,7 @@ folded into it around the pad id (ids mod vocab-1, shifted past the pad), so len
 Usage:
   python scripts/bench_instruct.py --preset gpt2-small
   python scripts/bench_instruct.py --preset smollm2-135m
+  python scripts/bench_instruct.py --preset gpt2-small --precision bf16 --skip-generate   # on a CPU with bf16 units
   python scripts/bench_instruct.py --preset gpt2-tiny --steps 2 --rounds 1 --new-tokens 16   # a smoke run
   python scripts/bench_instruct.py --book-run
 """
@@ -315,7 +318,7 @@ def training(ctx: dict, ctx_file: Path, args) -> dict:
     examples = len(ctx["tokens"][timed])
     tokens = sum(len(t) + 1 for t in ctx["tokens"][timed])  # each example's ids: its inputs and the last target
     targets = sum(sum(y != -100 for y in t) for t in ctx["labels"][timed])
-    print(f"training: {args.warmup} warm-up steps, then {args.rounds} round(s) of the same {args.steps} steps of {bs}: "
+    print(f"training ({args.precision}): {args.warmup} warm-up steps, then {args.rounds} round(s) of the same {args.steps} steps of {bs}: "
           f"{examples} examples, {tokens:,} tokens ({targets:,} of them targets)", flush=True)
     work = step_flops(ctx, args)
     print(f"  matrix-product work of the timed steps: lora-cli {work['lora-cli'] / 1e9:,.0f} GFLOP (real tokens, the head at "
