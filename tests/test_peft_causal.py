@@ -243,16 +243,16 @@ def test_cli_export_import_merge_generate(base: BaseCheckpoint, adapter_file: Pa
     eos = json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"]
     assert eos == hf.get("eos_token_id", 50256) == end_token_id(with_adapter.tokenizer, PromptStyle("alpaca"))
     files = sorted(Path(f["path"]).name for f in hf["files"])
-    if base.family.tokenizer == families.TOKENIZER_JSON:  # the directory reads text as lora-cli did
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
+    if base.family.tokenizer == families.TOKENIZER_JSON:
         assert files == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-        hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
-        text = "Name a colour. Add 2 and 3!"
-        assert hf_tokenizer.eos_token_id == eos and hf_tokenizer.model_max_length == base.config.context_length
-        assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == with_adapter.tokenizer.encode(text)
-    else:  # GPT-2's is the Hub's gpt2 tokenizer
-        assert files == ["config.json", "model.safetensors"]
+    else:  # GPT-2's BPE as GPT2Tokenizer's files
+        assert files == ["config.json", "merges.txt", "model.safetensors", "tokenizer_config.json", "vocab.json"]
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")  # the directory reads text as lora-cli did
+    text = "Name a colour. Add 2 and 3!  Ünïcödé  \t  spaces\n\n"
+    assert hf_tokenizer.eos_token_id == eos and hf_tokenizer.model_max_length == base.config.context_length
+    assert hf_tokenizer(text, add_special_tokens=False)["input_ids"] == with_adapter.tokenizer.encode(text)
     run_json("merge", "--adapter", adapter_file, "--out", tmp_path / "merged.safetensors")
     described = describe(tmp_path / "merged.safetensors")
     assert described["kind"] == "lora-cli checkpoint (merged language model)"
@@ -292,13 +292,21 @@ def test_cli_refusals(base: BaseCheckpoint, adapter_file: Path, tmp_path: Path) 
 
 
 def test_cli_merge_hf_eos_token(base: BaseCheckpoint, adapter_file: Path, tmp_path: Path) -> None:
-    """GPT-2's config.json has its <|endoftext|> (--tokenizer is refused); a Llama 3 / Qwen3 merge without a
-    tokenizer gets no eos_token_id, and a warning that says so."""
+    """GPT-2's config.json has its <|endoftext|> (--tokenizer is refused), and without its BPE files the directory
+    has no tokenizer files, with a warning; a Llama 3 / Qwen3 merge without a tokenizer gets no eos_token_id, and a
+    warning that says so."""
     if base.family.tokenizer != families.TOKENIZER_JSON:
         proc = invoke_cli("merge", "--adapter", adapter_file, "--format", "hf", "--tokenizer", "t.json",
                           "--out", tmp_path / "hf")
         assert_one_error(proc, "--tokenizer is for Llama 3 and Qwen3 bases")
         assert not (tmp_path / "hf").exists()
+        (tmp_path / "no-bpe").mkdir()
+        proc = invoke_cli("merge", "--adapter", adapter_file, "--format", "hf", "--out", tmp_path / "hf",
+                          env={"LORA_CLI_BPE_DIR": str(tmp_path / "no-bpe")})
+        assert proc.returncode == 0, proc.stderr
+        warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+        assert len(warning) == 1 and "no tokenizer files" in warning[0] and "no encoder.json" in warning[0], proc.stderr
+        assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
         return
     adapter = load_adapter(adapter_file)
     adapter.training_config = {"model": str(base.path)}  # no tokenizer recorded, none beside the base

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import pytest
 import tiktoken
 
 from lora_cli.data import tokenizer
-from lora_cli.data.tokenizer import BPE_ENV, BPE_FILES, PAD_TOKEN_ID, get_tokenizer
+from lora_cli.data.tokenizer import BPE_ENV, BPE_FILES, PAD_TOKEN_ID, get_tokenizer, hf_bpe_files
 from lora_cli.util.errors import LoraCliError
 
 # Published GPT-2 ids (the book, chapter 2, prints these for tiktoken's "gpt2" encoding).
@@ -275,3 +276,11 @@ def test_no_bpe_dir_real_tiktoken_offline(tiktoken_gpt2: tiktoken.Encoding, monk
     assert enc.name == "gpt2"
     assert enc.encode(BOOK_TEXT, allowed_special="all") == BOOK_IDS
     assert enc.encode_ordinary_batch(TEXTS) == tiktoken_gpt2.encode_ordinary_batch(TEXTS)
+
+
+def test_the_bpe_as_transformers_files_is_gpt2s_own(bpe_dir: Path) -> None:
+    """vocab.json and merges.txt rebuilt from tiktoken's ranks (what `merge --format hf` writes for GPT-2) equal the
+    BPE files they came from: the merges byte for byte, the vocabulary entry for entry."""
+    files = hf_bpe_files(get_tokenizer(bpe_dir))
+    assert files["merges.txt"] == (bpe_dir / "vocab.bpe").read_bytes()
+    assert json.loads(files["vocab.json"]) == json.loads((bpe_dir / "encoder.json").read_text(encoding="utf-8"))

@@ -30,7 +30,8 @@ from lora_cli.util.fileio import atomic_dir, check_replaceable, save_safetensors
 
 FORMATS = ("native", "hf")
 HF_WEIGHTS = "model.safetensors"
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a merged Llama 3 / Qwen3 causal LM's
+# a merged causal LM's tokenizer: Llama 3 / Qwen3's tokenizer.json, GPT-2's vocab.json and merges.txt; and the config
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 HF_FILES = (HF_WEIGHTS, "config.json", *HF_TOKENIZER_FILES)  # everything a `--format hf` directory holds
 MERGED_TASK = ("task", "thresholds", "calibration")  # the adapter's metadata a native merged checkpoint keeps
 
@@ -205,7 +206,7 @@ def save_merged(
 
     An instruct adapter's merged model is a base language model: native, a base checkpoint (`_save_native_lm`) that
     `lora-cli generate --model` uses; hf, the family's *ForCausalLM (`hf_causal_lm`, `eos_id` its eos_token_id),
-    with `tokenizer_files` (`hf_tokenizer_files`) beside it.
+    with `tokenizer_files` (`hf_tokenizer_files`, `hf_gpt2_tokenizer_files`) beside it.
     """
     if format not in FORMATS:
         raise LoraCliError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -252,6 +253,19 @@ def hf_tokenizer_files(tokenizer: Any, style: PromptStyle, context_length: int) 
         config |= {"bos_token": style.chat.bos_token} if style.chat.bos_token is not None else {}
     return {"tokenizer.json": Path(tokenizer.path).read_bytes(),
             "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")}
+
+
+def hf_gpt2_tokenizer_files(encoding: Any, context_length: int) -> dict[str, bytes]:
+    """vocab.json, merges.txt and tokenizer_config.json for a merged GPT-2's directory: GPT-2's BPE (`encoding`, the
+    tiktoken one lora-cli reads text with) as transformers' GPT2Tokenizer and vLLM read it, <|endoftext|> as its
+    bos, eos and unk token, as GPT-2's own config has them."""
+    from lora_cli.data.tokenizer import hf_bpe_files
+
+    end = "<|endoftext|>"
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": end, "eos_token": end, "unk_token": end,
+              "add_prefix_space": False, "model_max_length": context_length}
+    return hf_bpe_files(encoding) | {
+        "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode("utf-8")}
 
 
 def _save_native_classifier(path: Path, base: BaseCheckpoint, adapter: Adapter, state: dict[str, torch.Tensor],

@@ -62,9 +62,10 @@ def _hf_language_tokenizer(adapter: Any, base_path: Optional[Path], context_leng
     """(eos_token_id, tokenizer files) for an instruct adapter's merged causal LM: the token lora-cli's generate
     stops at (the prompt style's end of turn, else the tokenizer's end of text), so that transformers' generate()
     stops there too, and the tokenizer with its config (`merge.hf_tokenizer_files`). GPT-2's config has its own
-    (<|endoftext|>, what its BPE ends a text with) and its tokenizer is the Hub's `gpt2`; a Llama 3 / Qwen3 base's
-    come from its tokenizer (--tokenizer, else as `_hf_pad_id` finds it), else none, with a warning."""
-    from lora_cli.adapters.merge import hf_tokenizer_files
+    (<|endoftext|>, what its BPE ends a text with) and its tokenizer files are its BPE's
+    (`merge.hf_gpt2_tokenizer_files`); a Llama 3 / Qwen3 base's come from its tokenizer (--tokenizer, else as
+    `_hf_pad_id` finds it); where there is none, a warning."""
+    from lora_cli.adapters.merge import hf_gpt2_tokenizer_files, hf_tokenizer_files
     from lora_cli.data.hf_tokenizer import tokenizer_for
     from lora_cli.data.instruction_batches import end_token_id
     from lora_cli.models.families import TOKENIZER_JSON, of
@@ -74,7 +75,13 @@ def _hf_language_tokenizer(adapter: Any, base_path: Optional[Path], context_leng
         if tokenizer is not None:
             raise LoraCliError("--tokenizer is for Llama 3 and Qwen3 bases; GPT-2's config.json ends texts with "
                                "<|endoftext|> as its BPE does")
-        return None, {}
+        try:
+            encoding = tokenizer_for(family, adapter.model_config.vocab_size, None, None)
+        except LoraCliError as exc:
+            echo(f"warning: the directory gets no tokenizer files ({exc}); load GPT-2's tokenizer from the Hub's "
+                 "`gpt2` with it")
+            return None, {}
+        return None, hf_gpt2_tokenizer_files(encoding, context_length)
     try:
         tok = tokenizer_for(family, adapter.model_config.vocab_size, None, tokenizer, base_path,
                             recorded=adapter.training_config.get("tokenizer"))

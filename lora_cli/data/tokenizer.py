@@ -65,3 +65,40 @@ def _from_dir(bpe_dir: str) -> tiktoken.Encoding:
         mergeable_ranks=ranks,
         special_tokens={ENDOFTEXT: PAD_TOKEN_ID},
     )
+
+
+def hf_bpe_files(encoding: tiktoken.Encoding) -> dict[str, bytes]:
+    """GPT-2's BPE as transformers' GPT2Tokenizer reads it: vocab.json (each token in GPT-2's byte-to-character
+    alphabet, with its id) and merges.txt (the merges in rank order), rebuilt from the encoding's ranks, so that
+    they exist wherever the encoding came from (a --bpe-dir, or tiktoken's download)."""
+    import json
+
+    alphabet = _byte_alphabet()
+    ranks = encoding._mergeable_ranks  # noqa: SLF001 (tiktoken's table of byte strings and their ranks)
+    spell = lambda token: "".join(alphabet[b] for b in token)  # noqa: E731
+    vocab = {spell(token): rank for token, rank in ranks.items()} | dict(encoding._special_tokens)  # noqa: SLF001
+    merges = [" ".join(map(spell, _merge_of(token, rank, ranks)))
+              for token, rank in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+    return {"vocab.json": (json.dumps(vocab, ensure_ascii=False) + "\n").encode("utf-8"),
+            "merges.txt": ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8")}
+
+
+def _merge_of(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """The two parts whose merge makes `token`: byte-pair encoding of its bytes with the merges ranked below it."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        found = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        best, i = min(found)
+        if best >= rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"the BPE ranks do not build token {token!r} from two lower-ranked parts")
+    return parts[0], parts[1]
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's bytes-to-characters map: printable bytes as themselves, the others shifted past U+0100."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return {b: chr(b) for b in kept} | {b: chr(256 + i) for i, b in enumerate(shifted)}
