@@ -66,7 +66,22 @@ CHATML_TEMPLATE = """{%- for message in messages %}
   {% endif %}
 {% endif %}
 """
-TEMPLATES = {"header": (HEADER_TEMPLATE, "<|eot_id|>"), "chatml": (CHATML_TEMPLATE, "<|im_end|>")}
+# transformers' `{% generation %}` block around the answer, and a check of `tools` (which transformers passes as none)
+GENERATION_TEMPLATE = """{%- if tools is not none or documents is not none %}
+    {{- raise_exception('this template takes no tools') }}
+{%- endif %}
+{%- for message in messages %}
+    {{- '<|im_start|>' + message.role + '\\n' }}
+    {%- if message.role == 'assistant' %}
+        {%- generation %}{{ message.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}
+    {%- else %}
+        {{- message.content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}
+"""
+TEMPLATES = {"header": (HEADER_TEMPLATE, "<|eot_id|>"), "chatml": (CHATML_TEMPLATE, "<|im_end|>"),
+             "generation": (GENERATION_TEMPLATE, "<|im_end|>")}
 CONFIG = {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>", "special": True}}
 CHATS = [
     [("user", "Say cat."), ("assistant", "cat")],

@@ -80,8 +80,8 @@ class ChatTemplate:
         escaped = [{"role": role, "content": self._escape(content, where)} for role, content in messages]
         try:
             return _compiled(self.template).render(
-                messages=escaped, add_generation_prompt=add_generation_prompt, enable_thinking=False,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                messages=escaped, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                enable_thinking=False, bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as exc:
             raise LoraCliError(f"{where}: the chat template refused it ({exc})") from None
 
@@ -211,8 +211,22 @@ def _compiled(template: str) -> Any:
                sort_keys: bool = False) -> str:
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+    class Generation(jinja2.ext.Extension):
+        """transformers' `{% generation %}` block, with which a template marks the assistant's text for a mask of
+        it: rendered as its body (the answer is what the whole chat adds to the prompt here)."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                       extensions=[jinja2.ext.loopcontrols])
+                                                       extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
