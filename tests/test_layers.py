@@ -36,6 +36,29 @@ def test_frozen_rms_norm_passes_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda t: _FrozenRMSNorm.apply(t, weight, 1e-5), (x,))
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32])
+def test_a_bf16_norm_is_the_float32_composites_numbers_in_one_node(weight_dtype: torch.dtype) -> None:
+    """bf16 activations (a bf16 training step): the float32 composite's output bit for bit, and its gradient
+    (float32 throughout, rounded to bf16 once), from one node that keeps x in bf16."""
+    norm = RMSNorm(24, 1e-6).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(24, generator=_gen(1)) + 0.5)
+    norm.to(weight_dtype)
+    x = (torch.randn(37, 24, generator=_gen(2)) * 3).bfloat16().requires_grad_()
+    out = norm(x)
+    assert "_NarrowRMSNorm" in type(out.grad_fn).__name__ and out.dtype == torch.bfloat16
+    x32 = x.detach().float().requires_grad_()
+    reference = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.float()
+    assert torch.equal(out, reference.bfloat16())
+    grad = torch.randn(37, 24, generator=_gen(3)).bfloat16()
+    (ours,) = torch.autograd.grad(out, x, grad)
+    (theirs,) = torch.autograd.grad(reference, x32, grad.float())
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.bfloat16().float(), rtol=0.01, atol=1e-2)
+    with torch.no_grad():  # decoding: the composite, no node
+        assert torch.equal(norm(x), out)
+
+
 def test_a_trainable_norm_weight_still_gets_its_gradient() -> None:
     """The one-node path is for frozen weights only: a trained norm goes through torch's composite."""
     norm = RMSNorm(8, 1e-5)

@@ -234,12 +234,14 @@ def test_bf16_precision_with_a_bfloat16_base_learns(tmp_path: Path, micro_checkp
     write_task(tmp_path / "train.csv", 400, seed=5)
     write_task(tmp_path / "val.csv", 100, seed=6)
     cfg = TrainConfig(model=str(micro_checkpoint), data=None, train=str(tmp_path / "train.csv"),
-                      val=str(tmp_path / "val.csv"), rank=8, alpha=16, epochs=5, batch_size=16, lr=3e-3,
+                      val=str(tmp_path / "val.csv"), rank=8, alpha=16, epochs=6, batch_size=16, lr=3e-3,
                       weight_decay=0.0, device="cpu", precision="bf16", base_dtype="bfloat16")
     s = training.setup(cfg, echo=lambda _: None)
     assert s.precision == "bf16" and s.scaler is None
     assert s.model.trf_blocks[0].att.W_query.linear.weight.dtype == torch.bfloat16
     result = training.train(s, tmp_path / "run", echo=lambda _: None, progress=False)
+    # the micro model's validation accuracy moves by up to 0.07 from one epoch to the next (fp32 too: 0.56 0.71
+    # 0.83 0.77 0.87 0.90); six epochs leave a margin that five did not (bf16 reached 0.84 and 0.85 at epoch 5)
     assert result.history[-1]["val_accuracy"] >= 0.85, result.history
     loaded = adapter_io.load_adapter(result.adapter_path)
     assert all(t.dtype == torch.float32 for t in loaded.tensors.values())
