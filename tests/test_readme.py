@@ -34,8 +34,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,20 +185,15 @@ def run_readme(root: Path, blocks: list[Block] | None = None) -> Session:
     return session
 
 
-@pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> Session:
-    return run_readme(tmp_path_factory.mktemp("readme"))
-
-
-def test_every_example_runs(session: Session) -> None:
+def test_every_example_runs_and_prints_what_the_pages_show(tmp_path: Path) -> None:
+    """One test, not several sharing a module fixture: pytest-xdist may send a module's tests to different
+    workers, and each would then run the whole session (minutes of commands) again."""
+    session = run_readme(tmp_path)
     failed = [r for r in session.runs if r.returncode != 0]
     assert not failed, (f"{failed[0].block.where}: `{failed[0].command}` exited with "
                         f"{failed[0].returncode}:\n{failed[0].output}")
     runnable = [b.where for b in doc_blocks() if b.skip_reason is None]
     assert list(dict.fromkeys(r.block.where for r in session.runs)) == runnable
-
-
-def test_console_outputs_match(session: Session) -> None:
     checked = 0
     for r in session.runs:
         if r.expected is None:
@@ -209,6 +202,13 @@ def test_console_outputs_match(session: Session) -> None:
         assert problem is None, f"{r.block.where}: `$ {r.command}`: {problem}\n--- printed:\n{r.output}"
         checked += 1
     assert checked >= 12, "every command has an example with its output"
+    # the offline quick start: its files, and what it printed
+    assert (session.work / "runs" / "tiny" / "adapter.safetensors").is_file()
+    assert (session.work / "spam-adapter.safetensors").is_file()
+    quickstart = next(r for r in session.runs if "lora-cli init --preset gpt2-tiny --out gpt2-tiny.safetensors" in r.command)
+    assert "trainable parameters: 295,426 of 16,582,914 (294,912 LoRA + 514 head)" in quickstart.output
+    assert ["examples", "300"] in [line.split() for line in quickstart.output.splitlines()]
+    assert "confusion matrix" in quickstart.output
 
 
 def test_every_command_has_an_example() -> None:
@@ -270,16 +270,6 @@ def test_relative_links_resolve() -> None:
 def _anchor(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
     return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
-
-
-def test_offline_quickstart(session: Session) -> None:
-    work = session.work
-    assert (work / "runs" / "tiny" / "adapter.safetensors").is_file()
-    assert (work / "spam-adapter.safetensors").is_file()
-    quickstart = next(r for r in session.runs if "lora-cli init --preset gpt2-tiny --out gpt2-tiny.safetensors" in r.command)
-    assert "trainable parameters: 295,426 of 16,582,914 (294,912 LoRA + 514 head)" in quickstart.output
-    assert ["examples", "300"] in [line.split() for line in quickstart.output.splitlines()]
-    assert "confusion matrix" in quickstart.output
 
 
 def test_comparison_rules() -> None:
