@@ -320,5 +320,6 @@ def test_vector_products_keep_a_tied_head_and_the_greedy_tokens() -> None:
     assert model.out_head.weight is model.tok_emb.weight
     assert any(type(m) is VectorLinear for m in model.modules())
     assert not any(type(m) is nn.Linear for m in model.modules())
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model.state_dict().keys() == before.keys()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
     assert generate(model, [[5, 9, 2, 7]], 12) == plain

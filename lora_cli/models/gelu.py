@@ -4,9 +4,9 @@
 times faster than its tanh, so in float32 a few cheap passes around one sigmoid beat `F.gelu(x, "tanh")`
 (about 2x forward, 1.6x for the backward with its recomputed output, on gpt2-small's MLP).
 In bfloat16 each of those passes converts to float32 and back, and ATen's fused kernels win (1.6x
-for the backward); on other devices `F.gelu` is one fused kernel. Both are used as they are there. These functions carry no
-autograd graph: `gelu` uses them where no graph is needed, and `lora_cli.lora.layers`'s hand-written
-backward calls them directly.
+for the backward); on other devices `F.gelu` is one fused kernel. Both are used as they are there.
+These functions carry no autograd graph: `gelu` uses them where no graph is needed, and
+`lora_cli.lora.layers`'s hand-written backward calls them directly.
 """
 
 from __future__ import annotations
