@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_decode_head import median_seconds  # noqa: E402 (the same timing as the head's layouts)
 
 from lora_cli.evaluation.generation import generate  # noqa: E402
 from lora_cli.models import families  # noqa: E402
@@ -47,15 +50,8 @@ def shapes(model, repeats: int = 20) -> list[str]:
             continue
         seen.add(tuple(m.weight.shape))
         w, x = m.weight.detach(), torch.randn(1, m.in_features).bfloat16()
-        times = {}
-        for name, fn in (("F.linear", lambda: F.linear(x, w)), ("torch.mv", lambda: torch.mv(w, x[0]))):
-            fn()
-            runs = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                runs.append(time.perf_counter() - start)
-            times[name] = statistics.median(runs)
+        times = {"F.linear": median_seconds(lambda: F.linear(x, w), repeats),
+                 "torch.mv": median_seconds(lambda: torch.mv(w, x[0]), repeats)}
         gb = w.numel() * 2 / 1e9
         lines.append(f"    {str(tuple(w.shape)):>14s}  F.linear {times['F.linear'] * 1e6:7.0f} us "
                      f"({gb / times['F.linear']:5.1f} GB/s)  torch.mv {times['torch.mv'] * 1e6:7.0f} us "
