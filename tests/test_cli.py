@@ -329,6 +329,16 @@ def test_info_on_safetensors_does_not_import_torch(workspace: Path) -> None:
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_eval_does_not_import_torch_compiler(workspace: Path) -> None:
+    """Building a model on the meta device once imported torch._dynamo (nn.Embedding's init): 1.5-2 s of
+    every command that loads a base."""
+    code = ("import sys; from typer.testing import CliRunner; from lora_cli.cli.commands import app; "
+            f"r = CliRunner().invoke(app, ['eval', '--adapter', {str(workspace / 'runs' / 't')!r}, '--data', "
+            f"{str(workspace / 'data')!r}, '--json']); assert r.exit_code == 0, r.output; "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_plots(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     png = b"\x89PNG\r\n\x1a\n"
     assert (workspace / "runs" / "t" / "curves.png").read_bytes().startswith(png)  # written after training

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models import recompute
+from lora_cli.models.embedding import embedding
 from lora_cli.models.kv_cache import KVCache, LayerCache
 from lora_cli.models.packing import Packing, attend, packed_attention
 
@@ -312,7 +313,7 @@ class Decoder(nn.Module):
                 RMSNorm(d, norm_eps, norm_weight), RMSNorm(d, norm_eps, norm_weight),
             )
 
-        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.tok_emb = embedding(cfg.vocab_size, d)
         self.trf_blocks = nn.ModuleList(block() for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(d, norm_eps, norm_weight)
         self.out_head = nn.Linear(d, out_dim or cfg.vocab_size, bias=False)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models import recompute
+from lora_cli.models.embedding import embedding
 from lora_cli.models.config import ModelConfig
 from lora_cli.models.gelu import GELU
 from lora_cli.models.kv_cache import KVCache, LayerCache
@@ -119,8 +120,8 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: ModelConfig, out_dim: int | None = None, out_bias: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.tok_emb = embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
