@@ -25,12 +25,15 @@ SLOW_MODULES = {
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, each worker's torch gets its share of the cores: two workers of two OpenMP threads on
-    two cores spin against each other, and a tiny training step then took 10-20x its time alone."""
+    two cores spin against each other, and a tiny training step then took 10-20x its time alone. The processes
+    tests start (CLI commands, benchmark workers) get the same share through OMP_NUM_THREADS, unless it is set."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
