@@ -256,3 +256,19 @@ def test_bench_instruct_measures_training_and_every_generator(tmp_path: Path) ->
     assert set(rates["2"]) == {"lora-cli", "lora-cli unmerged", "peft", "peft merged", "lora-cli bf16", "peft bf16"}
     assert all(r > 0 for system in rates["2"].values() for r in system)
     assert "rows equal to lora-cli's: lora-cli unmerged 2/2" in run.stdout  # folding changes no greedy token here
+
+
+def test_bench_allocator_compares_the_kept_heap_with_glibcs_default(tmp_path: Path) -> None:
+    script = [sys.executable, str(REPO / "scripts" / "bench_allocator.py"), "--preset", "gpt2-tiny"]
+    run = subprocess.run([*script, "--steps", "3", "--every", "2", "--shared", str(SHARED_DATA)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [[line[:15].strip(), *line[15:].split()] for line in run.stdout.splitlines()
+            if line.startswith(("kept  ", "glibc default  "))]
+    assert [(r[0], r[1]) for r in rows] == [("kept", "2"), ("kept", "3"), ("glibc default", "2"), ("glibc default", "3")]
+    assert all(float(r[-2].replace(",", "")) >= float(r[-3].replace(",", "")) > 0 for r in rows)  # peak >= RSS
+    assert "kept / glibc default: time " in run.stdout and "x, peak " in run.stdout
+    for bad, why in ((["--steps", "0"], "--steps and --every must be at least 1"),
+                     (["--shared", str(tmp_path / "nowhere")], "nowhere/instruction/instruction-data.json not found")):
+        run = subprocess.run([*script, *bad], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert run.returncode == 2 and why in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
