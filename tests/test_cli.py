@@ -330,7 +330,7 @@ def test_info_on_safetensors_does_not_import_torch(workspace: Path) -> None:
 
 
 def test_eval_does_not_import_torch_compiler(workspace: Path) -> None:
-    """Building a model on the meta device once imported torch._dynamo (nn.Embedding's init): 1.5-2 s of
+    """Building a model on the meta device once imported torch._dynamo (nn.Embedding's init): seconds of
     every command that loads a base."""
     code = ("import sys; from typer.testing import CliRunner; from lora_cli.cli.commands import app; "
             f"r = CliRunner().invoke(app, ['eval', '--adapter', {str(workspace / 'runs' / 't')!r}, '--data', "

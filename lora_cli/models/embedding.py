@@ -2,7 +2,7 @@
 
 Models are built on the meta device to read their shapes or to receive a checkpoint's tensors. There,
 nn.Embedding's `normal_` init has a meta kernel written in Python, whose first call imports
-`torch._meta_registrations` and `torch._dynamo`: 1.5-2 s of every command that loads a base, for values
+`torch._meta_registrations` and `torch._dynamo`: seconds of every command that loads a base, for values
 that are never used. Linear's uniform init has a native meta kernel and costs nothing.
 """
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models import recompute
-from lora_cli.models.embedding import embedding
 from lora_cli.models.config import ModelConfig
+from lora_cli.models.embedding import embedding
 from lora_cli.models.gelu import GELU
 from lora_cli.models.kv_cache import KVCache, LayerCache
 from lora_cli.models.packing import Packing, packed_attention

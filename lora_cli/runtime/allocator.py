@@ -2,12 +2,11 @@
 
 glibc serves a block above its mmap threshold (128 KiB at start, raised on the fly) with a fresh
 mapping and gives a freed heap top back to the kernel. A CPU step allocates and frees the same
-megabyte-sized activations hundreds of times, so each step page-faults and zero-fills them again:
-2-3% of a SmolLM2-135M classification step and 20% of an instruction step, most of it in the kernel's
-`clear_page`. Fixed thresholds keep freed blocks in the heap, where the next step reuses them. The process
-keeps the memory its largest step needed instead of returning it between steps. Batches of varying lengths
-fragment that heap: instruction training's peak is about 19% higher than with glibc's default
-(scripts/bench_allocator.py); a user's MALLOC_*_ variable chooses glibc's default.
+megabyte-sized activations hundreds of times, so each step page-faults and zero-fills them again, most
+of it in the kernel's `clear_page`. Fixed thresholds keep freed blocks in the heap, where the next step
+reuses them. The process keeps the memory its largest step needed instead of returning it between steps.
+Batches of varying lengths fragment that heap, so instruction training peaks higher than under glibc's
+default (scripts/bench_allocator.py; docs/bench/); a user's MALLOC_*_ variable chooses glibc's default.
 """
 
 from __future__ import annotations
