@@ -85,11 +85,8 @@ class _FrozenRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _):  # noqa: ANN001, ANN205
-        # y = x r w with r = (mean(x^2) + eps)^-1/2, so dx = r (g w) - x r^3 mean((g w) x)
         x, weight, r = ctx.saved_tensors
-        gw = grad * weight
-        c = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(r.pow(3) / x.shape[-1])
-        return gw.mul_(r).addcmul_(x, c, value=-1), None, None
+        return _input_grad(grad, x, weight, r), None, None
 
 
 class _NarrowRMSNorm(torch.autograd.Function):
@@ -107,9 +104,15 @@ class _NarrowRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         x, weight, r = ctx.saved_tensors
-        x32, gw = x.float(), grad.float() * weight.float()
-        c = torch.linalg.vecdot(gw, x32).unsqueeze(-1).mul_(r.pow(3) / x.shape[-1])
-        return gw.mul_(r).addcmul_(x32, c, value=-1).to(x.dtype), None, None
+        return _input_grad(grad.float(), x.float(), weight.float(), r).to(x.dtype), None, None
+
+
+def _input_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The frozen norm's input gradient: y = x r w with r = (mean(x^2) + eps)^-1/2, so
+    dx = r (g w) - x r^3 mean((g w) x)."""
+    gw = grad * weight
+    c = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(r.pow(3) / x.shape[-1])
+    return gw.mul_(r).addcmul_(x, c, value=-1)
 
 
 def _inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
