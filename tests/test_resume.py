@@ -129,3 +129,22 @@ def test_nan_loss_stops_with_step(task: Path, micro_checkpoint: Path, tmp_path: 
     assert r.returncode == 1
     assert "NaN or infinite at step" in r.stderr and "--lr" in r.stderr
     assert not (out / "adapter.safetensors").exists()
+
+
+def test_a_checkpoint_at_an_epochs_last_step_leaves_its_epoch_record_to_the_resumed_run(tmp_path: Path) -> None:
+    """A kill after an epoch's record is written but before its end checkpoint: the checkpoint of that last step
+    still has the epoch open, and the resumed run writes the record again; the log keeps one."""
+    from lora_cli.training.resume import _metrics_until
+
+    records = [{"event": "train", "epoch": 1, "step": 4}, {"event": "epoch", "epoch": 1, "step": 4},
+               {"event": "train", "epoch": 2, "step": 6}, {"event": "eval", "epoch": 2, "step": 8},
+               {"event": "epoch", "epoch": 2, "step": 8}, {"event": "train", "epoch": 3, "step": 9}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def kept(progress: dict) -> list[dict]:
+        return [json.loads(line) for line in _metrics_until(path, progress, print).splitlines()]
+
+    assert kept({"epoch": 2, "batch": 4, "step": 8}) == records[:4]  # epoch 2 open: its record goes
+    assert kept({"epoch": 3, "batch": 0, "step": 8}) == records[:5]  # epoch 2 closed by the checkpoint
+    assert kept({"epoch": 2, "batch": 1, "step": 5}) == records[:2]

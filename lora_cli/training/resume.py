@@ -227,7 +227,7 @@ class TrainState:
         except rd.CheckpointError as exc:
             raise LoraCliError(f"{exc}; {_way_out(s, run_dir, path, optimizer)}") from None
         metrics = run_dir / rd.METRICS
-        log = _metrics_until(metrics, ckpt["progress"]["step"], echo) if s.dist.is_main and metrics.exists() else None
+        log = _metrics_until(metrics, ckpt["progress"], echo) if s.dist.is_main and metrics.exists() else None
         with torch.no_grad():
             params = dict(s.model.named_parameters())
             for name, value in ckpt["adapter_tensors"].items():
@@ -374,9 +374,17 @@ def _start_over(run_dir: Path) -> str:
     return f"lora-cli train --config {run_dir / rd.CONFIG} --out {run_dir} --overwrite"
 
 
-def _metrics_until(path: Path, step: int, echo: Echo) -> str:
-    """metrics.jsonl without the records written after `step`, so a resumed run's log matches an uninterrupted one."""
+def _metrics_until(path: Path, progress: dict, echo: Echo) -> str:
+    """metrics.jsonl without the records written after the checkpoint's `progress`, so a resumed run's log matches
+    an uninterrupted one. A checkpoint taken at an epoch's last step, before its end, leaves that epoch open: its
+    `epoch` record, written at the same step before a kill, is written again when the resumed run closes it."""
     lines, records, torn = rd.read_metrics_file(path)
     if torn:
         echo(f"warning: the last line of {path} was cut short (a crash while it was written); dropped it")
-    return "".join(line + "\n" for line, record in zip(lines, records) if record["step"] <= step)
+
+    def done(record: dict) -> bool:
+        if record["step"] != progress["step"]:
+            return record["step"] < progress["step"]
+        return not (record.get("event") == "epoch" and record.get("epoch") == progress["epoch"])
+
+    return "".join(line + "\n" for line, record in zip(lines, records) if done(record))
